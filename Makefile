@@ -1,0 +1,45 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+NODE_VENV := .venv-node
+PY := $(VENV)/bin/python
+# Re-install only when the dependency list changes (the install is editable).
+STAMP := $(VENV)/.installed
+NODE_STAMP := $(NODE_VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test demo setup clean schemas system-packages
+
+setup: $(STAMP) $(NODE_STAMP) system-packages
+
+# mosquitto and its clients: the reference broker and tools our tests compare against.
+system-packages:
+	@command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null || { \
+	  (apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients openssl) >/dev/null || \
+	  sudo sh -c 'apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients openssl' >/dev/null; }
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# A second, node-only environment proves a phone needs nothing beyond the `node` extra.
+$(NODE_STAMP): pyproject.toml
+	test -x $(NODE_VENV)/bin/python || $(PYTHON) -m venv $(NODE_VENV)
+	$(NODE_VENV)/bin/python -m pip install --quiet -e '.[node]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerate the committed JSON Schema files after changing a wire type.
+schemas: $(STAMP)
+	$(PY) -m linguamq.schemas.jsonschema
+
+demo: setup
+	@echo "make demo arrives with the distributed pipeline (issue 4); nothing to run yet." >&2
+	@exit 2
+
+clean:
+	rm -rf $(VENV) $(NODE_VENV) build *.egg-info .pytest_cache

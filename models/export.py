@@ -1,0 +1,210 @@
+"""Export a Hugging Face causal LM to per-piece ONNX files plus `manifest.json`.
+
+Pieces (names and tensors are the contract with `linguamq.node.runtime`):
+  embed     input_ids (1, seq) int64                      -> hidden (1, seq, H)
+  layer.{i} hidden (1, seq, H), position_ids (1, seq) int64,
+            past_key, past_value (1, kv_heads, past, D)    -> hidden_out (1, seq, H),
+                                                              present_key, present_value (1, kv_heads, total, D)
+  head      hidden (1, seq, H)                             -> logits (1, V) float32, last position only
+`position_ids` are absolute; the cache holds positions 0..past-1, so total = past + seq.
+Each piece is one self-contained .onnx file (no external data) so its sha256 names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import structlog
+import torch
+from torch import nn
+
+from linguamq.models.config import ModelConfig
+from linguamq.models.costs import piece_costs
+from linguamq.models.errors import ExportError
+from linguamq.models.hf import ModelDir, load_model, open_model_dir
+from linguamq.schemas.manifest import ModelManifest, PieceSpec, TensorSpec
+
+MANIFEST = "manifest.json"
+OPSET = 17
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
+MAX_PIECE_BYTES = 2**31 - 1  # protobuf limit of one self-contained .onnx file
+# (input names, output names, dynamic axes) per piece kind.
+IO: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, dict[int, str]]]] = {
+    "embed": (("input_ids",), ("hidden",), {"input_ids": {1: "seq"}, "hidden": {1: "seq"}}),
+    "layer": (("hidden", "position_ids", "past_key", "past_value"), ("hidden_out", "present_key", "present_value"),
+              {"hidden": {1: "seq"}, "position_ids": {1: "seq"}, "past_key": {2: "past"},
+               "past_value": {2: "past"}, "hidden_out": {1: "seq"}, "present_key": {2: "total"},
+               "present_value": {2: "total"}}),
+    "head": (("hidden",), ("logits",), {"hidden": {1: "seq"}}),
+}
+
+# Called before each piece: (index, total, piece name).
+Progress = Callable[[int, int, str], None]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    quantize: Literal["none", "int8"] = "none"
+    max_context: int | None = None  # default: the model's max_position_embeddings
+    name: str | None = None  # default: the model directory's name
+
+
+def export_model(model_path: Path | str, out_dir: Path | str, options: ExportOptions = ExportOptions(),
+                 progress: Progress | None = None) -> ModelManifest:
+    """Write one .onnx per piece, the tokenizer and manifest.json into `out_dir`."""
+    if options.quantize == "int8" and options.dtype != "fp32":
+        raise ExportError("--quantize int8 needs --dtype fp32 (weights are quantized from float32)")
+    model_dir = open_model_dir(model_path)
+    cfg = model_dir.config
+    max_context = _max_context(cfg, options.max_context)
+    model = _cast_parameters(load_model(model_dir), TORCH_DTYPES[options.dtype])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pieces = tuple(_export_all(model, cfg, out, options, progress))
+    tokenizer = out / "tokenizer.json"
+    shutil.copyfile(model_dir.tokenizer_file, tokenizer)
+    manifest = _manifest(model_dir, options, max_context, pieces, tokenizer)
+    (out / MANIFEST).write_bytes(manifest.to_json())
+    return manifest
+
+
+def read_manifest(artifact_dir: Path | str) -> ModelManifest:
+    return ModelManifest.from_json((Path(artifact_dir) / MANIFEST).read_bytes())
+
+
+def _max_context(cfg: ModelConfig, requested: int | None) -> int:
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window is not None and cfg.sliding_window < limit:
+        if requested is not None and requested > cfg.sliding_window:
+            raise ExportError(f"--max-context {requested} exceeds the sliding window {cfg.sliding_window}; "
+                              "sliding-window attention is not supported")
+        limit = cfg.sliding_window
+    if requested is not None and requested > limit:
+        raise ExportError(f"--max-context {requested} exceeds the model's limit of {limit} positions")
+    if requested is not None and requested < 1:
+        raise ExportError(f"--max-context must be positive, got {requested}")
+    return requested or limit
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Weights to `dtype`; buffers (RoPE frequencies, ALiBi slopes) stay float32."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model
+
+
+def _pieces(model: nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, str, nn.Module]]:
+    yield "embed", "embed", model.embed_piece()
+    for i in range(cfg.num_layers):
+        yield "layer", f"layer.{i}", model.layer_piece(i)
+    yield "head", "head", model.head_piece()
+
+
+def _export_all(model: nn.Module, cfg: ModelConfig, out: Path, options: ExportOptions,
+                progress: Progress | None) -> Iterator[PieceSpec]:
+    total = cfg.num_layers + 2
+    log = structlog.get_logger()
+    for index, (kind, name, module) in enumerate(_pieces(model, cfg)):
+        if progress is not None:
+            progress(index, total, name)
+        started = time.perf_counter()
+        path = out / f"{name}.onnx"
+        _export_piece(module, kind, cfg, path, options)
+        spec = _piece_spec(index, kind, name, module, cfg, path, options)
+        log.debug("exported piece", piece=name, bytes=spec.bytes, seconds=round(time.perf_counter() - started, 2))
+        yield spec
+
+
+def _export_piece(module: nn.Module, kind: str, cfg: ModelConfig, path: Path, options: ExportOptions) -> None:
+    target = path.with_suffix(".fp32.onnx") if options.quantize == "int8" else path
+    inputs, outputs, axes = IO[kind]
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated (and says so); it is the one that gives
+        # one self-contained file with plain dynamic axes. TracerWarnings are expected.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, _dummy_inputs(kind, cfg, module), str(target), dynamo=False,
+                              input_names=list(inputs), output_names=list(outputs), dynamic_axes=axes,
+                              opset_version=OPSET, do_constant_folding=True)
+        except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ExportError(f"ONNX export of {path.stem} failed: {str(exc).splitlines()[0]}") from exc
+    if options.quantize == "int8":
+        _quantize(target, path)
+    if path.stat().st_size > MAX_PIECE_BYTES:
+        raise ExportError(f"{path.name} is {path.stat().st_size} bytes, over the 2 GiB limit of one ONNX file; "
+                          "export with --dtype fp16 or --quantize int8")
+
+
+def _dummy_inputs(kind: str, cfg: ModelConfig, module: nn.Module) -> tuple[torch.Tensor, ...]:
+    # Distinct sizes (seq 5, past 3) so that no dynamic dim is traced as a constant.
+    dtype = next(module.parameters()).dtype
+    hidden = torch.zeros(1, 5, cfg.hidden_size, dtype=dtype)
+    if kind == "embed":
+        return (torch.arange(5)[None] % cfg.vocab_size,)
+    if kind == "head":
+        return (hidden,)
+    past = torch.zeros(1, cfg.num_kv_heads, 3, cfg.head_dim, dtype=dtype)
+    return hidden, torch.arange(3, 8)[None], past, past.clone()
+
+
+def _quantize(source: Path, target: Path) -> None:
+    """Dynamic int8 (per-channel weights, activations quantized at run time), after ORT's
+    recommended pre-processing (shape inference + graph optimisation)."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic  # export extra only
+
+    prepared = source.with_suffix(".prep.onnx")
+    try:
+        quant_pre_process(str(source), str(prepared))
+        quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        source.unlink(missing_ok=True)
+        prepared.unlink(missing_ok=True)
+
+
+def _piece_spec(index: int, kind: str, name: str, module: nn.Module, cfg: ModelConfig, path: Path,
+                options: ExportOptions) -> PieceSpec:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    costs = piece_costs(kind, module, cfg, act_itemsize=2 if options.dtype == "fp16" else 4)
+    return PieceSpec(index=index, name=name, kind=kind, file=path.name, sha256=_sha256(path),
+                     bytes=path.stat().st_size, inputs=_tensor_specs(graph.input),
+                     outputs=_tensor_specs(graph.output), **dataclasses.asdict(costs))
+
+
+def _tensor_specs(values: object) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name=v.name, dtype=ONNX_DTYPES[v.type.tensor_type.elem_type],
+                            shape=tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
+                 for v in values)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(model_dir: ModelDir, options: ExportOptions, max_context: int, pieces: tuple[PieceSpec, ...],
+              tokenizer: Path) -> ModelManifest:
+    cfg = model_dir.config
+    return ModelManifest(
+        name=options.name or model_dir.name, family=cfg.family, dtype=options.dtype,
+        quantization=options.quantize, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size, max_context=max_context,
+        act_dtype="float16" if options.dtype == "fp16" else "float32",
+        tokenizer_file=tokenizer.name, tokenizer_sha256=_sha256(tokenizer),
+        eos_token_ids=model_dir.eos_token_ids, bos_token_id=model_dir.bos_token_id, pieces=pieces,
+    )

@@ -1,0 +1,214 @@
+"""Segment runtime: a contiguous run of model pieces in ONNX Runtime, with a KV cache.
+
+A segment is pieces `first..last` of a manifest (embed = 0, layer i = i + 1, head =
+last). `run(session, inputs, positions)` feeds token ids (if the segment starts with
+`embed`) or hidden states through every piece in order and returns hidden states, or
+float32 logits of the last position if the segment ends with `head`. Each layer piece
+reads and replaces the session's cached key/value arrays.
+
+Positions are absolute and must continue the session's cache: a step for a session
+whose layers hold P positions carries positions P..P+T-1. If a piece fails the session's
+cache is dropped, since some layers would already have advanced; the head re-prefills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+from linguamq.node.errors import (
+    ArtifactError,
+    ContextOverflowError,
+    InferenceError,
+    RuntimeInputError,
+)
+from linguamq.node.kvcache import KVCache
+from linguamq.schemas.manifest import ModelManifest, PieceSpec
+
+# The piece interface written by `linguamq export` (inputs, outputs), by kind.
+PIECE_IO = {
+    "embed": (("input_ids",), ("hidden",)),
+    "layer": (("hidden", "position_ids", "past_key", "past_value"), ("hidden_out", "present_key", "present_value")),
+    "head": (("hidden",), ("logits",)),
+}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+ORT_ERRORS = (Fail, InvalidArgument, RuntimeException)
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuntimeSettings:
+    intra_op_threads: int = 0  # 0: ONNX Runtime picks (one per physical core)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    # Spinning workers help one session, but every piece has its own pool: with spinning
+    # on, idle pools of the other pieces steal the cores (measured 12x slower decode).
+    allow_spinning: bool = False
+    verify_sha256: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedPiece:
+    spec: PieceSpec
+    session: ort.InferenceSession
+
+
+class SegmentRuntime:
+    """Pieces `first..last` (inclusive) of `manifest`, loaded from `artifact_dir`."""
+
+    def __init__(self, *, manifest: ModelManifest, artifact_dir: Path | str, first: int, last: int,
+                 settings: RuntimeSettings = RuntimeSettings(), cache: KVCache | None = None) -> None:
+        if not 0 <= first <= last < len(manifest.pieces):
+            raise ArtifactError(f"segment {first}..{last} is outside pieces 0..{len(manifest.pieces) - 1}")
+        self.manifest = manifest
+        self.cache = cache if cache is not None else KVCache()
+        self._act_dtype = NP_DTYPES[manifest.act_dtype]
+        self._pieces = _load_pieces(Path(artifact_dir), manifest.pieces[first:last + 1], settings)
+        self._layers = [p.spec.index - 1 for p in self._pieces if p.spec.kind == "layer"]
+        self._log = structlog.get_logger().bind(pieces=f"{first}..{last}", model=manifest.name)
+        self._log.debug("segment loaded", bytes=sum(p.spec.bytes for p in self._pieces))
+
+    @property
+    def pieces(self) -> tuple[PieceSpec, ...]:
+        return tuple(p.spec for p in self._pieces)
+
+    @property
+    def takes_ids(self) -> bool:
+        return self._pieces[0].spec.kind == "embed"
+
+    @property
+    def gives_logits(self) -> bool:
+        return self._pieces[-1].spec.kind == "head"
+
+    @property
+    def holds_kv(self) -> bool:
+        """True if the segment has layers, and so a per-session position to follow."""
+        return bool(self._layers)
+
+    def context_length(self, session: str) -> int:
+        """Positions this segment holds for `session` (0 without layers or cache)."""
+        return self.cache.length(session, self._layers[0]) if self._layers else 0
+
+    def drop(self, session: str) -> None:
+        self.cache.drop(session)
+
+    def run(self, session: str, inputs: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """ids (1, T) int64 or hidden (1, T, H) -> hidden (1, T, H) or logits (1, V) float32."""
+        x = self._check_inputs(inputs)
+        pos = self._check_positions(session, positions, x.shape[1])
+        try:
+            for piece in self._pieces:
+                x = self._run_piece(piece, session, x, pos)
+        except ORT_ERRORS as exc:
+            self.cache.drop(session)
+            raise InferenceError(f"session {session}: ONNX Runtime failed: {str(exc).splitlines()[0]}") from exc
+        return x
+
+    def _run_piece(self, piece: LoadedPiece, session: str, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        kind = piece.spec.kind
+        if kind == "embed":
+            return piece.session.run(None, {"input_ids": x})[0]  # (1, T, H)
+        if kind == "head":
+            return piece.session.run(None, {"hidden": x})[0]  # (1, V)
+        layer = piece.spec.index - 1
+        past = self.cache.get(session, layer) or (self._empty_kv(),) * 2
+        hidden, key, value = piece.session.run(
+            None, {"hidden": x, "position_ids": pos, "past_key": past[0], "past_value": past[1]})
+        self.cache.put(session, layer, key, value)  # (1, kv, P+T, D)
+        return hidden  # (1, T, H)
+
+    def _empty_kv(self) -> np.ndarray:
+        m = self.manifest
+        return np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=self._act_dtype)  # (1, kv, 0, D)
+
+    def _check_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        if self.takes_ids:
+            if inputs.ndim != 2 or inputs.shape[0] != 1 or inputs.shape[1] < 1:
+                raise RuntimeInputError(f"token ids must have shape (1, T>=1), got {inputs.shape}")
+            if inputs.dtype.kind not in "iu":
+                raise RuntimeInputError(f"token ids must be integers, got {inputs.dtype}")
+            if inputs.size and (inputs.min() < 0 or inputs.max() >= self.manifest.vocab_size):
+                raise RuntimeInputError(f"token id out of range 0..{self.manifest.vocab_size - 1}")
+            return np.ascontiguousarray(inputs, dtype=np.int64)
+        hidden = self.manifest.hidden_size
+        if inputs.ndim != 3 or inputs.shape[0] != 1 or inputs.shape[1] < 1 or inputs.shape[2] != hidden:
+            raise RuntimeInputError(f"hidden states must have shape (1, T>=1, {hidden}), got {inputs.shape}")
+        if inputs.dtype != self._act_dtype:
+            raise RuntimeInputError(f"hidden states must be {self.manifest.act_dtype}, got {inputs.dtype}")
+        return np.ascontiguousarray(inputs)
+
+    def _check_positions(self, session: str, positions: np.ndarray, steps: int) -> np.ndarray:
+        pos = np.asarray(positions)
+        if pos.shape != (1, steps) or pos.dtype.kind not in "iu":
+            raise RuntimeInputError(f"positions must be integers of shape (1, {steps}), got {pos.dtype} {pos.shape}")
+        held = self.context_length(session)
+        if (self._layers and pos[0, 0] != held) or np.any(np.diff(pos[0]) != 1):
+            raise RuntimeInputError(f"session {session}: positions must run {held}..{held + steps - 1} "
+                                    f"to follow its cache, got {pos[0, 0]}..{pos[0, -1]}")
+        if pos[0, -1] >= self.manifest.max_context:
+            raise ContextOverflowError(f"session {session}: position {int(pos[0, -1])} is past max_context "
+                                       f"{self.manifest.max_context}")
+        return np.ascontiguousarray(pos, dtype=np.int64)
+
+
+def _session_options(settings: RuntimeSettings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = OPT_LEVELS[settings.graph_optimization]
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
+    options.log_severity_level = 3  # errors only: ORT's warnings go to its own logger, not ours
+    return options
+
+
+def _load_pieces(artifact_dir: Path, specs: tuple[PieceSpec, ...], settings: RuntimeSettings) -> tuple[LoadedPiece, ...]:
+    """Largest first: a piece's file is briefly resident twice while it loads, and that
+    transient costs least while little else is resident (peak RSS -~100 MB at 100M params)."""
+    options = _session_options(settings)
+    loaded = {spec.index: _load_piece(artifact_dir, spec, options, settings.verify_sha256)
+              for spec in sorted(specs, key=lambda p: -p.bytes)}
+    return tuple(loaded[spec.index] for spec in specs)
+
+
+def _load_piece(artifact_dir: Path, spec: PieceSpec, options: ort.SessionOptions, verify: bool) -> LoadedPiece:
+    path = artifact_dir / spec.file
+    if not path.is_file():
+        raise ArtifactError(f"piece {spec.name}: file {str(path)!r} is missing")
+    if verify and _sha256(path) != spec.sha256:
+        raise ArtifactError(f"piece {spec.name}: {spec.file} does not match its sha256 in the manifest")
+    try:
+        # From the path, not from bytes: ORT's Python session keeps a model given as bytes
+        # alive, which doubles the resident weights.
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own pybind classes; translate them all here
+        raise ArtifactError(f"piece {spec.name}: ONNX Runtime cannot load {spec.file}: "
+                            f"{str(exc).splitlines()[0]}") from exc
+    _check_io(spec, session)
+    return LoadedPiece(spec=spec, session=session)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_io(spec: PieceSpec, session: ort.InferenceSession) -> None:
+    inputs, outputs = PIECE_IO[spec.kind]
+    got = (tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs()))
+    if got != (inputs, outputs):
+        raise ArtifactError(f"piece {spec.name}: expected inputs {inputs} and outputs {outputs}, got {got[0]} and {got[1]}")

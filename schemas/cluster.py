@@ -1,0 +1,129 @@
+"""Messages about the cluster: node status and telemetry, assignments and plans."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from linguamq.schemas.errors import SchemaError
+from linguamq.schemas.wire import ID_PATTERN, Message, Struct, spec, struct
+
+NodeState = Literal["online", "loading", "ready", "draining", "offline"]
+
+
+@struct
+class NodeStatus(Message):
+    """Retained on `nodes/{node}/status`; the node's will publishes state "offline"."""
+
+    TYPE = "node_status"
+
+    node: str = spec(pattern=ID_PATTERN)
+    state: NodeState
+    ts: float = spec(ge=0, doc="sender's wall clock, seconds since the epoch")
+    version: str = spec(max_len=32, default="")
+    platform: str = spec(max_len=64, default="")
+    threads: int = spec(ge=0, le=1024, default=0)
+    mem_budget_mb: float = spec(ge=0, default=0.0)
+    epoch: int = spec(ge=0, default=0, doc="the last assignment epoch the node applied")
+
+
+@struct
+class Profile(Struct):
+    """A node's measured capability, as the planner's cost model consumes it."""
+
+    ms_per_gflop_decode: float = spec(gt=0)
+    ms_per_gflop_prefill: float = spec(gt=0)
+    mem_budget_mb: float = spec(ge=0)
+    rtt_ms: float = spec(ge=0)
+    uplink_mbps: float = spec(gt=0)
+    downlink_mbps: float = spec(gt=0)
+
+
+@struct
+class PieceTiming(Struct):
+    piece: int = spec(ge=0)
+    ms_ewma: float = spec(ge=0)
+    runs: int = spec(ge=0)
+
+
+@struct
+class Telemetry(Message):
+    """Published about once a second on `nodes/{node}/telemetry` (not retained)."""
+
+    TYPE = "telemetry"
+
+    node: str = spec(pattern=ID_PATTERN)
+    ts: float = spec(ge=0)
+    seq: int = spec(ge=0)
+    epoch: int = spec(ge=0)
+    profile: Profile | None = None
+    pieces: tuple[PieceTiming, ...] = spec(max_len=10_000, default=())
+    queue_depth: int = spec(ge=0, default=0)
+    sessions: int = spec(ge=0, default=0)
+    kv_bytes: int = spec(ge=0, default=0)
+    free_mem_mb: float = spec(ge=0, default=0.0)
+    rss_mb: float = spec(ge=0, default=0.0)
+    battery_pct: float | None = spec(ge=0, le=100, default=None)
+    thermal_c: float | None = spec(ge=-100, le=200, default=None)
+    rejected: int = spec(ge=0, default=0, doc="messages rejected since start")
+    slowdown: float = spec(ge=1, default=1.0)
+
+
+@struct
+class Segment(Struct):
+    """A contiguous run of pieces [first, last] and where its output goes."""
+
+    first: int = spec(ge=0)
+    last: int = spec(ge=0)
+    next_piece: int | None = spec(ge=0, doc="first piece of the next stage; None for the tail")
+
+    def __post_init__(self) -> None:
+        Struct.__post_init__(self)
+        if self.last < self.first:
+            raise SchemaError(f"last {self.last} < first {self.first}", field="last")
+
+
+@struct
+class Assignment(Message):
+    """Retained on `nodes/{node}/assign`: what a node runs in an epoch."""
+
+    TYPE = "assignment"
+
+    node: str = spec(pattern=ID_PATTERN)
+    epoch: int = spec(ge=0)
+    manifest_sha256: str = spec(max_len=64)
+    segments: tuple[Segment, ...] = spec(max_len=1024)
+    prefetch: tuple[int, ...] = spec(ge=0, max_len=10_000, default=(), doc="pieces to pre-load, not run")
+
+
+@struct
+class Stage(Struct):
+    node: str = spec(pattern=ID_PATTERN)
+    first: int = spec(ge=0)
+    last: int = spec(ge=0)
+    predicted_ms: float = spec(ge=0)
+    measured_ms: float | None = spec(ge=0, default=None)
+
+
+@struct
+class LeftOut(Struct):
+    node: str = spec(pattern=ID_PATTERN)
+    why: str = spec(max_len=256)
+
+
+@struct
+class Plan(Message):
+    """Retained on `plan`: the placement of an epoch, with its explanation."""
+
+    TYPE = "plan"
+
+    epoch: int = spec(ge=0)
+    objective: Literal["latency", "throughput", "even"]
+    stages: tuple[Stage, ...] = spec(max_len=1024)
+    predicted_ms_per_token: float = spec(ge=0)
+    measured_ms_per_token: float | None = spec(ge=0, default=None)
+    bottleneck: str = spec(max_len=64, default="")
+    reason: str = spec(max_len=512, default="")
+    left_out: tuple[LeftOut, ...] = spec(max_len=1024, default=())
+    solve_s: float = spec(ge=0, default=0.0)
+    optimal: bool = True
+    gap: float = spec(ge=0, default=0.0)

@@ -1,0 +1,92 @@
+"""Messages between clients and the head: requests, streamed tokens, results, errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from linguamq.schemas.errors import SchemaError
+from linguamq.schemas.wire import ID_PATTERN, Message, Struct, parse_json, spec, struct
+
+MAX_PROMPT_CHARS = 65536
+MAX_TOKENS_LIMIT = 8192
+
+
+@struct
+class Sampling(Struct):
+    temperature: float = spec(ge=0, le=100, default=0.0, doc="0 means greedy")
+    top_k: int = spec(ge=0, le=1_000_000, default=0, doc="0 means no top-k cut")
+    top_p: float = spec(gt=0, le=1, default=1.0)
+    seed: int = spec(ge=0, le=2**63 - 1, default=0)
+
+
+@struct
+class GenerateRequest(Message):
+    """Published on `requests`. "type" and "v" may be left out, so that
+    `mosquitto_pub -t lmq/home/requests -m '{"id":"r1","prompt":"Hello","max_tokens":16}'` works."""
+
+    TYPE = "generate_request"
+    TAG_OPTIONAL = True
+    MAX_BYTES = 256 * 1024
+
+    id: str = spec(pattern=ID_PATTERN)
+    prompt: str = spec(max_len=MAX_PROMPT_CHARS)
+    max_tokens: int = spec(ge=1, le=MAX_TOKENS_LIMIT, default=64)
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = spec(max_len=16, default=())
+    client: str | None = spec(pattern=ID_PATTERN, default=None, doc="where errors are reported")
+
+
+@struct
+class TokenEvent(Message):
+    """Streamed on `responses/{request}`, one per generated token."""
+
+    TYPE = "token"
+
+    request: str = spec(pattern=ID_PATTERN)
+    index: int = spec(ge=0)
+    token: int = spec(ge=0)
+    text: str = spec(max_len=1024, doc="the text this token adds")
+
+
+StopReason = Literal["eos", "max_tokens", "stop", "error"]
+
+
+@struct
+class GenerateResult(Message):
+    """The final message on `responses/{request}`; same keys as `run-local --json`."""
+
+    TYPE = "result"
+
+    request: str = spec(pattern=ID_PATTERN)
+    text: str = spec(max_len=4 * MAX_TOKENS_LIMIT * 16)
+    tokens: tuple[int, ...] = spec(ge=0, max_len=MAX_TOKENS_LIMIT)
+    prompt_tokens: int = spec(ge=0)
+    ttft_ms: float = spec(ge=0)
+    ms_per_token: float = spec(ge=0)
+    stop_reason: StopReason
+    error: str | None = spec(max_len=1024, default=None)
+
+
+@struct
+class ErrorReport(Message):
+    """Published on `errors/{client}` by whoever rejected a message."""
+
+    TYPE = "error"
+
+    reporter: str = spec(pattern=ID_PATTERN, doc="who rejected the message")
+    topic: str = spec(max_len=1024, doc="where the rejected message was published")
+    code: Literal["bad_payload", "bad_request", "unknown_session", "stale_epoch",
+                  "too_large", "overloaded", "internal"]
+    message: str = spec(max_len=1024)
+    ref: str | None = spec(max_len=128, default=None, doc="request or session id, if known")
+    ts: float = spec(ge=0)
+
+
+def decode_response(payload: bytes | bytearray | memoryview | str) -> TokenEvent | GenerateResult:
+    """A message of `responses/{request}`: a TokenEvent or the final GenerateResult."""
+    doc = parse_json(payload, max_bytes=GenerateResult.MAX_BYTES)
+    kinds = {TokenEvent.TYPE: TokenEvent, GenerateResult.TYPE: GenerateResult}
+    cls = kinds.get(doc.get("type")) if isinstance(doc, dict) else None
+    if cls is None:
+        raise SchemaError(f"expected one of {sorted(kinds)}", field="type")
+    return cls.from_dict(doc)

@@ -1,0 +1,78 @@
+"""Export: the manifest's pieces, sizes and costs against a hand count."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+import pytest
+
+from linguamq.models.errors import ExportError
+from linguamq.models.export import ExportOptions, export_model, read_manifest
+from linguamq.schemas.manifest import ModelManifest
+
+H, HEADS, D, V = 64, 4, 16, 512  # the tiny_dirs fixture: hidden 64, 4 heads, vocab 512
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, ModelManifest]]:
+    out = {}
+    for family in ("llama", "bloom"):
+        art = tmp_path_factory.mktemp(f"art-{family}")
+        out[family] = (art, export_model(tiny_dirs[family], art, ExportOptions(max_context=256)))
+    return out
+
+
+def test_llama_manifest_matches_a_hand_count(exported: dict[str, tuple[Path, ModelManifest]]) -> None:
+    _, m = exported["llama"]
+    kv, inter = 2, 192  # kv heads default to heads / 2; intermediate = 8/3 * 64 rounded up to 32
+    linear = H * HEADS * D + 2 * H * kv * D + HEADS * D * H + 3 * H * inter  # q, k, v, o, gate/up/down
+    assert [(p.index, p.name, p.kind) for p in m.pieces] == [
+        (0, "embed", "embed"), (1, "layer.0", "layer"), (2, "layer.1", "layer"), (3, "head", "head")]
+    embed, layer, head = m.pieces[0], m.pieces[1], m.pieces[3]
+    assert (embed.params, embed.flops_per_token, embed.flops_per_prompt_token) == (V * H, 0, 0)
+    assert (layer.params, layer.flops_per_token, layer.flops_per_prompt_token) == (linear + 2 * H, 2 * linear, 2 * linear)
+    assert (head.params, head.flops_per_token, head.flops_per_prompt_token) == (H + H * V, 2 * H * V, 0)
+    assert layer.attn_flops_per_position == 2 * HEADS * D + 2 * HEADS * D
+    assert [p.kv_bytes_per_token for p in m.pieces] == [0, 2 * kv * D * 4, 2 * kv * D * 4, 0]
+    assert [p.act_bytes_per_token for p in m.pieces] == [H * 4, H * 4, H * 4, V * 4]
+    assert (m.family, m.num_kv_heads, m.head_dim, m.max_context, m.act_dtype) == ("llama", kv, D, 256, "float32")
+
+
+def test_bloom_manifest_matches_a_hand_count(exported: dict[str, tuple[Path, ModelManifest]]) -> None:
+    _, m = exported["bloom"]
+    linear = H * 3 * H + H * H + 2 * H * 4 * H  # query_key_value, dense, h_to_4h, 4h_to_h
+    biases, norms = 3 * H + H + 4 * H + H, 2 * 2 * H
+    embed, layer, head = m.pieces[0], m.pieces[1], m.pieces[-1]
+    assert (embed.params, embed.flops_per_token) == (V * H + 2 * H, 0)  # + word_embeddings_layernorm
+    assert (layer.params, layer.flops_per_token) == (linear + biases + norms, 2 * linear)
+    assert (head.params, head.flops_per_token) == (2 * H + H * V, 2 * H * V)  # tied: the head holds a copy
+    assert layer.kv_bytes_per_token == 2 * HEADS * D * 4
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_files_sizes_hashes_and_tensors(family: str, exported: dict[str, tuple[Path, ModelManifest]]) -> None:
+    art, m = exported[family]
+    assert read_manifest(art) == m
+    assert hashlib.sha256((art / m.tokenizer_file).read_bytes()).hexdigest() == m.tokenizer_sha256
+    for p in m.pieces:
+        data = (art / p.file).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (p.bytes, p.sha256)
+        graph = onnx.load(str(art / p.file)).graph
+        assert [t.name for t in p.inputs] == [i.name for i in graph.input]
+        assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
+    layer = {t.name: t for t in m.pieces[1].inputs + m.pieces[1].outputs}
+    kv = m.num_kv_heads
+    assert layer["hidden"].shape == (1, "seq", H)
+    assert layer["position_ids"].shape == (1, "seq") and layer["position_ids"].dtype == "int64"
+    assert layer["past_key"].shape == (1, kv, "past", D)
+    assert layer["present_value"].shape == (1, kv, "total", D)
+    assert {t.name: t.shape for t in m.pieces[-1].outputs} == {"logits": (1, V)}
+
+
+def test_export_refuses_bad_options(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="max-context"):
+        export_model(tiny_dirs["llama"], tmp_path, ExportOptions(max_context=10**6))
+    with pytest.raises(ExportError, match="int8"):
+        export_model(tiny_dirs["llama"], tmp_path, ExportOptions(dtype="fp16", quantize="int8"))

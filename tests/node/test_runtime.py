@@ -1,0 +1,115 @@
+"""SegmentRuntime: whole model vs split segments, cached decode, input checks, artifacts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from linguamq.node.errors import ArtifactError, ContextOverflowError, RuntimeInputError
+from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
+from linguamq.schemas.manifest import ModelManifest
+
+Art = tuple[Path, ModelManifest]
+IDS = np.random.default_rng(0).integers(1, 320, (1, 12)).astype(np.int64)
+
+
+def runtime(art: Art, first: int = 0, last: int | None = None, **settings: object) -> SegmentRuntime:
+    path, manifest = art
+    last = len(manifest.pieces) - 1 if last is None else last
+    return SegmentRuntime(manifest=manifest, artifact_dir=path, first=first, last=last,
+                          settings=RuntimeSettings(intra_op_threads=1, **settings))
+
+
+def positions(start: int, n: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.int64)[None]
+
+
+def test_split_segments_give_the_same_logits_as_one(artifacts: Art) -> None:
+    whole = runtime(artifacts)
+    front, back = runtime(artifacts, 0, 2), runtime(artifacts, 3)
+    assert front.takes_ids and not front.gives_logits and back.gives_logits and not back.takes_ids
+    expected = whole.run("s", IDS, positions(0, 12))
+    hidden = front.run("s", IDS, positions(0, 12))
+    assert hidden.shape == (1, 12, 64) and hidden.dtype == np.float32
+    assert np.array_equal(back.run("s", hidden, positions(0, 12)), expected)
+    step = np.array([[5]])
+    assert np.array_equal(back.run("s", front.run("s", step, positions(12, 1)), positions(12, 1)),
+                          whole.run("s", step, positions(12, 1)))
+
+
+def test_cached_decode_equals_full_recompute(artifacts: Art) -> None:
+    rt = runtime(artifacts)
+    rt.run("inc", IDS[:, :6], positions(0, 6))
+    for t in range(6, 12):
+        cached = rt.run("inc", IDS[:, t:t + 1], positions(t, 1))
+        full = rt.run(f"full{t}", IDS[:, :t + 1], positions(0, t + 1))
+        assert cached.shape == (1, 320)
+        assert np.abs(cached - full).max() < 1e-4
+    assert rt.context_length("inc") == 12
+
+
+def test_sessions_are_independent_and_drop_forgets(artifacts: Art) -> None:
+    alone = runtime(artifacts)
+    expected = [alone.run("x", IDS[:, :4], positions(0, 4)), alone.run("x", IDS[:, 4:5], positions(4, 1))]
+    rt = runtime(artifacts)
+    first = rt.run("a", IDS[:, :4], positions(0, 4))
+    rt.run("b", IDS[:, 4:10], positions(0, 6))  # another session in between
+    second = rt.run("a", IDS[:, 4:5], positions(4, 1))
+    assert np.array_equal(first, expected[0]) and np.array_equal(second, expected[1])
+    rt.drop("a")
+    assert rt.context_length("a") == 0 and rt.context_length("b") == 6
+
+
+def test_positions_must_follow_the_cache(artifacts: Art) -> None:
+    rt = runtime(artifacts)
+    rt.run("s", IDS[:, :4], positions(0, 4))
+    with pytest.raises(RuntimeInputError, match="4..4"):
+        rt.run("s", IDS[:, 4:5], positions(7, 1))
+    with pytest.raises(RuntimeInputError, match="shape"):
+        rt.run("s", IDS[:, 4:6], positions(4, 1))
+    assert rt.context_length("s") == 4  # a rejected step leaves the cache alone
+
+
+def test_context_past_max_context_is_refused(artifacts: Art) -> None:
+    rt = runtime(artifacts)
+    ids = np.ones((1, 41), dtype=np.int64)  # the fixture exported max_context=40
+    with pytest.raises(ContextOverflowError, match="max_context 40"):
+        rt.run("s", ids, positions(0, 41))
+    assert rt.run("s", ids[:, :40], positions(0, 40)).shape == (1, 320)
+
+
+def test_bad_inputs_are_refused(artifacts: Art) -> None:
+    rt, back = runtime(artifacts), runtime(artifacts, 1)
+    with pytest.raises(RuntimeInputError, match="out of range"):
+        rt.run("s", np.array([[320]]), positions(0, 1))
+    with pytest.raises(RuntimeInputError, match="float32"):
+        back.run("s", np.zeros((1, 2, 64), np.float16), positions(0, 2))
+    with pytest.raises(RuntimeInputError, match="shape"):
+        back.run("s", np.zeros((1, 2, 63), np.float32), positions(0, 2))
+
+
+def test_tampered_or_missing_piece_is_refused(artifacts: Art, tmp_path: Path) -> None:
+    path, manifest = artifacts
+    copy = tmp_path / "art"
+    shutil.copytree(path, copy)
+    data = bytearray((copy / "layer.1.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "layer.1.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="layer.1.*sha256"):
+        runtime((copy, manifest))
+    runtime((copy, manifest), 0, 1)  # a segment without that piece does not care
+    (copy / "head.onnx").unlink()
+    with pytest.raises(ArtifactError, match="head.*missing"):
+        runtime((copy, manifest), 3)
+    with pytest.raises(ArtifactError, match="outside"):
+        runtime(artifacts, 2, 9)
+
+
+@pytest.mark.parametrize("level", ["disable", "basic", "all"])
+def test_optimisation_levels_agree(artifacts: Art, level: str) -> None:
+    ref = runtime(artifacts).run("s", IDS, positions(0, 12))
+    got = runtime(artifacts, graph_optimization=level, allow_spinning=False).run("s", IDS, positions(0, 12))
+    assert np.abs(got - ref).max() < 1e-4

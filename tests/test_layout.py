@@ -1,0 +1,99 @@
+"""House rules that keep the layout honest: import direction, topic strings, light nodes."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("schemas", "topics", "broker", "planner", "node", "models", "tools")
+# What each package may import of ours (DESIGN.md: schemas <- topics <- roles <- tools).
+ALLOWED = {
+    "schemas": set(),
+    "topics": {"schemas"},
+    "broker": {"topics", "schemas"},
+    "planner": {"topics", "schemas"},
+    "node": {"topics", "schemas"},
+    "models": {"topics", "schemas"},
+    "tools": set(PACKAGES),
+}
+# Never on a phone: a node runs on numpy, onnxruntime, paho-mqtt and structlog.
+HEAVY = {"torch", "pyomo", "amqtt", "transformers", "onnx", "safetensors"}
+NODE_VENV_PYTHON = ROOT / ".venv-node" / "bin" / "python"
+
+
+def python_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in ``path`` (function bodies included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: use absolute imports (linguamq.x), not relative ones"
+            found.add(node.module or "")
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_follow_the_dependency_direction(package: str) -> None:
+    offenders = []
+    for path in python_files(package):
+        for module in imported_modules(path):
+            parts = module.split(".")
+            if parts[0] in PACKAGES:
+                offenders.append(f"{path.relative_to(ROOT)}: bare `import {module}`, use linguamq.{module}")
+            elif parts[0] == "linguamq" and len(parts) > 1 and parts[1] != package:
+                if parts[1] not in ALLOWED[package]:
+                    offenders.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_node_never_imports_heavy_dependencies() -> None:
+    offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in python_files("node")
+                 for m in imported_modules(p) if m.split(".")[0] in HEAVY]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_only_topics_builds_topic_strings() -> None:
+    literal = re.compile(r"""(?:[fbr]?["'])lmq/""")
+    allowed = {ROOT / "topics", ROOT / "tests" / "topics"}
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if any(part.startswith(".") for part in path.relative_to(ROOT).parts) or "build" in path.parts:
+            continue
+        if any(path.is_relative_to(a) for a in allowed):
+            continue
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if literal.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+    assert not offenders, "build topics with linguamq.topics:\n" + "\n".join(offenders)
+
+
+def test_node_runs_in_an_environment_with_only_the_node_extra() -> None:
+    assert NODE_VENV_PYTHON.exists(), "run `make setup`: it builds .venv-node with only the `node` extra"
+    script = f"""
+import importlib, json, pkgutil, sys
+import linguamq.node
+modules = [m.name for m in pkgutil.walk_packages(linguamq.node.__path__, "linguamq.node.")]
+for name in modules:
+    importlib.import_module(name)
+heavy = {sorted(HEAVY)!r}
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
+installed = [name for name in heavy if importlib.util.find_spec(name) is not None]
+print(json.dumps({{"modules": modules, "loaded": loaded, "installed": installed}}))
+"""
+    out = subprocess.run([str(NODE_VENV_PYTHON), "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["modules"], "linguamq.node has no modules to import"
+    assert report["loaded"] == [], f"importing the node loaded {report['loaded']}"
+    assert report["installed"] == [], f"the node-only environment should not even have {report['installed']}"

@@ -1,0 +1,59 @@
+"""`linguamq run-local ARTDIR --prompt TEXT`: generate in one process (the reference run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from linguamq.node.errors import NodeError
+from linguamq.node.runtime import RuntimeSettings
+from linguamq.node.sampling import SamplingParams
+from linguamq.schemas.errors import SchemaError
+from linguamq.tools.local import generate_local, open_local
+
+NAME = "run-local"
+HELP = "generate text with every piece of an exported model in this process"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifacts", metavar="ARTDIR", help="directory written by `linguamq export`")
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off (default)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    parser.add_argument("--stop", action="append", default=[], metavar="STR",
+                        help="stop once the text contains STR (repeatable)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        local = open_local(args.artifacts, RuntimeSettings(intra_op_threads=args.threads))
+        prompt = local.tokenizer.encode(args.prompt).ids
+        if not prompt:
+            raise NodeError("the prompt encodes to no tokens")
+        result = generate_local(
+            local.runtime, prompt_ids=prompt, max_tokens=args.max_tokens, sampling=sampling,
+            eos_token_ids=local.manifest.eos_token_ids, stop=tuple(args.stop),
+            decode=lambda ids: local.tokenizer.decode(ids, skip_special_tokens=True),
+            on_text=None if args.json else _print_stream)
+    except (NodeError, SchemaError, OSError, ValueError) as exc:
+        print(f"linguamq run-local: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(flush=True)
+        print(f"[{len(result.tokens)} tokens, {result.stop_reason}; ttft {result.ttft_ms:.1f} ms, "
+              f"{result.ms_per_token:.2f} ms/token]", file=sys.stderr)
+    return 0
+
+
+def _print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

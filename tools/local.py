@@ -1,0 +1,96 @@
+"""Single-process generation: every piece in order, in one SegmentRuntime.
+
+This is the reference every distributed run is compared with (`linguamq run-local`,
+tests, benches): the same node runtime and sampler the nodes run, minus the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
+from linguamq.node.sampling import SamplingParams, sample, step_rng
+from linguamq.node.textstream import StopReason, TextStream, stop_reason
+from linguamq.schemas.manifest import ModelManifest
+
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    tokens: tuple[int, ...]  # generated ids, the EOS token included when it ended the run
+    text: str  # decoded generated text (special tokens skipped), cut before a stop string
+    prompt_tokens: int
+    ttft_ms: float  # prompt in -> first token sampled (prefill + head + sampling)
+    ms_per_token: float  # mean time of each further token (0.0 when only one)
+    stop_reason: StopReason
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self) | {"tokens": list(self.tokens)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalModel:
+    """An artifact directory opened for local generation."""
+
+    manifest: ModelManifest
+    runtime: SegmentRuntime
+    tokenizer: Tokenizer
+
+
+def open_local(artifact_dir: Path | str, settings: RuntimeSettings = RuntimeSettings()) -> LocalModel:
+    """Load every piece of an exported model into one runtime, plus its tokenizer."""
+    artifact_dir = Path(artifact_dir)
+    manifest = ModelManifest.from_json((artifact_dir / MANIFEST).read_bytes())
+    runtime = SegmentRuntime(manifest=manifest, artifact_dir=artifact_dir, first=0,
+                             last=len(manifest.pieces) - 1, settings=settings)
+    tokenizer = Tokenizer.from_file(str(artifact_dir / manifest.tokenizer_file))
+    return LocalModel(manifest=manifest, runtime=runtime, tokenizer=tokenizer)
+
+
+def generate_local(runtime: SegmentRuntime, *, prompt_ids: Sequence[int], max_tokens: int,
+                   sampling: SamplingParams = SamplingParams(), eos_token_ids: Sequence[int] = (),
+                   decode: Callable[[list[int]], str] | None = None, stop: Sequence[str] = (),
+                   on_text: Callable[[str], None] | None = None, session: str = "local") -> GenerationResult:
+    """Generate up to `max_tokens` after `prompt_ids` with a KV cache.
+
+    Stops at an EOS id, at `max_tokens`, or (with `decode`) once the text contains a
+    `stop` string. `on_text` receives the text as it becomes final (a stop string and
+    an incomplete UTF-8 tail are held back).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    stream = TextStream(decode, tuple(stop), on_text)
+    eos = frozenset(eos_token_ids)
+    runtime.drop(session)
+    try:
+        started = time.perf_counter()
+        token = _step(runtime, session, np.asarray([prompt_ids], dtype=np.int64), 0, sampling, 0)
+        first = time.perf_counter()
+        tokens, reason = [token], stop_reason(token, eos, stream, [token], max_tokens)
+        while reason is None:
+            token = _step(runtime, session, np.asarray([[token]], dtype=np.int64),
+                          len(prompt_ids) + len(tokens) - 1, sampling, len(tokens))
+            tokens.append(token)
+            reason = stop_reason(token, eos, stream, tokens, max_tokens)
+        done = time.perf_counter()
+    finally:
+        runtime.drop(session)
+    return GenerationResult(tokens=tuple(tokens), text=stream.finish(tokens), prompt_tokens=len(prompt_ids),
+                            ttft_ms=(first - started) * 1e3,
+                            ms_per_token=(done - first) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else 0.0,
+                            stop_reason=reason)
+
+
+def _step(runtime: SegmentRuntime, session: str, ids: np.ndarray, start: int, sampling: SamplingParams,
+          step: int) -> int:
+    """Run ids at positions start.. and sample token number `step` (seeded per step, as nodes do)."""
+    positions = np.arange(start, start + ids.shape[1], dtype=np.int64)[None]  # (1, T)
+    logits = runtime.run(session, ids, positions)  # (1, V)
+    return sample(logits, sampling, step_rng(sampling.seed, step))

@@ -1,0 +1,39 @@
+"""structlog set-up for `linguamq` entry points (library code only calls get_logger)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, suppress_defaults: bool = False) -> None:
+    # Accept the flags both before and after the subcommand; the subcommand's copy
+    # must not overwrite a value given before it, hence SUPPRESS there.
+    default = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
+    parser.add_argument("--log-format", choices=("console", "json"), default=default("console"),
+                        help="log line format on stderr (default: console)")
+    parser.add_argument("--log-level", choices=LEVELS, default=default("warning"),
+                        help="least severe level logged (default: warning)")
+
+
+def configure(*, fmt: str = "console", level: str = "warning") -> None:
+    numeric = getattr(logging, level.upper())
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
+    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
+                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,12 @@
+"""The topic namespace: the only place topic strings are built or parsed."""
+
+from linguamq.topics.errors import TopicError
+from linguamq.topics.namespace import (
+    ACT, ALL, BLOB_CHUNK, BLOB_REQUEST, ERRORS, MAX_TOPIC_LEN, MODEL, NODE_ASSIGN,
+    NODE_STATUS, NODE_TELEMETRY, PLAN, REQUESTS, RESPONSES, ROOT, SESSION_OUT, Parsed, Topic,
+    cluster_filter, matches, parse, validate_id,
+)
+
+__all__ = ["ACT", "ALL", "BLOB_CHUNK", "BLOB_REQUEST", "ERRORS", "MAX_TOPIC_LEN", "MODEL",
+           "NODE_ASSIGN", "NODE_STATUS", "NODE_TELEMETRY", "PLAN", "REQUESTS", "RESPONSES", "ROOT",
+           "SESSION_OUT", "Parsed", "Topic", "TopicError", "cluster_filter", "matches", "parse", "validate_id"]
