@@ -19,6 +19,9 @@ COMMANDS = (
     "tiny",
     "export",
     "run-local",
+    "hub",
+    "node",
+    "generate",
     "bench",
 )
 

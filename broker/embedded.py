@@ -1,0 +1,256 @@
+"""The hub's MQTT broker: amqtt, in-process, tuned for activation traffic.
+
+``EmbeddedBroker`` runs on the caller's event loop (``async with``); ``BrokerThread`` gives
+it a thread and a loop of its own for synchronous code (the hub command, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import structlog
+
+from linguamq.broker.amqtt_fixes import MAX_STRING_READ, FixedBroker
+from linguamq.broker.errors import (
+    BrokerConfigError, BrokerError, BrokerNotRunningError, BrokerStartError, BrokerTimeoutError,
+)
+from linguamq.broker.policy import TopicPolicy
+
+DEFAULT_MAX_PAYLOAD = 64 * 2**20
+MQTT_MAX_PAYLOAD = 268_435_455 - 2 - 65_535 - 2  # remaining length minus topic and packet id
+# Only what must run: anonymous login. amqtt's defaults also load EventLoggerPlugin and
+# PacketLoggerPlugin (two asyncio tasks per MQTT packet, whatever the log level) and
+# BrokerSysPlugin (counts every packet, publishes $SYS/... every 20 s, pulls in psutil and
+# warns about it). Without an auth plugin amqtt refuses every CONNECT (broker.py:822-824).
+PLUGINS = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+
+T = TypeVar("T")
+
+
+class EmbeddedBroker:
+    """An MQTT 3.1.1 broker on ``host:port`` (port 0: any free port, see ``port`` after start).
+
+    ``may_read(client, topic)`` is asked before any message -- live, queued or retained --
+    goes to a client; ``may_publish(client, topic)`` before a PUBLISH is accepted and for the
+    will of a CONNECT. Both default to allowing everything (see ``linguamq.broker.policy``).
+    A PUBLISH whose payload exceeds ``max_payload`` bytes closes the sender's connection.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, may_read: TopicPolicy | None = None,
+                 may_publish: TopicPolicy | None = None, connect_timeout: float = 10.0,
+                 delivery_timeout: float = 30.0, start_timeout: float = 10.0,
+                 stop_timeout: float = 15.0) -> None:
+        _check(bool(host) and isinstance(host, str) and ":" not in host,
+               f"host must be an IPv4 address or a name, got {host!r}")
+        _check(isinstance(port, int) and 0 <= port <= 65_535, f"port out of range: {port!r}")
+        _check(MAX_STRING_READ < max_payload <= MQTT_MAX_PAYLOAD,
+               f"max_payload must be in ({MAX_STRING_READ}, {MQTT_MAX_PAYLOAD}], got {max_payload}")
+        for name, value in (("connect_timeout", connect_timeout), ("delivery_timeout", delivery_timeout),
+                            ("start_timeout", start_timeout), ("stop_timeout", stop_timeout)):
+            _check(value > 0, f"{name} must be positive, got {value}")
+        self._bind = (host, port)
+        self._max_payload = max_payload
+        self._policies = (may_read, may_publish)
+        self._timeouts = {"connect": connect_timeout, "delivery": delivery_timeout,
+                          "start": start_timeout, "stop": stop_timeout}
+        self._amqtt: FixedBroker | None = None
+        self._address: tuple[str, int] | None = None
+        self._log = structlog.get_logger().bind(component="broker")
+
+    # --- where it listens (after start) -------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self._bound()[0]
+
+    @property
+    def port(self) -> int:
+        return self._bound()[1]
+
+    @property
+    def url(self) -> str:
+        host, port = self._bound()
+        return f"mqtt://{host}:{port}"
+
+    @property
+    def running(self) -> bool:
+        return self._amqtt is not None
+
+    def _bound(self) -> tuple[str, int]:
+        if self._address is None:
+            raise BrokerNotRunningError("the broker is not running: start() it first")
+        return self._address
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._amqtt is not None:
+            raise BrokerError("the broker is already running")
+        host, port = self._bind
+        broker: FixedBroker | None = None
+        try:
+            broker = FixedBroker(self._config(), max_payload=self._max_payload,
+                                 connect_timeout=self._timeouts["connect"],
+                                 delivery_timeout=self._timeouts["delivery"],
+                                 may_read=self._policies[0], may_publish=self._policies[1])
+            await asyncio.wait_for(broker.start(), self._timeouts["start"])
+        except Exception as exc:  # amqtt wraps most causes in its BrokerError; not all
+            if broker is not None:
+                await broker.abandon()
+            if isinstance(exc, TimeoutError):
+                raise BrokerTimeoutError(
+                    f"broker did not start within {self._timeouts['start']} s") from exc
+            raise BrokerStartError(f"cannot start the broker on {host}:{port}: {exc}") from exc
+        self._amqtt = broker
+        self._address = broker.bound_address()
+        self._log.info("broker.started", url=self.url, max_payload=self._max_payload)
+
+    async def stop(self) -> None:
+        """Disconnect every client and close the listener. Stopping a stopped broker is a no-op."""
+        broker, self._amqtt = self._amqtt, None
+        if broker is None:
+            return
+        url, self._address = self.url, None
+        try:
+            await asyncio.wait_for(broker.shutdown(), self._timeouts["stop"])
+        except TimeoutError as exc:
+            raise BrokerTimeoutError(f"broker did not stop within {self._timeouts['stop']} s") from exc
+        except Exception as exc:
+            raise BrokerError(f"broker at {url} failed to stop cleanly: {exc}") from exc
+        finally:
+            await broker.abandon()
+            await broker.close_connections(timeout=self._timeouts["stop"] / 3)
+        self._log.info("broker.stopped", url=url)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def _config(self) -> dict[str, Any]:
+        host, port = self._bind
+        return {
+            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}},
+            "plugins": dict(PLUGINS),
+            # Keep-alive grace is applied by FixedBroker (1.5 x), not by amqtt's fixed delay.
+            "timeout_disconnect_delay": 0,
+        }
+
+
+class BrokerThread:
+    """An ``EmbeddedBroker`` on its own daemon thread and event loop, for synchronous code.
+
+    ``with BrokerThread() as broker: connect(broker.host, broker.port)``
+    """
+
+    def __init__(self, *, broker: EmbeddedBroker | None = None, timeout: float = 30.0) -> None:
+        self._broker = broker if broker is not None else EmbeddedBroker()
+        self._timeout = timeout
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def broker(self) -> EmbeddedBroker:
+        return self._broker
+
+    @property
+    def host(self) -> str:
+        return self._broker.host
+
+    @property
+    def port(self) -> int:
+        return self._broker.port
+
+    @property
+    def url(self) -> str:
+        return self._broker.url
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise BrokerError("the broker thread is already running")
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="lmq-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self._timeout):
+            raise BrokerTimeoutError(f"broker thread did not start within {self._timeout} s")
+        if self._error is not None:
+            self._thread.join(self._timeout)
+            self._thread, error = None, self._error
+            raise error
+
+    def stop(self) -> None:
+        """Stop the broker and join its thread; a no-op if it is not running."""
+        thread, loop, stopping = self._thread, self._loop, self._stopping
+        if thread is None:
+            return
+        if loop is not None and stopping is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stopping.set)
+            except RuntimeError:  # the loop closed in between: the thread is ending anyway
+                pass
+        thread.join(self._timeout)
+        if thread.is_alive():
+            raise BrokerTimeoutError(f"broker thread did not stop within {self._timeout} s")
+        self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def call(self, fn: Callable[[EmbeddedBroker], Awaitable[T]], *, timeout: float = 10.0) -> T:
+        """Run ``await fn(broker)`` on the broker's loop and return its result."""
+        loop = self._loop
+        if self._thread is None or loop is None:
+            raise BrokerNotRunningError("the broker thread is not running")
+        future = asyncio.run_coroutine_threadsafe(_call(fn, self._broker), loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError as exc:
+            future.cancel()
+            raise BrokerTimeoutError(f"call on the broker loop took over {timeout} s") from exc
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that called start/stop
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        await self._broker.start()
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._broker.stop()
+
+
+async def _call(fn: Callable[[EmbeddedBroker], Awaitable[T]], broker: EmbeddedBroker) -> T:
+    return await fn(broker)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise BrokerConfigError(message)

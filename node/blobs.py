@@ -1,0 +1,139 @@
+"""Artifacts over MQTT: a disk cache that fetches what it lacks, and a server.
+
+A node asks for a blob in chunks on `blobs/{sha256}/request` and receives them on
+`blobs/{sha256}/chunks/{node}`. Chunks are written to ``{sha}.part`` as they arrive, so
+an interrupted fetch resumes where it stopped; the whole file's sha256 is checked
+against the manifest before it is renamed into place, and a cached file whose hash no
+longer matches (a corrupted disk) is fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from linguamq import topics
+from linguamq.schemas.blobs import BlobChunk, BlobRequest, encode_chunk
+from linguamq.topics.client import MqttClient
+
+log = structlog.get_logger()
+
+CHUNK_BYTES = 1 << 20
+
+
+class BlobError(RuntimeError):
+    """An artifact could not be fetched or failed its hash check."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BlobCache:
+    """Files named by their sha256 in ``root``; ``fetch`` fills it over MQTT."""
+
+    def __init__(self, *, root: Path, client: MqttClient, cluster: str, node: str,
+                 chunk_bytes: int = CHUNK_BYTES, timeout: float = 30.0) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._client, self._cluster, self._node = client, cluster, node
+        self._chunk_bytes, self._timeout = chunk_bytes, timeout
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def has(self, sha256: str) -> bool:
+        """True if the file is cached and its bytes still hash to ``sha256``."""
+        path = self.path(sha256)
+        if not path.exists():
+            return False
+        if file_sha256(path) == sha256:
+            return True
+        log.warning("cached artifact corrupted, fetching again", sha256=sha256[:12], node=self._node)
+        path.unlink()
+        return False
+
+    def ensure(self, sha256: str, *, progress: Callable[[int, int], None] | None = None) -> Path:
+        """The verified local path of blob ``sha256``, fetched over MQTT if missing."""
+        if not self.has(sha256):
+            self._fetch(sha256, progress)
+        return self.path(sha256)
+
+    def _fetch(self, sha256: str, progress: Callable[[int, int], None] | None) -> None:
+        part = self.root / f"{sha256}.part"
+        inbox: queue.Queue[tuple[BlobChunk, bytes]] = queue.Queue(maxsize=4)
+        filter_ = topics.BLOB_CHUNK.build(self._cluster, sha256=sha256, node=self._node)
+        self._client.subscribe(topics.BLOB_CHUNK, filter_, lambda _t, value, _r: inbox.put(
+            (value[0], bytes(value[1])), timeout=self._timeout))
+        try:
+            with part.open("ab") as out:
+                offset = out.tell()  # resume an interrupted fetch
+                total = None
+                while total is None or offset < total:
+                    header, data = self._request(sha256, offset, inbox)
+                    total = header.total
+                    out.write(data)
+                    offset += len(data)
+                    if progress is not None:
+                        progress(offset, total)
+        finally:
+            self._client.unsubscribe(filter_)
+        if file_sha256(part) != sha256:
+            part.unlink()
+            raise BlobError(f"artifact {sha256[:12]}: downloaded bytes do not match the manifest's sha256")
+        os.replace(part, self.path(sha256))
+
+    def _request(self, sha256: str, offset: int, inbox: queue.Queue) -> tuple[BlobChunk, bytes]:
+        request = BlobRequest(node=self._node, sha256=sha256, offset=offset, length=self._chunk_bytes)
+        self._client.publish(topics.BLOB_REQUEST, topics.BLOB_REQUEST.build(self._cluster, sha256=sha256), request)
+        try:
+            header, data = inbox.get(timeout=self._timeout)
+        except queue.Empty:
+            raise BlobError(f"artifact {sha256[:12]}: no chunk at offset {offset} within {self._timeout:.0f} s "
+                            "(is the hub serving this model?)") from None
+        if header.offset != offset or header.sha256 != sha256:
+            raise BlobError(f"artifact {sha256[:12]}: got chunk at {header.offset}, asked for {offset}")
+        return header, data
+
+
+class BlobServer:
+    """Serves the files of an artifact directory to nodes that ask for them."""
+
+    def __init__(self, *, client: MqttClient, cluster: str, files: dict[str, Path],
+                 reporter: str) -> None:
+        self._client, self._cluster, self._files, self._reporter = client, cluster, dict(files), reporter
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._client.subscribe(topics.BLOB_REQUEST, topics.BLOB_REQUEST.filter(self._cluster), self._on_request,
+                               on_reject=self._reject)
+
+    def _on_request(self, topic: str, request: BlobRequest, retained: bool) -> None:
+        path = self._files.get(request.sha256)
+        if path is None:
+            return self._report(topic, request.node, f"no artifact {request.sha256[:12]} here")
+        total = path.stat().st_size
+        if request.offset > total:
+            return self._report(topic, request.node, f"offset {request.offset} is past the end ({total})")
+        with self._lock, path.open("rb") as f:
+            f.seek(request.offset)
+            data = f.read(request.length)
+        name = topics.BLOB_CHUNK.build(self._cluster, sha256=request.sha256, node=request.node)
+        self._client.publish(topics.BLOB_CHUNK, name, encode_chunk(request.sha256, request.offset, total, data))
+
+    def _reject(self, topic: str, payload: bytes, exc: Exception) -> None:
+        self._report(topic, self._reporter, str(exc))
+
+    def _report(self, topic: str, to: str, message: str) -> None:
+        self._client.report_error(self._cluster, reporter=self._reporter, to=to, topic=topic,
+                                  code="bad_request", message=message)

@@ -1,0 +1,309 @@
+"""The node daemon: runs its assigned segments and passes activations on.
+
+Lifecycle: ``start()`` publishes a retained "online" status (the MQTT will marks the
+node offline if it vanishes), follows the retained manifest and its own retained
+assignment, fetches the pieces it lacks over `blobs/`, loads them, subscribes to
+`act/{first}` of each segment and reports "ready". ``stop()`` reports "offline".
+
+All work (assignments and activations) goes through one bounded queue served by one
+worker thread, so paho's network thread never runs a model and a node never runs two
+things at once (a phone has few cores). A full queue fails the request loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from linguamq import topics
+from linguamq.node import system
+from linguamq.node.blobs import BlobCache, BlobError
+from linguamq.node.errors import NodeError
+from linguamq.node.kvcache import KVCache
+from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
+from linguamq.node.sampling import SamplingParams, sample, step_rng
+from linguamq.schemas import envelope
+from linguamq.schemas.cluster import Assignment, NodeStatus, PieceTiming, Segment, Telemetry
+from linguamq.schemas.envelope import ActHeader, Hop
+from linguamq.schemas.manifest import ModelManifest
+from linguamq.topics.client import MqttClient, MqttError, Will
+
+log = structlog.get_logger()
+VERSION = "0.1.0"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeSettings:
+    name: str
+    cluster: str = "home"
+    cache_dir: Path = Path("~/.cache/linguamq").expanduser()
+    threads: int = 0  # ONNX Runtime intra-op threads; 0: one per core
+    slowdown: float = 1.0  # behave like a device this many times slower (sleeps, no CPU)
+    mem_budget_mb: float = 0.0  # 0: no budget
+    telemetry_interval_s: float = 1.0
+    queue_size: int = 256
+    spin: bool = True  # ORT threads spin between ops; off when several nodes share a machine
+
+
+def status_will(cluster: str, name: str) -> Will:
+    """The last will a node's MQTT connection must carry: a retained "offline" status."""
+    payload = NodeStatus(node=name, state="offline", ts=0.0, version=VERSION).to_json()
+    return Will(topics.NODE_STATUS.build(cluster, node=name), payload, qos=1, retain=True)
+
+
+@dataclasses.dataclass
+class _Stage:
+    segment: Segment
+    runtime: SegmentRuntime
+
+
+class NodeDaemon:
+    def __init__(self, *, client: MqttClient, settings: NodeSettings) -> None:
+        self._client, self.settings = client, settings
+        self.name, self._cluster = settings.name, settings.cluster
+        self._blobs = BlobCache(root=settings.cache_dir / "blobs", client=client, cluster=settings.cluster,
+                                node=settings.name)
+        self._work: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=settings.queue_size)
+        self._kv = KVCache()
+        self._manifest: ModelManifest | None = None
+        self._manifest_sha = ""
+        self._pending: Assignment | None = None  # arrived before its manifest
+        self.epoch = 0
+        self._stages: dict[int, _Stage] = {}  # first piece -> stage
+        self._state = "online"
+        self._timings: dict[int, PieceTiming] = {}
+        self._rejected = 0
+        self._seq = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._log = log.bind(node=self.name)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._publish_status("online")
+        self._client.subscribe(topics.MODEL, topics.MODEL.build(self._cluster), self._on_manifest,
+                               on_reject=self._reject)
+        self._client.subscribe(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(self._cluster, node=self.name),
+                               self._on_assignment, on_reject=self._reject)
+        for target, name in ((self._work_loop, "worker"), (self._telemetry_loop, "telemetry")):
+            thread = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        try:
+            self._publish_status("offline", wait=2.0)
+        except MqttError:
+            pass
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    # --- network thread: decode, then queue ------------------------------------------
+
+    def _on_manifest(self, topic: str, manifest: ModelManifest, retained: bool) -> None:
+        self._enqueue(("manifest", manifest), ref=None)
+
+    def _on_assignment(self, topic: str, assignment: Assignment, retained: bool) -> None:
+        self._enqueue(("assign", assignment), ref=None)
+
+    def _on_act(self, topic: str, value: tuple[ActHeader, np.ndarray], retained: bool) -> None:
+        header, array = value
+        self._enqueue(("act", (topic, header, array, time.time())), ref=header.session)
+
+    def _enqueue(self, item: tuple[str, Any], *, ref: str | None) -> None:
+        try:
+            self._work.put_nowait(item)
+        except queue.Full:
+            self._report("overloaded", f"work queue full ({self.settings.queue_size}); dropped", ref=ref)
+
+    def _reject(self, topic: str, payload: bytes, exc: Exception) -> None:
+        self._report("bad_payload", str(exc), topic=topic)
+
+    def _report(self, code: str, message: str, *, topic: str = "", ref: str | None = None) -> None:
+        self._rejected += 1
+        self._log.warning("rejected", code=code, error=message, ref=ref)
+        self._client.report_error(self._cluster, reporter=self.name, to=self.name, topic=topic, code=code,
+                                  message=message, ref=ref)
+
+    # --- worker thread ----------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, item = self._work.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                match kind:
+                    case "manifest": self._apply_manifest(item)
+                    case "assign": self._apply_assignment(item)
+                    case "act": self._run_act(*item)
+            except Exception as exc:  # one bad item must not stop the node
+                self._log.exception("work item failed", kind=kind)
+                self._report("internal", f"{type(exc).__name__}: {exc}")
+
+    def _apply_manifest(self, manifest: ModelManifest) -> None:
+        self._manifest = manifest
+        self._manifest_sha = hashlib.sha256(manifest.to_json()).hexdigest()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._apply_assignment(pending)
+
+    def _apply_assignment(self, assignment: Assignment) -> None:
+        if assignment.epoch <= self.epoch:
+            return  # a duplicate or an old retained assignment
+        if self._manifest is None or assignment.manifest_sha256 != self._manifest_sha:
+            self._pending = assignment  # its manifest is on the way
+            return
+        self._publish_status("loading")
+        try:
+            stages = self._load(assignment)
+        except (BlobError, NodeError, OSError) as exc:
+            self._publish_status("online")
+            return self._report("internal", f"cannot load epoch {assignment.epoch}: {exc}")
+        for first in self._stages:
+            self._client.unsubscribe(topics.ACT.build(self._cluster, piece=first))
+        self._kv = KVCache()  # a new epoch re-prefills every session
+        self._stages, self.epoch = stages, assignment.epoch
+        for first in stages:
+            self._client.subscribe(topics.ACT, topics.ACT.build(self._cluster, piece=first), self._on_act,
+                                   on_reject=self._reject)
+        self._publish_status("ready" if stages else "online")
+        self._log.info("assignment applied", epoch=self.epoch,
+                       segments=[f"{s.segment.first}-{s.segment.last}" for s in stages.values()])
+
+    def _load(self, assignment: Assignment) -> dict[int, _Stage]:
+        manifest = self._manifest
+        assert manifest is not None
+        needed = [p for seg in assignment.segments for p in manifest.pieces[seg.first:seg.last + 1]]
+        if self.settings.mem_budget_mb and sum(p.bytes for p in needed) / 2**20 > self.settings.mem_budget_mb:
+            raise NodeError(f"pieces need {sum(p.bytes for p in needed) / 2**20:.0f} MB, "
+                            f"budget is {self.settings.mem_budget_mb:.0f} MB")
+        model_dir = self.settings.cache_dir / "models" / self._manifest_sha[:16]
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for piece in needed:
+            blob = self._blobs.ensure(piece.sha256)
+            link = model_dir / piece.file
+            link.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(blob, model_dir), link)
+        settings = RuntimeSettings(intra_op_threads=self.settings.threads, allow_spinning=self.settings.spin)
+        return {seg.first: _Stage(seg, SegmentRuntime(manifest=manifest, artifact_dir=model_dir, first=seg.first,
+                                                       last=seg.last, settings=settings, cache=self._kv))
+                for seg in assignment.segments}
+
+    def _run_act(self, topic: str, header: ActHeader, array: np.ndarray, t_recv: float) -> None:
+        stage = self._stages.get(header.piece)
+        if stage is None:
+            return self._report("bad_request", f"this node does not run piece {header.piece}", topic=topic,
+                                ref=header.session)
+        if header.epoch != self.epoch:
+            return self._report("stale_epoch", f"envelope of epoch {header.epoch}, node is at {self.epoch}",
+                                topic=topic, ref=header.session)
+        if header.end:
+            stage.runtime.drop(header.session)
+            return self._forward_end(stage, header)
+        if not self._align_cache(stage, header, topic):
+            return
+        t_start = time.time()
+        try:
+            steps = array.shape[1] if array.ndim >= 2 else 0
+            positions = np.arange(header.start_pos, header.start_pos + steps, dtype=np.int64)[None]
+            out = stage.runtime.run(header.session, array, positions)
+        except NodeError as exc:
+            return self._report("bad_request", str(exc), topic=topic, ref=header.session)
+        t_end = time.time()
+        self._emulate_slowdown(t_end - t_start)
+        self._record(stage, (time.time() - t_start) * 1e3)
+        hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
+                  t_start=t_start, t_end=time.time(), t_send=time.time())
+        self._send(stage, header, out, steps, hop)
+
+    def _align_cache(self, stage: _Stage, header: ActHeader, topic: str) -> bool:
+        """Make the session's cache end where this envelope starts; False if it cannot."""
+        held = stage.runtime.context_length(header.session)
+        if header.start_pos == held or not stage.runtime.holds_kv:
+            return True
+        if header.start_pos < held:  # a re-prefill or a redelivered step: recompute from there
+            self._kv.truncate(header.session, header.start_pos)
+            return True
+        self._report("unknown_session", f"session {header.session} holds {held} positions here, envelope "
+                     f"starts at {header.start_pos}: re-prefill needed", topic=topic, ref=header.session)
+        return False
+
+    def _send(self, stage: _Stage, header: ActHeader, out: np.ndarray, steps: int, hop: Hop) -> None:
+        hops = (*header.hops, hop)[-envelope.MAX_HOPS:]
+        if stage.segment.next_piece is not None:
+            nxt = stage.segment.next_piece
+            head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
+                                        epoch=header.epoch, piece=nxt, start_pos=header.start_pos,
+                                        sampling=header.sampling, hops=hops)
+            name = topics.ACT.build(self._cluster, piece=nxt)
+            return self._client.publish(topics.ACT, name, envelope.encode(head, out))
+        sampling = header.sampling
+        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                seed=sampling.seed) if sampling else SamplingParams()
+        token = np.array([[sample(out, params, step_rng(params.seed, header.step))]], dtype=np.int64)  # (1, 1)
+        head = ActHeader.for_tensor(token, session=header.session, request=header.request, step=header.step,
+                                    epoch=header.epoch, piece=len(self._manifest.pieces),
+                                    start_pos=header.start_pos + steps, hops=hops)
+        name = topics.SESSION_OUT.build(self._cluster, session=header.session)
+        self._client.publish(topics.SESSION_OUT, name, envelope.encode(head, token))
+
+    def _forward_end(self, stage: _Stage, header: ActHeader) -> None:
+        nxt = stage.segment.next_piece
+        if nxt is not None:
+            end = dataclasses.replace(header, piece=nxt)
+            self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=nxt),
+                                 envelope.encode(end, np.zeros(header.shape, dtype=envelope.WIRE_DTYPES[header.dtype])))
+
+    def _emulate_slowdown(self, compute_s: float) -> None:
+        if self.settings.slowdown > 1.0:
+            time.sleep(compute_s * (self.settings.slowdown - 1.0))
+
+    def _record(self, stage: _Stage, ms: float) -> None:
+        # One EWMA per segment, reported under its first piece.
+        old = self._timings.get(stage.segment.first)
+        ewma = ms if old is None else 0.8 * old.ms_ewma + 0.2 * ms
+        self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=ewma,
+                                                         runs=(old.runs if old else 0) + 1)
+
+    # --- status and telemetry -----------------------------------------------------------
+
+    def _publish_status(self, state: str, wait: float | None = None) -> None:
+        self._state = state
+        status = NodeStatus(node=self.name, state=state, ts=time.time(), version=VERSION,
+                            platform=system.platform_name(), threads=self.settings.threads,
+                            mem_budget_mb=self.settings.mem_budget_mb, epoch=self.epoch)
+        self._client.publish(topics.NODE_STATUS, topics.NODE_STATUS.build(self._cluster, node=self.name), status,
+                             wait=wait)
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.settings.telemetry_interval_s):
+            self._seq += 1
+            sample_ = system.sample()
+            report = Telemetry(node=self.name, ts=time.time(), seq=self._seq, epoch=self.epoch,
+                               pieces=tuple(self._timings.values()), queue_depth=self._work.qsize(),
+                               sessions=len(self._kv.sessions()), kv_bytes=self._kv.nbytes(),
+                               free_mem_mb=sample_.free_mem_mb, rss_mb=sample_.rss_mb,
+                               battery_pct=sample_.battery_pct, thermal_c=sample_.thermal_c,
+                               rejected=self._rejected, slowdown=self.settings.slowdown)
+            try:
+                self._client.publish(topics.NODE_TELEMETRY,
+                                     topics.NODE_TELEMETRY.build(self._cluster, node=self.name), report)
+            except MqttError as exc:
+                self._log.debug("telemetry not sent", error=str(exc))

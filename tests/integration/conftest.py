@@ -1,0 +1,85 @@
+"""Exported tiny models and a running local cluster, for the integration tests.
+
+pytest runs with --import-mode=importlib: tests get these through fixtures only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from linguamq.models.export import ExportOptions, export_model
+from linguamq.models.tiny import TinySpec, make_tiny
+from linguamq.tools.local import open_local
+
+FAMILIES = ("llama", "qwen2", "bloom")
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> artifact dir of a 3-layer tiny model (GQA for llama and qwen2)."""
+    out = {}
+    for family in FAMILIES:
+        root = tmp_path_factory.mktemp(f"pipeline-{family}")
+        make_tiny(TinySpec(family=family, layers=3, hidden=64, heads=4, vocab=512, seed=23), root / "hf")
+        export_model(root / "hf", root / "art", ExportOptions())
+        out[family] = root / "art"
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """(artifact dir, prompt, max_tokens) -> run-local's greedy token ids (cached)."""
+    cache: dict[tuple[str, str, int], tuple[int, ...]] = {}
+    models: dict[str, object] = {}
+
+    def run(art: Path, prompt: str, max_tokens: int) -> tuple[int, ...]:
+        from linguamq.tools.local import generate_local
+        key = (str(art), prompt, max_tokens)
+        if key not in cache:
+            local = models.setdefault(str(art), open_local(art))
+            ids = local.tokenizer.encode(prompt).ids
+            result = generate_local(local.runtime, prompt_ids=ids, max_tokens=max_tokens,
+                                    eos_token_ids=local.manifest.eos_token_ids)
+            cache[key] = result.tokens
+        return cache[key]
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real mosquitto on a free 127.0.0.1 port; yields its URL."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    assert Path(binary).exists(), "mosquitto is not installed: run `make setup`"
+    root = tmp_path_factory.mktemp("mosquitto")
+    port = free_port()
+    conf = root / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    with (root / "log").open("wb") as log:
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "log").read_text()
+            time.sleep(0.05)
+    yield f"mqtt://127.0.0.1:{port}"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=10)

@@ -1,0 +1,183 @@
+"""The distributed pipeline end to end: a hub and three node processes on 127.0.0.1.
+
+Every test compares with run-local, the single-process reference: a distributed run
+must produce the very same tokens.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from linguamq import topics
+from linguamq.node.blobs import file_sha256
+from linguamq.schemas import envelope
+from linguamq.schemas.envelope import ActHeader
+from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult
+from linguamq.tools.cluster import LocalCluster, NodeSpec
+from linguamq.tools.remote import generate_remote, new_request_id
+from linguamq.topics.client import MqttClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NODES = [NodeSpec("n1"), NodeSpec("n2", slowdown=1.5), NodeSpec("n3", slowdown=2.0)]
+PROMPTS = ["Hello world", "The quick brown fox", "MQTT carries tensors", "a", "Once upon a time there was",
+           "0123456789", "pub/sub middleware", "Phones on a home Wi-Fi"]
+FAMILIES = ("llama", "qwen2", "bloom")
+
+
+class Running:
+    def __init__(self, cluster: LocalCluster, client: MqttClient, art: Path) -> None:
+        self.cluster, self.client, self.art = cluster, client, art
+        self.manifest = ModelManifest.from_json((art / "manifest.json").read_bytes())
+
+    def generate(self, prompt: str, max_tokens: int = 24, **fields) -> GenerateResult:
+        request = GenerateRequest(id=new_request_id(), prompt=prompt, max_tokens=max_tokens, **fields)
+        return generate_remote(self.client, self.cluster.cluster, request, timeout=60)
+
+
+def start(art: Path, workdir: Path, cluster: str, broker_url: str | None = None) -> Iterator[Running]:
+    with LocalCluster(artifacts=art, nodes=NODES, workdir=workdir, cluster=cluster, broker_url=broker_url) as c:
+        with MqttClient(url=c.url, client_id=f"test-{cluster}") as client:
+            c.wait_ready(client, timeout=90)
+            yield Running(c, client, art)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def running(request, artifacts, tmp_path_factory) -> Iterator[Running]:
+    family = request.param
+    yield from start(artifacts[family], tmp_path_factory.mktemp(f"cluster-{family}"), f"t-{family}")
+
+
+def test_greedy_generation_equals_run_local(running: Running, reference) -> None:
+    for prompt in PROMPTS[:2]:
+        result = running.generate(prompt, max_tokens=24)
+        assert result.error is None
+        assert result.tokens == reference(running.art, prompt, 24)
+        assert result.stop_reason in ("max_tokens", "eos")
+
+
+def test_eight_concurrent_requests_each_equal_their_run_local(running: Running, reference) -> None:
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(lambda p: running.generate(p, max_tokens=16), PROMPTS))
+    for prompt, result in zip(PROMPTS, results):
+        assert result.error is None, result.error
+        assert result.tokens == reference(running.art, prompt, 16), prompt
+
+
+def test_nodes_fetched_their_pieces_over_mqtt(running: Running) -> None:
+    plan = running.cluster.plan
+    for stage in plan.stages:
+        blobs = running.cluster.workdir / f"cache-{stage.node}" / "blobs"
+        for piece in running.manifest.pieces[stage.first:stage.last + 1]:
+            assert file_sha256(blobs / piece.sha256) == piece.sha256
+
+
+def test_the_same_pipeline_runs_on_mosquitto(artifacts, mosquitto, tmp_path, reference) -> None:
+    for run in start(artifacts["llama"], tmp_path, "t-mosq", broker_url=mosquitto):
+        result = run.generate(PROMPTS[2], max_tokens=24)
+        assert result.tokens == reference(run.art, PROMPTS[2], 24)
+
+
+def test_a_corrupted_cached_piece_is_fetched_again(artifacts, tmp_path, reference) -> None:
+    for run in start(artifacts["llama"], tmp_path, "t-corrupt"):
+        stage = run.cluster.plan.stages[0]
+        blob = tmp_path / f"cache-{stage.node}" / "blobs" / run.manifest.pieces[stage.first].sha256
+        run.cluster.kill_node(stage.node, sig=15)
+        epoch = run.cluster.wait_ready(run.client, nodes=2).epoch
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        run.cluster.start_node(next(n for n in NODES if n.name == stage.node))
+        run.cluster.wait_ready(run.client, nodes=3, after_epoch=epoch)
+        assert file_sha256(blob) == run.manifest.pieces[stage.first].sha256
+        assert run.generate(PROMPTS[0]).tokens == reference(run.art, PROMPTS[0], 24)
+
+
+# --- bad input: reported on errors/, and the pipeline keeps serving ------------------------
+
+@pytest.fixture(scope="module")
+def llama(artifacts, tmp_path_factory) -> Iterator[Running]:
+    yield from start(artifacts["llama"], tmp_path_factory.mktemp("cluster-bad"), "t-bad")
+
+
+@pytest.fixture()
+def errors(llama: Running) -> Iterator[queue.Queue]:
+    inbox: queue.Queue[ErrorReport] = queue.Queue()
+    name = topics.ERRORS.filter(llama.cluster.cluster)
+    llama.client.subscribe(topics.ERRORS, name, lambda _t, report, _r: inbox.put(report))
+    yield inbox
+    llama.client.unsubscribe(name)
+
+
+def next_report(inbox: queue.Queue, **want) -> ErrorReport:
+    while True:
+        report = inbox.get(timeout=20)
+        if all(getattr(report, k) == v for k, v in want.items()):
+            return report
+
+
+def act(llama: Running, piece: int, header: ActHeader, array: np.ndarray) -> None:
+    llama.client.publish(topics.ACT, topics.ACT.build(llama.cluster.cluster, piece=piece),
+                         envelope.encode(header, array))
+
+
+def stage_of(llama: Running, piece: int) -> str:
+    return next(s.node for s in llama.cluster.plan.stages if s.first == piece)
+
+
+def test_garbage_on_an_activation_topic_is_reported(llama: Running, errors: queue.Queue) -> None:
+    llama.client.publish_raw(topics.ACT.build(llama.cluster.cluster, piece=0), b"\x00garbage", qos=1)
+    report = next_report(errors, reporter=stage_of(llama, 0), code="bad_payload")
+    assert "magic" in report.message
+
+
+@pytest.mark.parametrize(("tensor", "why"), [
+    (np.zeros((1, 3), dtype=np.float32), "token ids"),
+    (np.zeros((2, 3), dtype=np.int64), "shape"),
+])
+def test_wrong_dtype_or_shape_is_reported(llama: Running, errors: queue.Queue, tensor, why) -> None:
+    header = ActHeader.for_tensor(tensor, session="bad-shape", step=0, epoch=llama.cluster.plan.epoch, piece=0,
+                                  start_pos=0)
+    act(llama, 0, header, tensor)
+    assert why in next_report(errors, ref="bad-shape", code="bad_request").message
+
+
+def test_unknown_session_and_stale_epoch_are_reported(llama: Running, errors: queue.Queue) -> None:
+    second = llama.cluster.plan.stages[1]
+    hidden = np.zeros((1, 1, llama.manifest.hidden_size), dtype=np.float32)
+    epoch = llama.cluster.plan.epoch
+    act(llama, second.first, ActHeader.for_tensor(hidden, session="ghost", step=4, epoch=epoch, piece=second.first,
+                                                  start_pos=7), hidden)
+    assert next_report(errors, ref="ghost").code == "unknown_session"
+    act(llama, second.first, ActHeader.for_tensor(hidden, session="old", step=0, epoch=epoch - 1 if epoch else 99,
+                                                  piece=second.first, start_pos=0), hidden)
+    assert next_report(errors, ref="old").code == "stale_epoch"
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    (b'{"id":"bad1","prompt":"hi","max_tokens":0}', "bad_payload"),
+    (b'{"id":"bad2","prompt":"hi","surprise":1}', "bad_payload"),
+    (b'{"id":"bad3","prompt":"' + b"x" * 300_000 + b'"}', "too_large"),
+    (b'{"id":"bad4","prompt":"hi","max_tokens":8000}', "too_large"),
+])
+def test_bad_requests_get_a_final_error_and_a_report(llama: Running, errors: queue.Queue, payload, code) -> None:
+    request_id = payload.split(b'"')[3].decode()
+    inbox: queue.Queue = queue.Queue()
+    name = topics.RESPONSES.build(llama.cluster.cluster, request=request_id)
+    llama.client.subscribe(topics.RESPONSES, name, lambda _t, value, _r: inbox.put(value))
+    llama.client.publish_raw(topics.REQUESTS.build(llama.cluster.cluster), payload, qos=1)
+    final = inbox.get(timeout=20)
+    llama.client.unsubscribe(name)
+    assert isinstance(final, GenerateResult) and final.stop_reason == "error" and final.error
+    assert next_report(errors, ref=request_id).code == code
+
+
+def test_the_pipeline_still_serves_after_bad_input(llama: Running, reference) -> None:
+    assert llama.generate(PROMPTS[4]).tokens == reference(llama.art, PROMPTS[4], 24)

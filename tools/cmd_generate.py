@@ -1,0 +1,63 @@
+"""`linguamq generate --broker URL --prompt TEXT`: generate through a running cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from linguamq.schemas.errors import SchemaError
+from linguamq.schemas.requests import GenerateRequest, Sampling
+from linguamq.tools.remote import generate_remote, new_request_id
+from linguamq.topics import TopicError, validate_id
+from linguamq.topics.client import MqttClient, MqttError
+
+NAME = "generate"
+HELP = "generate text through a running cluster (same JSON keys as run-local)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST:PORT of the hub's broker")
+    parser.add_argument("--cluster", default="home", help="cluster name (default home)")
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off (default)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--stop", action="append", default=[], metavar="STR",
+                        help="stop once the text contains STR (repeatable)")
+    parser.add_argument("--id", help="request id (default: random)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="give up after S seconds without a response (default 120)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        validate_id("cluster", args.cluster)
+        request = GenerateRequest(
+            id=args.id or new_request_id(), prompt=args.prompt, max_tokens=args.max_tokens,
+            sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
+            stop=tuple(args.stop), client=f"gen-{new_request_id()[1:9]}")
+        with MqttClient(url=args.broker, client_id=request.client) as client:
+            result = generate_remote(client, args.cluster, request, timeout=args.timeout,
+                                     on_text=None if args.json else _print_stream)
+    except (SchemaError, TopicError, MqttError) as exc:
+        print(f"linguamq generate: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"tokens": list(result.tokens), "text": result.text, "ttft_ms": result.ttft_ms,
+                          "ms_per_token": result.ms_per_token, "stop_reason": result.stop_reason,
+                          "prompt_tokens": result.prompt_tokens, "error": result.error}))
+    else:
+        print(flush=True)
+        print(f"[{len(result.tokens)} tokens, {result.stop_reason}; ttft {result.ttft_ms:.1f} ms, "
+              f"{result.ms_per_token:.2f} ms/token]" + (f" error: {result.error}" if result.error else ""),
+              file=sys.stderr)
+    return 1 if result.stop_reason == "error" else 0
+
+
+def _print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,249 @@
+"""A typed MQTT client over paho: the one place our processes talk MQTT.
+
+Why a wrapper: paho does not set TCP_NODELAY (each activation would wait for Nagle's
+delayed ACK), does not re-subscribe after a reconnect on a clean session, and hands
+handlers raw bytes. Here every subscription is decoded at the edge: a handler receives a
+typed object, and a payload that does not decode goes to ``on_reject`` instead of
+raising inside paho's network thread.
+
+Handlers run on paho's network thread: they must be quick, and hand heavy work (running
+ONNX pieces) to a worker through a bounded queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+
+from linguamq.schemas import blobs, envelope, requests
+from linguamq.schemas.errors import SchemaError
+from linguamq.schemas.requests import ErrorReport
+from linguamq.schemas.wire import Message
+from linguamq.topics.errors import TopicError
+from linguamq.topics.namespace import ERRORS, Topic
+
+log = structlog.get_logger()
+
+Handler = Callable[[str, Any, bool], None]  # (topic, decoded payload, retained)
+Rejecter = Callable[[str, bytes, Exception], None]
+
+
+class MqttError(RuntimeError):
+    """Could not connect, subscribe or publish."""
+
+
+class MqttTimeout(MqttError):
+    """A network wait ran out of time."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerUrl:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerUrl:
+        """``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://...`` (default ports 1883/8883)."""
+        parts = urllib.parse.urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise MqttError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise MqttError(f"broker URL {url!r}: {exc}") from None
+        unquote = urllib.parse.unquote
+        return cls(parts.hostname, port, tls, unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "envelope": envelope.decode, "blob_chunk": blobs.decode_chunk, "responses": requests.decode_response}
+
+
+def decoder_for(topic: Topic) -> Callable[[bytes], Any]:
+    """Bytes -> typed object for ``topic``'s payload (SchemaError if it does not decode)."""
+    if isinstance(topic.payload, str):
+        return _DECODERS[topic.payload]
+    return topic.payload.from_json
+
+
+class MqttClient:
+    """One MQTT connection. ``start()`` connects (bounded wait), ``stop()`` disconnects."""
+
+    def __init__(self, *, url: str, client_id: str, will: Will | None = None, keepalive: int = 15,
+                 cafile: str | None = None, insecure: bool = False, max_queued: int = 10_000) -> None:
+        self.url = BrokerUrl.parse(url)
+        self.client_id = client_id
+        self._subs: dict[str, tuple[int, Callable[[paho.MQTTMessage], None]]] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._keepalive = keepalive
+        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   protocol=paho.MQTTv311, clean_session=True)
+        self._client.max_queued_messages_set(max_queued)
+        self._client.max_inflight_messages_set(100)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=4)
+        if self.url.username is not None:
+            self._client.username_pw_set(self.url.username, self.url.password)
+        if self.url.tls:
+            self._client.tls_set(ca_certs=cafile, cert_reqs=ssl.CERT_NONE if insecure else ssl.CERT_REQUIRED)
+            self._client.tls_insecure_set(insecure)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_socket_open = _no_delay
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> MqttClient:
+        try:
+            self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
+        except (OSError, ValueError) as exc:
+            raise MqttError(f"cannot connect to {self.url.host}:{self.url.port}: {exc}") from exc
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self._client.loop_stop()
+            raise MqttTimeout(f"no connection to {self.url.host}:{self.url.port} within {timeout:.0f} s")
+        return self
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> MqttClient:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # --- subscribing ----------------------------------------------------------------
+
+    def subscribe(self, topic: Topic, filter_: str, handler: Handler, *,
+                  on_reject: Rejecter | None = None, qos: int | None = None) -> None:
+        """Deliver every message on ``filter_`` to ``handler`` decoded as ``topic``'s payload."""
+        decode = decoder_for(topic)
+
+        def deliver(msg: paho.MQTTMessage) -> None:
+            try:
+                value = decode(msg.payload)
+            except SchemaError as exc:
+                if on_reject is not None:
+                    on_reject(msg.topic, msg.payload, exc)
+                else:
+                    log.warning("rejected message", topic=msg.topic, error=str(exc))
+                return
+            handler(msg.topic, value, bool(msg.retain))
+
+        self.subscribe_raw(filter_, deliver, qos=topic.qos if qos is None else qos)
+
+    def subscribe_raw(self, filter_: str, deliver: Callable[[paho.MQTTMessage], None], *, qos: int = 0) -> None:
+        with self._lock:
+            self._subs[filter_] = (qos, deliver)
+        if self.connected:
+            self._client.subscribe(filter_, qos)
+
+    def unsubscribe(self, filter_: str) -> None:
+        with self._lock:
+            self._subs.pop(filter_, None)
+        if self.connected:
+            self._client.unsubscribe(filter_)
+
+    # --- publishing -----------------------------------------------------------------
+
+    def publish(self, topic: Topic, name: str, payload: Message | bytes, *, wait: float | None = None) -> None:
+        """Publish on the concrete topic ``name`` with ``topic``'s QoS and retain flag."""
+        data = payload.to_json() if isinstance(payload, Message) else payload
+        self.publish_raw(name, data, qos=topic.qos, retain=topic.retain, wait=wait)
+
+    def publish_raw(self, name: str, data: bytes, *, qos: int = 0, retain: bool = False,
+                    wait: float | None = None) -> None:
+        info = self._client.publish(name, data, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {name} failed: {paho.error_string(info.rc)}")
+        if wait is not None:
+            try:
+                info.wait_for_publish(wait)
+            except (RuntimeError, ValueError) as exc:
+                raise MqttError(f"publish to {name} failed: {exc}") from exc
+            if not info.is_published():
+                raise MqttTimeout(f"publish to {name} not acknowledged within {wait} s")
+
+    def report_error(self, cluster: str, *, reporter: str, to: str, topic: str, code: str, message: str,
+                     ref: str | None = None) -> None:
+        """Publish an ErrorReport on `errors/{to}` (``to``: the sender if known, else the reporter)."""
+        report = ErrorReport(reporter=reporter, topic=topic[:1024], code=code, message=message[:1024], ref=ref,
+                             ts=time.time())
+        self.publish(ERRORS, ERRORS.build(cluster, client=to), report)
+
+    # --- paho callbacks (network thread) --------------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("mqtt connect refused", client=self.client_id, reason=str(reason))
+            return
+        with self._lock:
+            subs = [(f, qos) for f, (qos, _) in self._subs.items()]
+        if subs:
+            client.subscribe(subs)
+        self._connected.set()
+        log.info("mqtt connected", client=self.client_id, broker=f"{self.url.host}:{self.url.port}")
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+        log.info("mqtt disconnected", client=self.client_id, reason=str(reason))
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            targets = [deliver for f, (_, deliver) in self._subs.items() if paho.topic_matches_sub(f, msg.topic)]
+        for deliver in targets:
+            try:
+                deliver(msg)
+            except Exception:  # a handler bug must not kill the network thread
+                log.exception("handler failed", topic=msg.topic, client=self.client_id)
+
+
+def _no_delay(client: paho.Client, userdata: Any, sock: socket.socket) -> None:
+    # paho leaves Nagle on: a small activation would wait up to 40 ms for a delayed ACK.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (unix, websockets)
+        pass
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> None:
+    """Poll ``predicate`` until true; MqttTimeout naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise MqttTimeout(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(interval)
+
+
+__all__ = ["BrokerUrl", "MqttClient", "MqttError", "MqttTimeout", "Will", "TopicError", "decoder_for", "wait_for"]
