@@ -22,6 +22,7 @@ COMMANDS = (
     "hub",
     "node",
     "generate",
+    "demo",
     "bench",
 )
 

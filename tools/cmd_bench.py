@@ -11,7 +11,7 @@ import argparse
 import importlib
 
 NAME = "bench"
-HELP = "measure speed: " + ", ".join(BENCHES := ("codec", "local"))
+HELP = "measure speed: " + ", ".join(BENCHES := ("codec", "local", "pipeline", "transport"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
