@@ -48,6 +48,7 @@ class BlobCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._client, self._cluster, self._node = client, cluster, node
         self._chunk_bytes, self._timeout = chunk_bytes, timeout
+        self._lock = threading.Lock()  # one fetch at a time: a load and a prefetch share the cache
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256
@@ -65,8 +66,9 @@ class BlobCache:
 
     def ensure(self, sha256: str, *, progress: Callable[[int, int], None] | None = None) -> Path:
         """The verified local path of blob ``sha256``, fetched over MQTT if missing."""
-        if not self.has(sha256):
-            self._fetch(sha256, progress)
+        with self._lock:
+            if not self.has(sha256):
+                self._fetch(sha256, progress)
         return self.path(sha256)
 
     def _fetch(self, sha256: str, progress: Callable[[int, int], None] | None) -> None:
@@ -74,7 +76,7 @@ class BlobCache:
         inbox: queue.Queue[tuple[BlobChunk, bytes]] = queue.Queue(maxsize=4)
         filter_ = topics.BLOB_CHUNK.build(self._cluster, sha256=sha256, node=self._node)
         self._client.subscribe(topics.BLOB_CHUNK, filter_, lambda _t, value, _r: inbox.put(
-            (value[0], bytes(value[1])), timeout=self._timeout))
+            (value[0], bytes(value[1])), timeout=self._timeout), wait=self._timeout)
         try:
             with part.open("ab") as out:
                 offset = out.tell()  # resume an interrupted fetch

@@ -27,12 +27,14 @@ import structlog
 from linguamq import topics
 from linguamq.node import system
 from linguamq.node.blobs import BlobCache, BlobError
+from linguamq.node.clock import ClockResponder
 from linguamq.node.errors import NodeError
 from linguamq.node.kvcache import KVCache
+from linguamq.node.profile import make_profile, probe_compute, probe_link, probe_runtime
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
 from linguamq.schemas import envelope
-from linguamq.schemas.cluster import Assignment, NodeStatus, PieceTiming, Segment, Telemetry
+from linguamq.schemas.cluster import Assignment, NodeControl, NodeStatus, PieceTiming, Profile, Segment, Telemetry
 from linguamq.schemas.envelope import ActHeader, Hop
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.topics.client import MqttClient, MqttError, Will
@@ -79,6 +81,8 @@ class NodeDaemon:
         self._pending: Assignment | None = None  # arrived before its manifest
         self.epoch = 0
         self._stages: dict[int, _Stage] = {}  # first piece -> stage
+        self.profile: Profile | None = None  # measured when the manifest arrives
+        self.slowdown = settings.slowdown  # changeable at run time (NodeControl)
         self._state = "online"
         self._timings: dict[int, PieceTiming] = {}
         self._rejected = 0
@@ -95,6 +99,9 @@ class NodeDaemon:
                                on_reject=self._reject)
         self._client.subscribe(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(self._cluster, node=self.name),
                                self._on_assignment, on_reject=self._reject)
+        self._client.subscribe(topics.NODE_CONTROL, topics.NODE_CONTROL.build(self._cluster, node=self.name),
+                               self._on_control, on_reject=self._reject)
+        ClockResponder(client=self._client, cluster=self._cluster, node=self.name).start()  # for `linguamq trace`
         for target, name in ((self._work_loop, "worker"), (self._telemetry_loop, "telemetry")):
             thread = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             thread.start()
@@ -117,6 +124,11 @@ class NodeDaemon:
 
     def _on_manifest(self, topic: str, manifest: ModelManifest, retained: bool) -> None:
         self._enqueue(("manifest", manifest), ref=None)
+
+    def _on_control(self, topic: str, control: NodeControl, retained: bool) -> None:
+        if control.slowdown is not None:
+            self._log.info("slowdown changed", slowdown=control.slowdown, was=self.slowdown)
+            self.slowdown = control.slowdown
 
     def _on_assignment(self, topic: str, assignment: Assignment, retained: bool) -> None:
         self._enqueue(("assign", assignment), ref=None)
@@ -160,6 +172,7 @@ class NodeDaemon:
     def _apply_manifest(self, manifest: ModelManifest) -> None:
         self._manifest = manifest
         self._manifest_sha = hashlib.sha256(manifest.to_json()).hexdigest()
+        self._measure()
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._apply_assignment(pending)
@@ -186,6 +199,52 @@ class NodeDaemon:
         self._publish_status("ready" if stages else "online")
         self._log.info("assignment applied", epoch=self.epoch,
                        segments=[f"{s.segment.first}-{s.segment.last}" for s in stages.values()])
+        if assignment.prefetch:
+            threading.Thread(target=self._prefetch, args=(assignment.prefetch,), name=f"{self.name}-prefetch",
+                             daemon=True).start()
+
+    def _prefetch(self, pieces: tuple[int, ...]) -> None:
+        """Download (not load) boundary pieces so that moving a boundary needs no transfer."""
+        manifest = self._manifest
+        try:
+            for index in pieces:
+                self._blobs.ensure(manifest.pieces[index].sha256)
+        except (BlobError, OSError, IndexError) as exc:
+            self._log.warning("prefetch failed", error=str(exc))
+
+    def _measure(self) -> None:
+        """Profile compute on the first layer piece and the link to the broker (once)."""
+        if self.profile is not None:
+            return
+        manifest = self._manifest
+        assert manifest is not None
+        try:
+            model_dir = self._materialize([p for p in manifest.pieces if p.kind == "layer"][:1])
+            compute = probe_compute(probe_runtime(manifest, model_dir, self._runtime_settings()), self.slowdown)
+            link = probe_link(self._client, self._cluster, self.name)
+        except (BlobError, NodeError, OSError, MqttError) as exc:
+            return self._report("internal", f"cannot profile this node: {exc}")
+        self.profile = make_profile(compute, link, self._budget_mb())
+        self._log.info("profiled", ms_per_gflop=round(compute[0], 2), rtt_ms=round(link[0], 2),
+                       mbps=round(link[1]), mem_budget_mb=round(self.profile.mem_budget_mb))
+        self._publish_status(self._state)
+
+    def _budget_mb(self) -> float:
+        return self.settings.mem_budget_mb or system.sample().free_mem_mb
+
+    def _runtime_settings(self) -> RuntimeSettings:
+        return RuntimeSettings(intra_op_threads=self.settings.threads, allow_spinning=self.settings.spin)
+
+    def _materialize(self, pieces: list) -> Path:
+        """The manifest's directory layout in the cache: each piece's file links to its verified blob."""
+        model_dir = self.settings.cache_dir / "models" / self._manifest_sha[:16]
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for piece in pieces:
+            blob = self._blobs.ensure(piece.sha256)
+            link = model_dir / piece.file
+            link.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(blob, model_dir), link)
+        return model_dir
 
     def _load(self, assignment: Assignment) -> dict[int, _Stage]:
         manifest = self._manifest
@@ -194,16 +253,10 @@ class NodeDaemon:
         if self.settings.mem_budget_mb and sum(p.bytes for p in needed) / 2**20 > self.settings.mem_budget_mb:
             raise NodeError(f"pieces need {sum(p.bytes for p in needed) / 2**20:.0f} MB, "
                             f"budget is {self.settings.mem_budget_mb:.0f} MB")
-        model_dir = self.settings.cache_dir / "models" / self._manifest_sha[:16]
-        model_dir.mkdir(parents=True, exist_ok=True)
-        for piece in needed:
-            blob = self._blobs.ensure(piece.sha256)
-            link = model_dir / piece.file
-            link.unlink(missing_ok=True)
-            os.symlink(os.path.relpath(blob, model_dir), link)
-        settings = RuntimeSettings(intra_op_threads=self.settings.threads, allow_spinning=self.settings.spin)
+        model_dir = self._materialize(needed)
         return {seg.first: _Stage(seg, SegmentRuntime(manifest=manifest, artifact_dir=model_dir, first=seg.first,
-                                                       last=seg.last, settings=settings, cache=self._kv))
+                                                       last=seg.last, settings=self._runtime_settings(),
+                                                       cache=self._kv))
                 for seg in assignment.segments}
 
     def _run_act(self, topic: str, header: ActHeader, array: np.ndarray, t_recv: float) -> None:
@@ -272,8 +325,8 @@ class NodeDaemon:
                                  envelope.encode(end, np.zeros(header.shape, dtype=envelope.WIRE_DTYPES[header.dtype])))
 
     def _emulate_slowdown(self, compute_s: float) -> None:
-        if self.settings.slowdown > 1.0:
-            time.sleep(compute_s * (self.settings.slowdown - 1.0))
+        if self.slowdown > 1.0:
+            time.sleep(compute_s * (self.slowdown - 1.0))
 
     def _record(self, stage: _Stage, ms: float) -> None:
         # One EWMA per segment, reported under its first piece.
@@ -288,7 +341,7 @@ class NodeDaemon:
         self._state = state
         status = NodeStatus(node=self.name, state=state, ts=time.time(), version=VERSION,
                             platform=system.platform_name(), threads=self.settings.threads,
-                            mem_budget_mb=self.settings.mem_budget_mb, epoch=self.epoch)
+                            mem_budget_mb=self.settings.mem_budget_mb, epoch=self.epoch, profile=self.profile)
         self._client.publish(topics.NODE_STATUS, topics.NODE_STATUS.build(self._cluster, node=self.name), status,
                              wait=wait)
 
@@ -301,7 +354,7 @@ class NodeDaemon:
                                sessions=len(self._kv.sessions()), kv_bytes=self._kv.nbytes(),
                                free_mem_mb=sample_.free_mem_mb, rss_mb=sample_.rss_mb,
                                battery_pct=sample_.battery_pct, thermal_c=sample_.thermal_c,
-                               rejected=self._rejected, slowdown=self.settings.slowdown)
+                               rejected=self._rejected, slowdown=self.slowdown, profile=self.profile)
             try:
                 self._client.publish(topics.NODE_TELEMETRY,
                                      topics.NODE_TELEMETRY.build(self._cluster, node=self.name), report)

@@ -2,7 +2,8 @@
 
 ``Placement`` is the interface the planner fills: given the manifest and the nodes that
 can take part, return the stages in pipeline order. ``even_split`` is LinguaLinked's
-baseline: pieces divided evenly, in order, across the nodes online.
+baseline: pieces divided evenly, in order, across the nodes online. ``planned(...)`` is
+the planner's: it solves the placement MILP (milp.py) on the nodes' measured profiles.
 """
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from linguamq.schemas.cluster import Assignment, Plan, Segment, Stage
+from linguamq.planner.cost import CostSettings, Device, Objective, Problem, pieces_of
+from linguamq.planner.errors import PlannerError
+from linguamq.planner.milp import DEFAULT_TIME_LIMIT_S, solve
+from linguamq.schemas.cluster import Assignment, Plan, Profile, Segment, Stage
 from linguamq.schemas.manifest import ModelManifest
+
+# What ``planned`` assumes of a node that has reported no profile: a mid-range phone on Wi-Fi.
+UNKNOWN_PROFILE = Profile(ms_per_gflop_decode=20.0, ms_per_gflop_prefill=7.0, mem_budget_mb=0.0, rtt_ms=10.0,
+                          uplink_mbps=50.0, downlink_mbps=100.0)
 
 
 class PlacementError(ValueError):
@@ -24,6 +32,7 @@ class Candidate:
 
     name: str
     mem_budget_mb: float = 0.0  # 0: unknown / unlimited
+    profile: Profile | None = None  # measured (telemetry); None: UNKNOWN_PROFILE for ``planned``
 
 
 Placement = Callable[[ModelManifest, Sequence[Candidate], int], Plan]
@@ -49,11 +58,42 @@ def even_split(manifest: ModelManifest, nodes: Sequence[Candidate], epoch: int) 
                 bottleneck="", reason=reason)
 
 
+def planned(objective: Objective = "latency", *, settings: CostSettings | None = None,
+            time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> Placement:
+    """A Placement that solves the MILP; ``settings`` default: the manifest's max_context, 1 session."""
+
+    def place(manifest: ModelManifest, nodes: Sequence[Candidate], epoch: int) -> Plan:
+        chosen = settings or CostSettings(max_context=manifest.max_context)
+        problem = Problem(pieces=pieces_of(manifest), devices=tuple(device_of(n) for n in nodes), settings=chosen)
+        try:
+            return solve(problem, objective, time_limit_s=time_limit_s, epoch=epoch)
+        except PlannerError as exc:
+            raise PlacementError(str(exc)) from exc
+
+    return place
+
+
+def device_of(node: Candidate) -> Device:
+    """The node as the cost model sees it; a budget in its status overrides its profile's."""
+    profile = node.profile or UNKNOWN_PROFILE
+    if node.mem_budget_mb:
+        profile = dataclasses.replace(profile, mem_budget_mb=node.mem_budget_mb)
+    return Device(name=node.name, profile=profile)
+
+
 def assignments(plan: Plan, manifest_sha256: str, nodes: Sequence[str] = ()) -> dict[str, Assignment]:
     """Each node's Assignment for ``plan``; nodes in ``nodes`` but not in the plan get none."""
     segments: dict[str, list[Segment]] = {name: [] for name in nodes}
     for i, stage in enumerate(plan.stages):
         next_piece = plan.stages[i + 1].first if i + 1 < len(plan.stages) else None
         segments.setdefault(stage.node, []).append(Segment(first=stage.first, last=stage.last, next_piece=next_piece))
-    return {name: Assignment(node=name, epoch=plan.epoch, manifest_sha256=manifest_sha256, segments=tuple(segs))
-            for name, segs in segments.items()}
+    last = plan.stages[-1].last if plan.stages else 0
+    return {name: Assignment(node=name, epoch=plan.epoch, manifest_sha256=manifest_sha256, segments=tuple(segs),
+                             prefetch=_boundaries(segs, last)) for name, segs in segments.items()}
+
+
+def _boundaries(segments: list[Segment], last: int) -> tuple[int, ...]:
+    """The pieces just outside a node's segments: a boundary move then needs no transfer."""
+    held = {p for s in segments for p in range(s.first, s.last + 1)}
+    around = {p for s in segments for p in (s.first - 1, s.last + 1) if 0 <= p <= last}
+    return tuple(sorted(around - held))

@@ -1,36 +1,66 @@
-"""The live planner: watches node status, publishes the retained plan and assignments.
+"""The live planner: follows node status and telemetry, publishes retained plans.
 
-A new epoch is published only when the set of nodes that can take part changes (join,
-leave, will message); state changes of the same nodes (loading -> ready) do not replan.
-Changes are debounced for ``settle_s`` so that nodes starting together get one plan.
+A new epoch is published when
+- the set of nodes that can take part changes (join, leave, will message): always,
+  after the set has been stable for ``settle_s`` (nodes starting together get one plan);
+- a node drifts: its measured stage time stays beyond ``drift_ratio`` of the prediction
+  for ``drift_reports`` telemetry reports in a row; its profile is corrected by the
+  measured ratio and the plan re-solved, but the new plan is adopted only if it is
+  predicted ``hysteresis`` faster than the current one under the corrected profiles
+  (moving weights is not free; a steady cluster publishes no new epoch).
+State changes of the same nodes (loading -> ready) never replan. Every few seconds the
+retained plan is re-published under the same epoch with measured figures beside the
+predicted ones, so `linguamq plan` and tracers can show how good the prediction is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import structlog
 
 from linguamq import topics
-from linguamq.planner.placement import Candidate, Placement, PlacementError, assignments, even_split
-from linguamq.schemas.cluster import NodeStatus, Plan
+from linguamq.planner import cost
+from linguamq.planner.placement import Candidate, PlacementError, assignments, device_of, even_split, planned
+from linguamq.schemas.cluster import NodeStatus, Plan, Profile, Stage, Telemetry
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.topics.client import MqttClient
 
 log = structlog.get_logger()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlannerSettings:
+    objective: str = "latency"  # "latency", "throughput", or "even" (LinguaLinked's baseline)
+    max_sessions: int = 1  # KV memory reserved per node, and sessions in flight (throughput)
+    settle_s: float = 1.0
+    min_nodes: int = 1  # the first plan waits for this many nodes
+    profile_wait_s: float = 15.0  # a new node without a profile is waited for this long
+    drift_ratio: float = 1.3
+    drift_reports: int = 3
+    hysteresis: float = 0.10
+    explain_s: float = 5.0
+    time_limit_s: float = 5.0
+
+
 class PlannerService:
     def __init__(self, *, client: MqttClient, cluster: str, manifest: ModelManifest, manifest_sha256: str,
-                 placement: Placement = even_split, settle_s: float = 1.0, min_nodes: int = 1) -> None:
-        """``min_nodes``: how many nodes the first plan waits for (later plans follow the nodes)."""
-        self._client, self._cluster = client, cluster
+                 settings: PlannerSettings = PlannerSettings()) -> None:
+        self._client, self._cluster, self.settings = client, cluster, settings
         self._manifest, self._manifest_sha = manifest, manifest_sha256
-        self._placement, self._settle_s, self._min_nodes = placement, settle_s, min_nodes
-        self._status: dict[str, NodeStatus] = {}
+        self._costs = cost.CostSettings(max_context=manifest.max_context, max_sessions=settings.max_sessions)
+        self._placement = (even_split if settings.objective == "even" else
+                           planned(settings.objective, settings=self._costs, time_limit_s=settings.time_limit_s))
         self._lock = threading.Lock()
+        self._status: dict[str, NodeStatus] = {}
+        self._joined: dict[str, float] = {}
+        self._scale: dict[str, float] = {}  # measured / profiled compute, per node
+        self._drift: dict[str, int] = {}  # consecutive drifting reports
+        self._measured: dict[str, float] = {}  # stage compute ms (EWMA) per node
         self._changed_at: float | None = None
+        self._drift_due = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.plan: Plan | None = None
@@ -38,8 +68,10 @@ class PlannerService:
         self._last_epoch = 0
 
     def start(self) -> None:
-        self._client.subscribe(topics.PLAN, topics.PLAN.build(self._cluster), self._on_plan)
-        self._client.subscribe(topics.NODE_STATUS, topics.NODE_STATUS.filter(self._cluster), self._on_status)
+        c, cl = self._client, self._cluster
+        c.subscribe(topics.PLAN, topics.PLAN.build(cl), self._on_plan)
+        c.subscribe(topics.NODE_STATUS, topics.NODE_STATUS.filter(cl), self._on_status)
+        c.subscribe(topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter(cl), self._on_telemetry)
         self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
         self._thread.start()
 
@@ -61,48 +93,173 @@ class PlannerService:
                                              code="bad_payload", message=f"status names node {status.node!r}")
         with self._lock:
             before = self._members()
+            if status.state == "offline":
+                self._joined.pop(node, None)
+            else:
+                self._joined.setdefault(node, time.monotonic())
             self._status[node] = status
-            if self._members() != before:
+            if self._members() != before or (status.profile and node in self._members() - self._planned_for):
                 self._changed_at = time.monotonic()
+
+    def _on_telemetry(self, topic: str, report: Telemetry, retained: bool) -> None:
+        with self._lock:
+            stage = self._stage_of(report.node)
+            if stage is None or report.epoch != (self.plan.epoch if self.plan else -1):
+                return
+            timing = next((t for t in report.pieces if t.piece == stage.first), None)
+            if timing is None or timing.runs < 3:
+                return
+            self._measured[report.node] = timing.ms_ewma
+            if self.settings.objective == "even":
+                return
+            ratio = timing.ms_ewma / max(self._predicted_compute(stage), 1e-6)
+            drifting = ratio > self.settings.drift_ratio or ratio < 1 / self.settings.drift_ratio
+            self._drift[report.node] = self._drift.get(report.node, 0) + 1 if drifting else 0
+            if self._drift[report.node] >= self.settings.drift_reports:
+                self._scale[report.node] = self._scale.get(report.node, 1.0) * ratio
+                self._drift[report.node] = 0
+                self._drift_due = True
+                log.info("node drifted", node=report.node, measured_over_predicted=round(ratio, 2))
 
     def _members(self) -> frozenset[str]:
         return frozenset(n for n, s in self._status.items() if s.state != "offline")
 
+    def _stage_of(self, node: str) -> Stage | None:
+        return next((s for s in self.plan.stages if s.node == node), None) if self.plan else None
+
+    # --- cost views ------------------------------------------------------------------
+
+    def _candidate(self, node: str) -> Candidate:
+        status = self._status[node]
+        profile = status.profile
+        if profile is not None and self._scale.get(node, 1.0) != 1.0:
+            k = self._scale[node]
+            profile = dataclasses.replace(profile, ms_per_gflop_decode=profile.ms_per_gflop_decode * k,
+                                          ms_per_gflop_prefill=profile.ms_per_gflop_prefill * k)
+        return Candidate(name=node, mem_budget_mb=status.mem_budget_mb, profile=profile)
+
+    def _problem(self, nodes) -> cost.Problem:
+        return cost.Problem(pieces=cost.pieces_of(self._manifest), devices=tuple(device_of(self._candidate(n))
+                                                                                  for n in nodes),
+                            settings=self._costs)
+
+    def _predicted_compute(self, stage: Stage) -> float:
+        problem = self._problem([stage.node])
+        return cost.compute_ms(problem, problem.devices[0], stage.first, stage.last)
+
+    def _value(self, plan: Plan) -> float:
+        """``plan``'s objective under the current (corrected) profiles."""
+        problem = self._problem([s.node for s in plan.stages])
+        times = [cost.stage_ms(problem, d, s.first, s.last) for d, s in zip(problem.devices, plan.stages)]
+        return cost.objective_value(self.settings.objective, times, self._costs.max_sessions)
+
     # --- replanning (own thread) -----------------------------------------------------
 
     def _run(self) -> None:
+        last_explained = time.monotonic()
         while not self._stop.wait(0.05):
             with self._lock:
-                due = self._changed_at is not None and time.monotonic() - self._changed_at >= self._settle_s
-                if due:
-                    self._changed_at = None
-                    members = {n: self._status[n] for n in self._members()}
+                members = self._members()
+                due = self._changed_at is not None and time.monotonic() - self._changed_at >= self.settings.settle_s
+                drift, self._drift_due = self._drift_due, False
             if due:
-                self._replan(members)
+                self._on_members(members)
+            elif drift:
+                self._on_drift(members)
+            if time.monotonic() - last_explained >= self.settings.explain_s:
+                last_explained = time.monotonic()
+                self._explain()
 
-    def _replan(self, members: dict[str, NodeStatus]) -> None:
-        if self.plan is None and len(members) < self._min_nodes:  # only the first plan waits
-            log.info("waiting for nodes", online=len(members), needed=self._min_nodes)
-            return
-        if frozenset(members) == self._planned_for:
+    def _on_members(self, members: frozenset[str]) -> None:
+        with self._lock:
+            if self.plan is None and len(members) < self.settings.min_nodes:  # only the first plan waits
+                self._changed_at = None
+                return log.info("waiting for nodes", online=len(members), needed=self.settings.min_nodes)
+            waiting = [n for n in members if self._status[n].profile is None
+                       and time.monotonic() - self._joined.get(n, 0) < self.settings.profile_wait_s]
+            if waiting and self.settings.objective != "even":
+                self._changed_at = time.monotonic()  # look again once they have measured themselves
+                return
+            self._changed_at = None
+            if members == self._planned_for:
+                return
+            reason = _membership_reason(self._planned_for, members)
+        self._solve_and_publish(members, reason)
+
+    def _on_drift(self, members: frozenset[str]) -> None:
+        current = self.plan
+        if current is None:
             return
         with self._lock:
-            epoch = self._last_epoch = self._last_epoch + 1
-        candidates = [Candidate(name=n, mem_budget_mb=s.mem_budget_mb) for n, s in members.items()]
+            before = self._value(current)
+        proposal = self._solve(members)
+        if proposal is None:
+            return
+        if proposal.predicted_ms_per_token < before * (1 - self.settings.hysteresis):
+            self._publish(proposal, members, f"drift: current plan now predicted {before:.1f} ms/token")
+        else:
+            log.info("drift absorbed, plan kept", current_ms=round(before, 2),
+                     best_ms=round(proposal.predicted_ms_per_token, 2))
+
+    def _solve_and_publish(self, members: frozenset[str], reason: str) -> None:
+        plan = self._solve(members)
+        if plan is not None:
+            self._publish(plan, members, reason)
+
+    def _solve(self, members: frozenset[str]) -> Plan | None:
+        with self._lock:
+            candidates = [self._candidate(n) for n in sorted(members)]
+            epoch = self._last_epoch + 1
         try:
-            plan = self._placement(self._manifest, candidates, epoch)
+            return self._placement(self._manifest, candidates, epoch)
         except PlacementError as exc:
             log.error("no placement", error=str(exc))
-            return
-        self._publish(plan, members)
+            return None
 
-    def _publish(self, plan: Plan, members: dict[str, NodeStatus]) -> None:
-        everyone = set(members) | self._planned_for  # nodes that left get an empty assignment
+    def _publish(self, plan: Plan, members: frozenset[str], reason: str) -> None:
+        plan = dataclasses.replace(plan, reason=f"{reason}; {plan.reason}" if plan.reason else reason)
+        with self._lock:
+            self._last_epoch = max(self._last_epoch, plan.epoch)
+            everyone = set(members) | self._planned_for  # nodes that left get an empty assignment
+            self._measured.clear()
+            self._drift.clear()
         for node, assignment in assignments(plan, self._manifest_sha, sorted(everyone)).items():
             self._client.publish(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(self._cluster, node=node),
                                  assignment, wait=5.0)
         self._client.publish(topics.PLAN, topics.PLAN.build(self._cluster), plan, wait=5.0)
-        self._planned_for = frozenset(members)
-        self.plan = plan
+        with self._lock:
+            self._planned_for, self.plan = frozenset(members), plan
         log.info("plan published", epoch=plan.epoch, reason=plan.reason,
+                 predicted_ms=round(plan.predicted_ms_per_token, 3),
                  stages=[f"{s.node}:{s.first}-{s.last}" for s in plan.stages])
+
+    def _explain(self) -> None:
+        """Re-publish the current plan (same epoch) with the measured stage times."""
+        with self._lock:
+            plan = self.plan
+            if plan is None or not self._measured:
+                return
+            stages = tuple(dataclasses.replace(s, measured_ms=self._measured[s.node] + max(
+                s.predicted_ms - self._predicted_compute(s), 0.0)) if s.node in self._measured else s
+                for s in plan.stages)
+            if all(s.measured_ms is not None for s in stages):
+                times = [s.measured_ms for s in stages]
+                measured = cost.objective_value(
+                    "latency" if self.settings.objective == "even" else self.settings.objective, times,
+                    self._costs.max_sessions)
+            else:
+                measured = None
+            explained = dataclasses.replace(plan, stages=stages, measured_ms_per_token=measured)
+            if explained == plan:
+                return
+            self.plan = explained
+        self._client.publish(topics.PLAN, topics.PLAN.build(self._cluster), explained)
+
+
+def _membership_reason(before: frozenset[str], now: frozenset[str]) -> str:
+    joined, left = sorted(now - before), sorted(before - now)
+    parts = ([f"joined: {', '.join(joined)}"] if joined else []) + ([f"left: {', '.join(left)}"] if left else [])
+    return "; ".join(parts) or "first plan"
+
+
+__all__ = ["PlannerService", "PlannerSettings", "Profile"]

@@ -11,6 +11,28 @@ NodeState = Literal["online", "loading", "ready", "draining", "offline"]
 
 
 @struct
+class NodeControl(Message):
+    """Sent on `nodes/{node}/control` to change a running node (experiments, operators)."""
+
+    TYPE = "node_control"
+
+    node: str = spec(pattern=ID_PATTERN)
+    slowdown: float | None = spec(ge=1, le=1000, default=None, doc="behave like a device this much slower")
+
+
+@struct
+class Profile(Struct):
+    """A node's measured capability, as the planner's cost model consumes it."""
+
+    ms_per_gflop_decode: float = spec(gt=0)
+    ms_per_gflop_prefill: float = spec(gt=0)
+    mem_budget_mb: float = spec(ge=0)
+    rtt_ms: float = spec(ge=0)
+    uplink_mbps: float = spec(gt=0)
+    downlink_mbps: float = spec(gt=0)
+
+
+@struct
 class NodeStatus(Message):
     """Retained on `nodes/{node}/status`; the node's will publishes state "offline"."""
 
@@ -24,18 +46,7 @@ class NodeStatus(Message):
     threads: int = spec(ge=0, le=1024, default=0)
     mem_budget_mb: float = spec(ge=0, default=0.0)
     epoch: int = spec(ge=0, default=0, doc="the last assignment epoch the node applied")
-
-
-@struct
-class Profile(Struct):
-    """A node's measured capability, as the planner's cost model consumes it."""
-
-    ms_per_gflop_decode: float = spec(gt=0)
-    ms_per_gflop_prefill: float = spec(gt=0)
-    mem_budget_mb: float = spec(ge=0)
-    rtt_ms: float = spec(ge=0)
-    uplink_mbps: float = spec(gt=0)
-    downlink_mbps: float = spec(gt=0)
+    profile: Profile | None = spec(default=None, doc="measured once the manifest is known")
 
 
 @struct
@@ -127,3 +138,32 @@ class Plan(Message):
     solve_s: float = spec(ge=0, default=0.0)
     optimal: bool = True
     gap: float = spec(ge=0, default=0.0)
+
+
+@struct
+class ClockPing(Message):
+    """On `nodes/{node}/ping`: a tracer asks a node for its clock (NTP-like exchange).
+
+    The node answers on `clock/{client}` with a ClockPong echoing ``seq`` and ``t0``."""
+
+    TYPE = "clock_ping"
+
+    client: str = spec(pattern=ID_PATTERN, doc="who asks: the answer goes to clock/{client}")
+    seq: int = spec(ge=0)
+    t0: float = spec(ge=0, doc="asker's wall clock when sent, seconds")
+
+
+@struct
+class ClockPong(Message):
+    """On `clock/{client}`: a node's answer to a ClockPing, in the node's wall clock.
+
+    With t3 the asker's receive time: offset = ((t1 - t0) + (t2 - t3)) / 2 (node minus
+    asker), rtt = (t3 - t0) - (t2 - t1); the sample with the least rtt is the best."""
+
+    TYPE = "clock_pong"
+
+    node: str = spec(pattern=ID_PATTERN)
+    seq: int = spec(ge=0)
+    t0: float = spec(ge=0, doc="echoed from the ping")
+    t1: float = spec(ge=0, doc="node's wall clock when the ping arrived")
+    t2: float = spec(ge=0, doc="node's wall clock when the answer left")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from linguamq.schemas.blobs import BlobChunk, BlobRequest
 from linguamq.schemas.cluster import (
-    Assignment, LeftOut, NodeStatus, PieceTiming, Plan, Profile, Segment, Stage, Telemetry,
+    Assignment, ClockPing, ClockPong, LeftOut, NodeControl, NodeStatus, PieceTiming, Plan, Profile, Segment, Stage,
+    Telemetry,
 )
 from linguamq.schemas.manifest import ModelManifest, PieceSpec, TensorSpec
 from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, Sampling, TokenEvent
@@ -55,6 +56,9 @@ EXAMPLES: dict[type[Message], Message] = {m.__class__: m for m in (
                    stop_reason="max_tokens"),
     ErrorReport(reporter="phone-1", topic="requests", code="bad_payload",
                 message="max_tokens: 0 is below the minimum 1", ref="r1", ts=1_700_000_002.0),
+    NodeControl(node="phone-1", slowdown=3.0),
     BlobRequest(node="phone-1", sha256=SHA, offset=0, length=1 << 20),
     BlobChunk(sha256=SHA, offset=0, total=4096, chunk_sha256=SHA),
+    ClockPing(client="tracer-1", seq=3, t0=1_700_000_003.0),
+    ClockPong(node="phone-1", seq=3, t0=1_700_000_003.0, t1=1_700_000_003.25, t2=1_700_000_003.2504),
 )}

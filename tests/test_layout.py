@@ -97,3 +97,14 @@ print(json.dumps({{"modules": modules, "loaded": loaded, "installed": installed}
     assert report["modules"], "linguamq.node has no modules to import"
     assert report["loaded"] == [], f"importing the node loaded {report['loaded']}"
     assert report["installed"] == [], f"the node-only environment should not even have {report['installed']}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["node", "--help"], ["generate", "--help"], ["sub", "--help"]])
+def test_node_commands_run_in_the_node_only_environment(argv: list[str]) -> None:
+    assert NODE_VENV_PYTHON.exists(), "run `make setup`: it builds .venv-node with only the `node` extra"
+    out = subprocess.run([str(NODE_VENV_PYTHON), "-m", "linguamq.tools.cli", *argv], capture_output=True,
+                         text=True, timeout=120)
+    assert "Traceback" not in out.stderr, out.stderr
+    # mosquitto_sub's --help exits 1, as mosquitto's does; argparse's exits 0.
+    assert out.returncode == (1 if argv[0] == "sub" else 0), out.stderr
+    assert "usage" in (out.stdout + out.stderr).lower()

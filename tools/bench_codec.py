@@ -22,8 +22,6 @@ import numpy as np
 from linguamq.schemas import envelope
 from linguamq.schemas.envelope import ActHeader, Hop
 
-NAME = "codec"
-HELP = "activation envelope encode/decode throughput (4 KiB and 4 MiB float32)"
 
 # (label, shape): (1, seq, hidden) float32 activations
 SIZES = (("4KiB", (1, 1, 1024)), ("4MiB", (1, 256, 4096)))
@@ -43,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results = [measure(op, label, shape, args) for label, shape in SIZES for op in ("encode", "decode", "forward")]
-    report = {"bench": NAME, "python": platform.python_version(), "numpy": np.__version__,
+    report = {"bench": "codec", "python": platform.python_version(), "numpy": np.__version__,
               "machine": platform.machine(), "hops": args.hops, "samples": args.samples, "results": results}
     print(json.dumps(report) if args.json else table(report))
     return 0

@@ -26,8 +26,6 @@ from typing import Any
 
 import numpy as np
 
-NAME = "local"
-HELP = "run-local vs transformers generate: TTFT, decode ms/token, peak RSS (~100M Llama)"
 SPEEDUP_TARGET = 1.5
 RSS_FACTOR, RSS_SLACK_MB = 1.3, 200
 CHILD = "from linguamq.tools.bench_local import child_main; child_main()"

@@ -3,11 +3,16 @@
 Same model, same thread count per process, alternating repetitions so noise on this
 shared machine hits both sides alike; medians and their ratio. The model (a ~100M
 llama made by `linguamq tiny`) is built once into --workdir and reused.
+
+``--trace FILE.jsonl`` records a trace (`linguamq trace`) during the distributed runs;
+``--compare-trace`` measures what recording costs instead: distributed runs with and
+without a recording tracer, alternating, medians and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -19,10 +24,9 @@ from linguamq.schemas.requests import GenerateRequest
 from linguamq.tools.cluster import LocalCluster, NodeSpec
 from linguamq.tools.local import generate_local, open_local
 from linguamq.tools.remote import generate_remote, new_request_id
+from linguamq.tools.trace import record_during
 from linguamq.topics.client import MqttClient
 
-NAME = "pipeline"
-HELP = "decode ms/token of local node processes vs run-local (~100M model)"
 PROMPT = "The distributed pipeline carries activations between small devices over MQTT topics. "
 
 
@@ -36,12 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="ORT threads per node and for run-local (default 1)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--trace", type=Path, help="record a trace of the distributed runs to this JSONL file")
+    parser.add_argument("--compare-trace", action="store_true",
+                        help="distributed runs with vs without a recording tracer, alternating (no run-local)")
 
 
 def run(args: argparse.Namespace) -> int:
     art = bench_model(args.workdir, layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab)
-    report = measure(args, art)
-    print(json.dumps(report, indent=2) if args.json else table(report))
+    report = compare_trace(args, art) if args.compare_trace else measure(args, art)
+    print(json.dumps(report, indent=2) if args.json else (trace_table if args.compare_trace else table)(report))
     return 0
 
 
@@ -62,9 +69,13 @@ def measure(args: argparse.Namespace, art: Path) -> dict[str, Any]:
     prompt_ids = local.tokenizer.encode(PROMPT).ids
     nodes = [NodeSpec(f"n{i + 1}", threads=args.threads) for i in range(args.nodes)]
     rows: dict[str, list[tuple[float, float]]] = {"local": [], "distributed": []}
-    with LocalCluster(artifacts=art, nodes=nodes, workdir=args.workdir / "pipeline-run", cluster="bench") as cluster, \
-            MqttClient(url=cluster.url, client_id="bench-pipeline") as client:
-        plan = cluster.wait_ready(client, timeout=180)
+    # Even split: the bench measures what distribution costs, so every node takes part.
+    with LocalCluster(artifacts=art, nodes=nodes, workdir=args.workdir / "pipeline-run", cluster="bench",
+                      objective="even") as cluster, \
+            MqttClient(url=cluster.url, client_id="bench-pipeline") as client, contextlib.ExitStack() as tracing:
+        plan = cluster.wait_ready(client, nodes=args.nodes, timeout=180)
+        if args.trace:
+            tracing.enter_context(record_during(cluster.url, cluster.cluster, args.trace))
         for rep in range(args.reps + 1):  # rep 0 warms both sides up
             res = generate_local(local.runtime, prompt_ids=prompt_ids, max_tokens=args.new_tokens)
             remote = generate_remote(client, cluster.cluster, GenerateRequest(
@@ -95,3 +106,47 @@ def table(r: dict[str, Any]) -> str:
         f"  distributed  : ttft {r['distributed']['ttft_ms']:8.1f} ms   decode "
         f"{r['distributed']['ms_per_token']:7.2f} ms/token",
         f"  distributed / local = {r['ratio_distributed_over_local']:.3f} (target <= {r['target_ratio']})"])
+
+
+def compare_trace(args: argparse.Namespace, art: Path) -> dict[str, Any]:
+    """Decode ms/token (the head's figure) with a recording tracer on and off, alternating
+    which goes first; each traced run starts its own tracer, appending to one record."""
+    nodes = [NodeSpec(f"n{i + 1}", threads=args.threads) for i in range(args.nodes)]
+    record = args.trace or args.workdir / "trace-compare.jsonl"
+    record.unlink(missing_ok=True)
+    rows: dict[str, list[float]] = {"untraced": [], "traced": []}
+    paired: list[float] = []  # traced / untraced within a rep: the two runs are seconds apart
+    with LocalCluster(artifacts=art, nodes=nodes, workdir=args.workdir / "pipeline-run", cluster="bench",
+                      objective="even") as cluster, \
+            MqttClient(url=cluster.url, client_id="bench-pipeline") as client:
+        plan = cluster.wait_ready(client, nodes=args.nodes, timeout=180)
+        for rep in range(args.reps + 1):  # rep 0 warms up
+            for traced in (False, True) if rep % 2 else (True, False):
+                tracer = record_during(cluster.url, cluster.cluster, record, append=True) if traced \
+                    else contextlib.nullcontext()
+                with tracer:
+                    remote = generate_remote(client, cluster.cluster, GenerateRequest(
+                        id=new_request_id(), prompt=PROMPT, max_tokens=args.new_tokens), timeout=300)
+                if rep:
+                    rows["traced" if traced else "untraced"].append(remote.ms_per_token)
+                print(f"rep {rep}: {'traced  ' if traced else 'untraced'} {remote.ms_per_token:.2f} ms/token",
+                      file=sys.stderr, flush=True)
+            if rep:
+                paired.append(rows["traced"][-1] / rows["untraced"][-1])
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return {"model": art.parent.name, "nodes": args.nodes, "threads": args.threads, "new_tokens": args.new_tokens,
+            "reps": args.reps, "stages": [f"{s.node}:{s.first}-{s.last}" for s in plan.stages],
+            "untraced_ms_per_token": med["untraced"], "traced_ms_per_token": med["traced"],
+            "ratio_traced_over_untraced": med["traced"] / med["untraced"],
+            "median_paired_ratio": statistics.median(paired), "target_ratio": 1.03,
+            "runs": rows, "record": str(record)}
+
+
+def trace_table(r: dict[str, Any]) -> str:
+    return "\n".join([
+        f"model {r['model']}, {r['nodes']} nodes x {r['threads']} thread(s), {r['new_tokens']} new tokens, "
+        f"median of {r['reps']}; stages {' '.join(r['stages'])}",
+        f"  untraced : {r['untraced_ms_per_token']:7.2f} ms/token",
+        f"  traced   : {r['traced_ms_per_token']:7.2f} ms/token (recording to {r['record']})",
+        f"  traced / untraced = {r['ratio_traced_over_untraced']:.3f}, median of per-rep ratios "
+        f"{r['median_paired_ratio']:.3f} (target <= {r['target_ratio']})"])

@@ -35,8 +35,10 @@ def linguamq_argv(*args: str) -> list[str]:
 
 class LocalCluster:
     def __init__(self, *, artifacts: Path, nodes: list[NodeSpec], workdir: Path, cluster: str = "home",
-                 broker_url: str | None = None, log_level: str = "warning", settle_s: float = 0.5) -> None:
+                 broker_url: str | None = None, log_level: str = "warning", settle_s: float = 0.5,
+                 objective: str = "latency") -> None:
         self.artifacts, self.nodes, self.workdir, self.cluster = Path(artifacts), nodes, Path(workdir), cluster
+        self.objective = objective
         self._broker_arg, self._log_level, self._settle = broker_url, log_level, settle_s
         self.url = broker_url or ""
         self.hub: subprocess.Popen | None = None
@@ -49,7 +51,8 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         broker = ["--broker", self._broker_arg] if self._broker_arg else ["--port", "0"]
         self.hub = self._spawn("hub", ["hub", "--artifacts", str(self.artifacts), *broker, "--cluster", self.cluster,
-                                       "--min-nodes", str(len(self.nodes)), "--settle", str(self._settle), "--json"],
+                                       "--min-nodes", str(len(self.nodes)), "--settle", str(self._settle), "--json",
+                                       "--objective", self.objective],
                                stdout=subprocess.PIPE)
         ready = self._read_ready_line(self.hub, timeout)
         self.url = ready["broker"]
@@ -119,8 +122,8 @@ class LocalCluster:
 
     def wait_ready(self, client: MqttClient, *, nodes: int | None = None, timeout: float = 60.0,
                    after_epoch: int = 0) -> Plan:
-        """Wait for a plan (newer than ``after_epoch``) with ``nodes`` stages, all reported ready."""
-        want = len(self.nodes) if nodes is None else nodes
+        """Wait for a plan newer than ``after_epoch`` whose stages all report ready; with
+        ``nodes``, a plan of exactly that many stages (None: as many as the planner chose)."""
         state: dict[str, object] = {"plan": None, "status": {}}
         done = threading.Event()
         lock = threading.Lock()
@@ -128,7 +131,7 @@ class LocalCluster:
         def check() -> None:
             plan: Plan | None = state["plan"]  # type: ignore[assignment]
             status: dict[str, NodeStatus] = state["status"]  # type: ignore[assignment]
-            if plan is not None and plan.epoch > after_epoch and len(plan.stages) == want and all(
+            if plan is not None and plan.epoch > after_epoch and nodes in (None, len(plan.stages)) and all(
                     (s := status.get(st.node)) and s.state == "ready" and s.epoch == plan.epoch
                     for st in plan.stages):
                 done.set()

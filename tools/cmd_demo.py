@@ -1,13 +1,15 @@
 """`linguamq demo`: the whole system end to end on this machine, then stop everything.
 
 Builds a tiny model (once), starts a hub and three nodes that behave like devices of
-different speeds, generates from a prompt through the pipeline while streaming the
-text, shows which node holds which layers, and checks the output equals run-local's.
+different speeds, each with room for only ~60% of the model (so the planner must split
+it), generates from a prompt through the pipeline while streaming the text, shows which
+node holds which layers and why, and checks the output equals run-local's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from linguamq.models.export import ExportOptions, export_model
 from linguamq.models.tiny import TinySpec, make_tiny
+from linguamq.planner import cost
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import GenerateRequest
 from linguamq.tools.cluster import LocalCluster, NodeSpec
@@ -22,8 +25,6 @@ from linguamq.tools.local import generate_local, open_local
 from linguamq.tools.remote import generate_remote, new_request_id
 from linguamq.topics.client import MqttClient, MqttError
 
-NAME = "demo"
-HELP = "run a hub and three local nodes on a tiny model, generate, compare with run-local"
 NODES = (NodeSpec("phone-a", slowdown=1.0), NodeSpec("phone-b", slowdown=2.0), NodeSpec("tablet", slowdown=3.0))
 
 
@@ -40,9 +41,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     art = _model(args.workdir / f"tiny-{args.family}", args.family, say)
     manifest = ModelManifest.from_json((art / "manifest.json").read_bytes())
-    say(f"starting a hub and {len(NODES)} nodes: " + ", ".join(f"{n.name} (x{n.slowdown:g} slower)" for n in NODES))
+    budget = _budget_mb(manifest, share=0.6)
+    nodes = [dataclasses.replace(n, mem_budget_mb=budget) for n in NODES]
+    say(f"starting a hub and {len(nodes)} nodes, each with room for ~60% of the model ({budget:.0f} MB): "
+        + ", ".join(f"{n.name} (x{n.slowdown:g} slower)" for n in nodes))
     try:
-        with LocalCluster(artifacts=art, nodes=list(NODES), workdir=args.workdir / "run", cluster="demo") as cluster, \
+        with LocalCluster(artifacts=art, nodes=nodes, workdir=args.workdir / "run", cluster="demo") as cluster, \
                 MqttClient(url=cluster.url, client_id="demo-client") as client:
             plan = cluster.wait_ready(client, timeout=120)
             placement = _placement(plan, manifest)
@@ -83,11 +87,21 @@ def _model(root: Path, family: str, say) -> Path:
     return art
 
 
+def _budget_mb(manifest: ModelManifest, share: float) -> float:
+    """A memory budget that holds ``share`` of the model as the planner counts memory."""
+    settings = cost.CostSettings(max_context=manifest.max_context)
+    problem = cost.Problem(pieces=cost.pieces_of(manifest), devices=(), settings=settings)
+    whole = cost.need_mb(problem, 0, len(manifest.pieces) - 1)
+    return settings.overhead_mb + (whole - settings.overhead_mb) * share
+
+
 def _placement(plan, manifest: ModelManifest) -> list[str]:
     lines = []
     for stage in plan.stages:
         names = [p.name for p in manifest.pieces[stage.first:stage.last + 1]]
-        lines.append(f"{stage.node}: pieces {stage.first}-{stage.last} ({', '.join(names)})")
+        lines.append(f"{stage.node}: pieces {stage.first}-{stage.last} ({', '.join(names)}), "
+                     f"predicted {stage.predicted_ms:.2f} ms/token")
+    lines += [f"{left.node}: left out ({left.why})" for left in plan.left_out]
     return lines
 
 

@@ -13,8 +13,6 @@ from linguamq.models.export import ExportOptions, export_model
 from linguamq.models.tiny import TinySpec, make_tiny
 from linguamq.schemas.errors import SchemaError
 
-NAME = "export"
-HELP = "export a Hugging Face causal LM directory to per-piece ONNX files with a KV cache"
 TINY = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-bloom": "bloom"}
 
 

@@ -12,9 +12,6 @@ from linguamq.tools.remote import generate_remote, new_request_id
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttClient, MqttError
 
-NAME = "generate"
-HELP = "generate text through a running cluster (same JSON keys as run-local)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST:PORT of the hub's broker")

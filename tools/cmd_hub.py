@@ -14,9 +14,6 @@ from linguamq.tools.signals import wait_for_signal
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttError
 
-NAME = "hub"
-HELP = "run the hub: MQTT broker, retained manifest, planner and head"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", required=True, type=Path, metavar="ARTDIR",
@@ -28,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-nodes", type=int, default=1, help="nodes to wait for before the first plan")
     parser.add_argument("--settle", type=float, default=1.0, metavar="S",
                         help="seconds the node set must be stable before replanning (default 1)")
+    parser.add_argument("--objective", choices=("latency", "throughput", "even"), default="latency",
+                        help="what the planner optimises; even = LinguaLinked's baseline split (default latency)")
     parser.add_argument("--json", action="store_true", help="print the ready line as JSON")
 
 
@@ -35,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         validate_id("cluster", args.cluster)
         hub = Hub(HubSettings(artifacts=args.artifacts, cluster=args.cluster, host=args.host, port=args.port,
-                              broker_url=args.broker, min_nodes=args.min_nodes, settle_s=args.settle)).start()
+                              broker_url=args.broker, min_nodes=args.min_nodes, settle_s=args.settle,
+                              objective=args.objective)).start()
     except (OSError, SchemaError, TopicError, MqttError, BrokerError) as exc:
         print(f"linguamq hub: error: {exc}", file=sys.stderr)
         return 2

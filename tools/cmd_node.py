@@ -11,9 +11,6 @@ from linguamq.tools.signals import wait_for_signal
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttClient, MqttError
 
-NAME = "node"
-HELP = "run a node: fetch assigned pieces, run them, pass activations on"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST:PORT of the hub's broker")

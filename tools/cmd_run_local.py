@@ -12,9 +12,6 @@ from linguamq.node.sampling import SamplingParams
 from linguamq.schemas.errors import SchemaError
 from linguamq.tools.local import generate_local, open_local
 
-NAME = "run-local"
-HELP = "generate text with every piece of an exported model in this process"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifacts", metavar="ARTDIR", help="directory written by `linguamq export`")

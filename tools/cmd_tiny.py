@@ -9,9 +9,6 @@ from pathlib import Path
 from linguamq.models.errors import ModelsError
 from linguamq.models.tiny import FAMILY_NAMES, TinySpec, make_tiny
 
-NAME = "tiny"
-HELP = "write a tiny deterministic random model (llama, qwen2, bloom) as a Hugging Face directory"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TinySpec()

@@ -16,7 +16,7 @@ from linguamq import topics
 from linguamq.broker.embedded import BrokerThread, EmbeddedBroker
 from linguamq.node.blobs import BlobServer
 from linguamq.node.head import Head, HeadSettings
-from linguamq.planner.service import PlannerService
+from linguamq.planner.service import PlannerService, PlannerSettings
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.topics.client import MqttClient
 
@@ -33,6 +33,7 @@ class HubSettings:
     broker_url: str | None = None  # an external broker (mosquitto); None: run the embedded one
     min_nodes: int = 1
     settle_s: float = 1.0
+    objective: str = "latency"  # or "throughput", or "even" (LinguaLinked's baseline split)
     max_sessions: int = 64
 
 
@@ -71,9 +72,9 @@ class Hub:
         files = {p.sha256: s.artifacts / p.file for p in self.manifest.pieces}
         self._start(BlobServer(client=control, cluster=s.cluster, files=files, reporter=f"hub-{s.cluster}"))
         manifest_sha = hashlib.sha256(self._manifest_bytes).hexdigest()
+        planner = PlannerSettings(objective=s.objective, settle_s=s.settle_s, min_nodes=s.min_nodes)
         self.planner = self._start(PlannerService(client=control, cluster=s.cluster, manifest=self.manifest,
-                                                  manifest_sha256=manifest_sha, settle_s=s.settle_s,
-                                                  min_nodes=s.min_nodes))
+                                                  manifest_sha256=manifest_sha, settings=planner))
         encode, decode = tokenizer_codec(s.artifacts, self.manifest)
         self.head = self._start(Head(client=self._client(f"head-{s.cluster}"), manifest=self.manifest,
                                      encode=encode, decode=decode,

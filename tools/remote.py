@@ -23,7 +23,7 @@ def generate_remote(client: MqttClient, cluster: str, request: GenerateRequest, 
     """
     inbox: queue.Queue[TokenEvent | GenerateResult] = queue.Queue()
     name = topics.RESPONSES.build(cluster, request=request.id)
-    client.subscribe(topics.RESPONSES, name, lambda _t, value, _r: inbox.put(value))
+    client.subscribe(topics.RESPONSES, name, lambda _t, value, _r: inbox.put(value), wait=10.0)
     try:
         client.publish(topics.REQUESTS, topics.REQUESTS.build(cluster), request, wait=10.0)
         while True:

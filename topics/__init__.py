@@ -2,11 +2,11 @@
 
 from linguamq.topics.errors import TopicError
 from linguamq.topics.namespace import (
-    ACT, ALL, BLOB_CHUNK, BLOB_REQUEST, ERRORS, MAX_TOPIC_LEN, MODEL, NODE_ASSIGN,
-    NODE_STATUS, NODE_TELEMETRY, PLAN, REQUESTS, RESPONSES, ROOT, SESSION_OUT, Parsed, Topic,
+    ACT, ALL, BLOB_CHUNK, BLOB_REQUEST, ERRORS, MAX_TOPIC_LEN, MODEL, NODE_ASSIGN, NODE_CONTROL, NODE_PROBE,
+    NODE_STATUS, NODE_TELEMETRY, PING, PLAN, PONG, REQUESTS, RESPONSES, ROOT, SESSION_OUT, Parsed, Topic,
     cluster_filter, matches, parse, validate_id,
 )
 
 __all__ = ["ACT", "ALL", "BLOB_CHUNK", "BLOB_REQUEST", "ERRORS", "MAX_TOPIC_LEN", "MODEL",
-           "NODE_ASSIGN", "NODE_STATUS", "NODE_TELEMETRY", "PLAN", "REQUESTS", "RESPONSES", "ROOT",
+           "NODE_ASSIGN", "NODE_CONTROL", "NODE_PROBE", "NODE_STATUS", "NODE_TELEMETRY", "PING", "PLAN", "PONG", "REQUESTS", "RESPONSES", "ROOT",
            "SESSION_OUT", "Parsed", "Topic", "TopicError", "cluster_filter", "matches", "parse", "validate_id"]

@@ -78,7 +78,8 @@ class Will:
 
 
 _DECODERS: dict[str, Callable[[bytes], Any]] = {
-    "envelope": envelope.decode, "blob_chunk": blobs.decode_chunk, "responses": requests.decode_response}
+    "envelope": envelope.decode, "blob_chunk": blobs.decode_chunk, "responses": requests.decode_response,
+    "bytes": bytes}
 
 
 def decoder_for(topic: Topic) -> Callable[[bytes], Any]:
@@ -96,6 +97,7 @@ class MqttClient:
         self.url = BrokerUrl.parse(url)
         self.client_id = client_id
         self._subs: dict[str, tuple[int, Callable[[paho.MQTTMessage], None]]] = {}
+        self._acks: dict[int, threading.Event] = {}  # SUBACKs waited for, by message id
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._keepalive = keepalive
@@ -115,6 +117,7 @@ class MqttClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -146,8 +149,11 @@ class MqttClient:
     # --- subscribing ----------------------------------------------------------------
 
     def subscribe(self, topic: Topic, filter_: str, handler: Handler, *,
-                  on_reject: Rejecter | None = None, qos: int | None = None) -> None:
-        """Deliver every message on ``filter_`` to ``handler`` decoded as ``topic``'s payload."""
+                  on_reject: Rejecter | None = None, qos: int | None = None, wait: float | None = None) -> None:
+        """Deliver every message on ``filter_`` to ``handler`` decoded as ``topic``'s payload.
+
+        ``wait``: block until the broker acknowledged the subscription (at most that many
+        seconds), for callers that publish next and expect an answer on it."""
         decode = decoder_for(topic)
 
         def deliver(msg: paho.MQTTMessage) -> None:
@@ -161,13 +167,23 @@ class MqttClient:
                 return
             handler(msg.topic, value, bool(msg.retain))
 
-        self.subscribe_raw(filter_, deliver, qos=topic.qos if qos is None else qos)
+        self.subscribe_raw(filter_, deliver, qos=topic.qos if qos is None else qos, wait=wait)
 
-    def subscribe_raw(self, filter_: str, deliver: Callable[[paho.MQTTMessage], None], *, qos: int = 0) -> None:
+    def subscribe_raw(self, filter_: str, deliver: Callable[[paho.MQTTMessage], None], *, qos: int = 0,
+                      wait: float | None = None) -> None:
         with self._lock:
             self._subs[filter_] = (qos, deliver)
-        if self.connected:
-            self._client.subscribe(filter_, qos)
+            if not self.connected:
+                return  # subscribed on (re)connect
+            acked = threading.Event()
+            rc, mid = self._client.subscribe(filter_, qos)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                raise MqttError(f"subscribe to {filter_} failed: {paho.error_string(rc)}")
+            if wait is not None:
+                self._acks[mid] = acked
+        if wait is not None and not acked.wait(wait):
+            self._acks.pop(mid, None)
+            raise MqttTimeout(f"subscription to {filter_} not acknowledged within {wait} s")
 
     def unsubscribe(self, filter_: str) -> None:
         with self._lock:
@@ -214,6 +230,12 @@ class MqttClient:
             client.subscribe(subs)
         self._connected.set()
         log.info("mqtt connected", client=self.client_id, broker=f"{self.url.host}:{self.url.port}")
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        with self._lock:
+            acked = self._acks.pop(mid, None)
+        if acked is not None:
+            acked.set()
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()

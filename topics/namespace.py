@@ -12,7 +12,7 @@ import re
 from typing import Literal
 
 from linguamq.schemas.blobs import BlobRequest
-from linguamq.schemas.cluster import Assignment, NodeStatus, Plan, Telemetry
+from linguamq.schemas.cluster import Assignment, ClockPing, ClockPong, NodeControl, NodeStatus, Plan, Telemetry
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import ErrorReport, GenerateRequest
 from linguamq.schemas.wire import Message
@@ -29,8 +29,8 @@ _PARAMS = {"cluster": _ID, "node": _ID, "session": _ID, "request": _ID, "client"
            "sha256": _SHA, "piece": _PIECE}
 
 # Non-JSON payloads: "envelope" (schemas.envelope), "blob_chunk" (schemas.blobs),
-# "responses" (TokenEvent, then a final GenerateResult).
-Payload = type[Message] | Literal["envelope", "blob_chunk", "responses"]
+# "responses" (TokenEvent, then a final GenerateResult), "bytes" (opaque).
+Payload = type[Message] | Literal["envelope", "blob_chunk", "responses", "bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +98,13 @@ RESPONSES = Topic("responses", "responses/{request}", "responses", qos=1)
 BLOB_REQUEST = Topic("blob_request", "blobs/{sha256}/request", BlobRequest, qos=1)
 BLOB_CHUNK = Topic("blob_chunk", "blobs/{sha256}/chunks/{node}", "blob_chunk", qos=1)
 ERRORS = Topic("errors", "errors/{client}", ErrorReport)
+NODE_CONTROL = Topic("node_control", "nodes/{node}/control", NodeControl, qos=1)
+NODE_PROBE = Topic("node_probe", "nodes/{node}/probe", "bytes")  # a node's link test, to itself
+PING = Topic("ping", "nodes/{node}/ping", ClockPing)  # a tracer asks a node for its clock
+PONG = Topic("pong", "clock/{client}", ClockPong)  # the node's answer, to the asker
 
-ALL: tuple[Topic, ...] = (MODEL, PLAN, NODE_STATUS, NODE_TELEMETRY, NODE_ASSIGN, ACT, SESSION_OUT,
-                          REQUESTS, RESPONSES, BLOB_REQUEST, BLOB_CHUNK, ERRORS)
+ALL: tuple[Topic, ...] = (MODEL, PLAN, NODE_STATUS, NODE_TELEMETRY, NODE_ASSIGN, NODE_CONTROL, NODE_PROBE, ACT, SESSION_OUT,
+                          REQUESTS, RESPONSES, BLOB_REQUEST, BLOB_CHUNK, ERRORS, PING, PONG)
 _BY_DEPTH: dict[int, tuple[Topic, ...]] = {
     n: tuple(t for t in ALL if t.template.count("/") + 1 == n) for n in range(1, 5)}
 

@@ -22,9 +22,9 @@ def test_kill_9_a_node_during_four_generations(artifacts, reference, tmp_path) -
     art = artifacts["llama"]
     # Slowed nodes keep the requests in flight long enough for the kill to land mid-way.
     nodes = [NodeSpec("n1", slowdown=3.0), NodeSpec("n2", slowdown=3.0), NodeSpec("n3", slowdown=3.0)]
-    with LocalCluster(artifacts=art, nodes=nodes, workdir=tmp_path, cluster="t-failover") as cluster, \
+    with LocalCluster(artifacts=art, nodes=nodes, workdir=tmp_path, cluster="t-failover", objective="even") as cluster, \
             MqttClient(url=cluster.url, client_id="test-failover") as client:
-        plan = cluster.wait_ready(client, timeout=90)
+        plan = cluster.wait_ready(client, nodes=3, timeout=90)
         victim = plan.stages[1].node
         progressed = threading.Event()
 

@@ -43,9 +43,11 @@ class Running:
 
 
 def start(art: Path, workdir: Path, cluster: str, broker_url: str | None = None) -> Iterator[Running]:
-    with LocalCluster(artifacts=art, nodes=NODES, workdir=workdir, cluster=cluster, broker_url=broker_url) as c:
+    # The even split puts every node to work: these tests are about the pipeline, not the plan.
+    with LocalCluster(artifacts=art, nodes=NODES, workdir=workdir, cluster=cluster, broker_url=broker_url,
+                      objective="even") as c:
         with MqttClient(url=c.url, client_id=f"test-{cluster}") as client:
-            c.wait_ready(client, timeout=90)
+            c.wait_ready(client, nodes=len(NODES), timeout=90)
             yield Running(c, client, art)
 
 
@@ -111,7 +113,7 @@ def llama(artifacts, tmp_path_factory) -> Iterator[Running]:
 def errors(llama: Running) -> Iterator[queue.Queue]:
     inbox: queue.Queue[ErrorReport] = queue.Queue()
     name = topics.ERRORS.filter(llama.cluster.cluster)
-    llama.client.subscribe(topics.ERRORS, name, lambda _t, report, _r: inbox.put(report))
+    llama.client.subscribe(topics.ERRORS, name, lambda _t, report, _r: inbox.put(report), wait=10)
     yield inbox
     llama.client.unsubscribe(name)
 
@@ -171,7 +173,7 @@ def test_bad_requests_get_a_final_error_and_a_report(llama: Running, errors: que
     request_id = payload.split(b'"')[3].decode()
     inbox: queue.Queue = queue.Queue()
     name = topics.RESPONSES.build(llama.cluster.cluster, request=request_id)
-    llama.client.subscribe(topics.RESPONSES, name, lambda _t, value, _r: inbox.put(value))
+    llama.client.subscribe(topics.RESPONSES, name, lambda _t, value, _r: inbox.put(value), wait=10)
     llama.client.publish_raw(topics.REQUESTS.build(llama.cluster.cluster), payload, qos=1)
     final = inbox.get(timeout=20)
     llama.client.unsubscribe(name)

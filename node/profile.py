@@ -1,0 +1,94 @@
+"""A node measures itself: compute speed on a real piece, and its link to the broker.
+
+LinguaLinked profiles each phone on a probe module before planning. Here the probe is
+the model's first layer piece (fetched like any other piece): its decode (1 token) and
+prefill (32 tokens) times, divided by the piece's FLOPs from the manifest, give ms per
+GFLOP. The link is measured by sending a small and a large message to the node's own
+probe topic through the broker: the small one's round trip is the RTT, the difference
+gives the throughput (the message crosses the uplink and the downlink).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from linguamq import topics
+from linguamq.node.kvcache import KVCache
+from linguamq.node.runtime import SegmentRuntime
+from linguamq.schemas.cluster import Profile
+from linguamq.topics.client import MqttClient, MqttTimeout
+
+PREFILL_TOKENS = 32
+LINK_BYTES = 256 * 1024
+MAX_MBPS = 10_000.0  # loopback is "infinitely" fast; keep numbers finite and sane
+
+
+def probe_compute(runtime: SegmentRuntime, slowdown: float, repeats: int = 5) -> tuple[float, float]:
+    """(ms per GFLOP decoding, ms per GFLOP in prefill) on ``runtime``'s single layer piece."""
+    piece = runtime.pieces[0]
+    hidden = runtime.manifest.hidden_size
+    dtype = np.float16 if runtime.manifest.act_dtype == "float16" else np.float32
+
+    def once(tokens: int) -> float:
+        x = np.zeros((1, tokens, hidden), dtype=dtype)  # (1, T, H)
+        started = time.perf_counter()
+        runtime.run("probe", x, np.arange(tokens, dtype=np.int64)[None])
+        elapsed = time.perf_counter() - started
+        runtime.drop("probe")
+        return elapsed * 1e3 * slowdown
+
+    once(1)  # warm-up: first runs allocate
+    decode = statistics.median(once(1) for _ in range(repeats))
+    prefill = statistics.median(once(PREFILL_TOKENS) for _ in range(repeats))
+    decode_gflop = max(piece.flops_per_token, 1) / 1e9
+    prefill_gflop = max(piece.flops_per_prompt_token, 1) * PREFILL_TOKENS / 1e9
+    return decode / decode_gflop, prefill / prefill_gflop
+
+
+def probe_runtime(manifest, artifact_dir, settings) -> SegmentRuntime:
+    """A throwaway runtime of the model's first layer piece, with its own cache."""
+    first_layer = next(p.index for p in manifest.pieces if p.kind == "layer")
+    return SegmentRuntime(manifest=manifest, artifact_dir=artifact_dir, first=first_layer, last=first_layer,
+                          settings=settings, cache=KVCache())
+
+
+def probe_link(client: MqttClient, cluster: str, node: str, *, timeout: float = 5.0) -> tuple[float, float]:
+    """(rtt ms, Mbps each way) through the broker, by messages the node sends itself."""
+    name = topics.NODE_PROBE.build(cluster, node=node)
+    arrived = threading.Event()
+    client.subscribe(topics.NODE_PROBE, name, lambda _t, _p, _r: arrived.set(), wait=timeout)
+    try:
+        loop = _loop_timer(client, name, arrived, timeout)
+        loop(16)  # warm-up (the subscription settles)
+        small = min(loop(16) for _ in range(3))
+        large = min(loop(LINK_BYTES) for _ in range(3))
+    finally:
+        client.unsubscribe(name)
+    seconds = max(large - small, 1e-6)
+    mbps = min(2 * LINK_BYTES * 8 / seconds / 1e6, MAX_MBPS)
+    return small * 1e3, mbps
+
+
+def _loop_timer(client: MqttClient, name: str, arrived: threading.Event,
+                timeout: float) -> Callable[[int], float]:
+    def loop(size: int) -> float:
+        arrived.clear()
+        started = time.perf_counter()
+        client.publish_raw(name, bytes(size), qos=0)
+        if not arrived.wait(timeout):
+            raise MqttTimeout(f"link probe of {size} bytes did not come back within {timeout:.0f} s")
+        return time.perf_counter() - started
+    return loop
+
+
+def make_profile(compute: tuple[float, float], link: tuple[float, float], mem_budget_mb: float) -> Profile:
+    decode, prefill = compute
+    rtt_ms, mbps = link
+    return Profile(ms_per_gflop_decode=max(decode, 1e-6), ms_per_gflop_prefill=max(prefill, 1e-6),
+                   mem_budget_mb=mem_budget_mb, rtt_ms=rtt_ms, uplink_mbps=max(mbps, 1e-3),
+                   downlink_mbps=max(mbps, 1e-3))
