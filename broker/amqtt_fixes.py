@@ -34,8 +34,11 @@ Connections:
 5. Keep-alive was never enforced: when the reader's keep-alive timeout fires, the handler
    calls ``handle_read_timeout`` (mqtt/protocol/handler.py:537-539), a no-op in
    ``BrokerProtocolHandler`` (broker_handler.py:86). A phone that drops off the Wi-Fi without
-   a FIN stayed "connected" forever and its will (status offline) never went out. Here the
-   connection is aborted after 1.5 x keep-alive [MQTT-3.1.2-24], and the will follows.
+   a FIN stayed "connected" forever and its will (status offline) never went out. Here a
+   watchdog aborts the connection after 1.5 x keep-alive without a read [MQTT-3.1.2-24], and
+   the will follows. amqtt's session is told keep-alive 0, so that its per-packet timeouts
+   (a task and a timer around every read, handler.py:466; a write timer re-armed on every
+   packet sent, handler.py:573-576, for a no-op callback) are not paid on every message.
 6. A clean-session CONNECT with the client id of a connected client only forgot the old
    session (``_delete_session``, broker.py:912) and left its connection running
    [MQTT-3.1.4-2]; once 5. closes it, its will would land after (and overwrite) the status the
@@ -57,16 +60,39 @@ Tuning:
     which closes that client's connection.
 11. amqtt formats the repr of every payload it broadcasts into a debug message, even with
     DEBUG off (broker.py:1013): ~12 ms per MiB, most of a 1 MiB hop. ``_broadcast_message``
-    hands amqtt a memoryview, whose repr is short.
+    (12.) no longer goes through that code.
+12. A PUBLISH took five trips through the event loop before its first byte went out: the
+    handler's task puts it on the session's delivered_message_queue (handler.py:332), the
+    client's message loop takes it (broker.py:606-644) and puts it on _broadcast_queue
+    (broker.py:1114), a new _run_broadcast task takes it and starts one task per subscriber
+    (broker.py:959-1061) -- and the publisher's PUBACK went out before all that. Here a
+    QoS 0/1 PUBLISH is routed in the handler's task (amqtt's own checks, events, policy and
+    retain, ``_handle_message_delivery``), the deliveries start, then the PUBACK follows.
+    `linguamq bench transport` measures the hop: with 5., 12. and a leaner read (below), the
+    embedded broker's 8 KiB hop went from ~2x mosquitto's median to ~1.3-1.6x (a busy
+    2-vCPU VM). What is left is amqtt's own per-packet work: a few byte-sized reads, a task
+    per packet, ~200 us of Python per QoS 1 hop (PUBLISH in and out, two PUBACKs).
+
+Live delivery and subscriptions:
+
+13. A client whose subscriptions overlap (a cluster's ``#`` and its ``plan`` topic) got a live
+    message once per matching filter (broker.py:1015-1061). Here it gets it once, at the
+    highest QoS of its matching subscriptions [MQTT-3.3.5-1], as from mosquitto.
+14. SUBSCRIBE and UNSUBSCRIBE packets went on two queues that the client's message loop
+    serves, SUBSCRIBE first when both are waiting (broker.py:633-641): an UNSUBSCRIBE and a
+    SUBSCRIBE of the same filter sent back to back left the client unsubscribed (without
+    5.'s change only when the loop was busy; with it, whenever both packets arrive
+    together). Here each is applied in the handler's task, in the order the packets came,
+    as mosquitto does, and in the same order as the client's PUBLISHes (12).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import socket
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import structlog
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
@@ -74,8 +100,13 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError
 from amqtt.events import BrokerEvents
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.subscribe import SubscribePacket
+from amqtt.mqtt.unsubscribe import UnsubscribePacket
+from amqtt.session import IncomingApplicationMessage, Session
 
 from linguamq.broker.errors import PayloadTooLargeError
 from linguamq.broker.policy import ClientInfo, TopicPolicy
@@ -86,25 +117,64 @@ SUBSCRIBE_FAILED = 0x80  # SUBACK return code of a refused filter
 MAX_STRING_READ = 65_535
 KEEPALIVE_GRACE = 1.5  # [MQTT-3.1.2-24]
 
+T = TypeVar("T")
+
 
 class _OversizedPacket(PayloadTooLargeError, AMQTTError):
     """Raised inside amqtt's reader loop, which ends the connection on an AMQTTError."""
 
 
 class _BoundedReader(StreamReaderAdapter):
-    """amqtt's stream reader that refuses to read a PUBLISH payload above ``limit`` bytes."""
+    """amqtt's stream reader that refuses to read a PUBLISH payload above ``limit`` bytes,
+    and tells the connection's keep-alive watchdog (if any) that the client is alive."""
 
     def __init__(self, reader: asyncio.StreamReader, *, limit: int, peer: object) -> None:
         super().__init__(reader)
         self._limit = limit
         self._peer = peer
+        self.watchdog: _Watchdog | None = None
 
     async def read(self, n: int = -1) -> bytes:
         if n > self._limit:
             structlog.get_logger().warning("broker.payload_too_large", peer=self._peer,
                                            size=n, limit=self._limit)
             raise _OversizedPacket(f"payload of {n} bytes exceeds max_payload={self._limit}")
-        return await super().read(n)
+        # StreamReaderAdapter.read (adapters.py:148-152) without its extra coroutine: amqtt
+        # reads a packet a few bytes at a time, seven reads for a PUBLISH.
+        data = await (self._reader.read(n) if n == -1 else self._reader.readexactly(n))
+        if self.watchdog is not None:
+            self.watchdog.touch()
+        return data
+
+
+class _Watchdog:
+    """Calls ``expire`` once nothing was read for ``limit`` seconds (5).
+
+    One timer per connection, re-armed only when it fires early: a read costs a clock read,
+    where a timeout around each read (amqtt's) costs a task and a timer per packet."""
+
+    def __init__(self, limit: float, expire: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._limit = limit
+        self._expire = expire
+        self._last = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(limit, self._check)
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        idle = self._loop.time() - self._last
+        if idle >= self._limit:
+            self._timer = None
+            self._expire()
+        else:
+            self._timer = self._loop.call_later(self._limit - idle, self._check)
 
 
 class _ClientWriter(StreamWriterAdapter):
@@ -119,6 +189,13 @@ class _ClientWriter(StreamWriterAdapter):
     def abort(self) -> None:
         if not self.transport.is_closing():
             self.transport.abort()
+
+
+def _done(value: T) -> asyncio.Future[T]:
+    """A future that already holds ``value``: what amqtt's client loop hands its handlers."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 def tune_socket(sock: Any) -> None:
@@ -182,13 +259,15 @@ class FixedBroker(Broker):
         # Replaces amqtt's (broker.py:439) to tune the socket and wrap the streams (9, 10).
         task = cast("asyncio.Task[Any]", asyncio.current_task())  # asyncio runs us in a task
         self._connections[task] = writer.transport
+        bounded: _BoundedReader | None = None
         try:
             tune_socket(writer.get_extra_info("socket"))
-            peer = writer.get_extra_info("peername")
-            await self._client_connected(listener_name,
-                                         _BoundedReader(reader, limit=self._max_payload, peer=peer),
-                                         _ClientWriter(writer, task))
+            bounded = _BoundedReader(reader, limit=self._max_payload,
+                                     peer=writer.get_extra_info("peername"))
+            await self._client_connected(listener_name, bounded, _ClientWriter(writer, task))
         finally:
+            if bounded is not None and bounded.watchdog is not None:
+                bounded.watchdog.cancel()
             # amqtt leaves the socket open on some early exits (a refused PUBLISH topic,
             # broker.py:760-776; a CONNECT that fails to parse): never leak it.
             if not writer.transport.is_closing():
@@ -204,19 +283,27 @@ class FixedBroker(Broker):
         except TimeoutError as exc:  # (8); amqtt's caller handles AMQTTError by dropping the client
             raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port} "
                              f"within {self._connect_timeout} s") from exc
-        self._enforce_keepalive(handler, session, writer)
+        self._enforce_keepalive(session, reader, writer)
+        # (12, 14) The handler class is hard-wired too: this one instance's packet handlers.
+        handler.handle_publish = functools.partial(self._handle_publish, handler)  # type: ignore[method-assign]
+        handler.handle_subscribe = functools.partial(self._handle_subscribe, handler)  # type: ignore[method-assign]
+        handler.handle_unsubscribe = functools.partial(  # type: ignore[method-assign]
+            self._handle_unsubscribe, handler)
         return handler, session
 
-    def _enforce_keepalive(self, handler: BrokerProtocolHandler, session: Session,
-                           writer: Any) -> None:
-        # (5) The handler class is hard-wired in amqtt's _initialize_client_session
-        # (broker.py:489, BrokerProtocolHandler.init_from_connect), so instead of a subclass
-        # this one handler instance gets a read-timeout callback that closes its connection.
-        if session.keep_alive > 0:
-            session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE)
-        if isinstance(writer, _ClientWriter):
-            handler.handle_read_timeout = functools.partial(  # type: ignore[method-assign]
-                self._keepalive_expired, writer, session.client_id)
+    def _enforce_keepalive(self, session: Session, reader: Any, writer: Any) -> None:
+        # (5) amqtt's only keep-alive check is a timeout around each packet read of the
+        # handler's reader loop (handler.py:466), whose expiry calls a no-op
+        # (broker_handler.py:86). Here a watchdog on the connection closes it after
+        # 1.5 x keep-alive without a read instead, and amqtt's session says keep-alive 0 (it
+        # reads that when the handler is attached and its reader loop starts, after this):
+        # no timeout task and timer around every packet read, and no write timer re-armed
+        # on every packet sent (handler.py:573-576, for a callback that is a no-op,
+        # broker_handler.py:83).
+        keep_alive, session.keep_alive = session.keep_alive, 0
+        if keep_alive > 0 and isinstance(reader, _BoundedReader) and isinstance(writer, _ClientWriter):
+            reader.watchdog = _Watchdog(keep_alive * KEEPALIVE_GRACE, functools.partial(
+                self._keepalive_expired, writer, session.client_id))
 
     def _keepalive_expired(self, writer: _ClientWriter, client_id: str | None) -> None:
         self._log.warning("broker.keepalive_expired", client=client_id)
@@ -234,14 +321,108 @@ class FixedBroker(Broker):
             await asyncio.wait({writer.task}, timeout=self._connect_timeout / 2)
         await super()._delete_session(client_id)
 
+    # --- SUBSCRIBE and UNSUBSCRIBE in the order sent (14) ---------------------------------------
+
+    async def _handle_subscribe(self, handler: BrokerProtocolHandler, packet: SubscribePacket) -> None:
+        # (14) Replaces BrokerProtocolHandler.handle_subscribe (broker_handler.py:114-123): the
+        # subscription is made in this task, in the order the packets came, instead of on a
+        # queue of its own that _client_message_loop serves (broker.py:633-641).
+        session = handler.session
+        if session is None or packet.variable_header is None or packet.payload is None:
+            await BrokerProtocolHandler.handle_subscribe(handler, packet)  # amqtt's own flow
+            return
+        request = Subscription(packet.variable_header.packet_id, packet.payload.topics)
+        await self._handle_subscription(session, handler, _done(request))
+
+    async def _handle_unsubscribe(self, handler: BrokerProtocolHandler, packet: UnsubscribePacket) -> None:
+        # (14) Replaces BrokerProtocolHandler.handle_unsubscribe (broker_handler.py:125-133).
+        session = handler.session
+        if session is None or packet.variable_header is None or packet.payload is None:
+            await BrokerProtocolHandler.handle_unsubscribe(handler, packet)  # amqtt's own flow
+            return
+        request = UnSubscription(packet.variable_header.packet_id, packet.payload.topics)
+        await self._handle_unsubscription(session, handler, _done(request))
+
+    # --- live delivery (12) ------------------------------------------------------------------
+
+    async def _handle_publish(self, handler: BrokerProtocolHandler, packet: PublishPacket) -> None:
+        # (12) Replaces ProtocolHandler.handle_publish (handler.py:720-734) of one client's
+        # handler for QoS 0 and 1: the message is routed at once, in this task, instead of
+        # going through the session's delivered_message_queue to _client_message_loop
+        # (broker.py:606-644), then through _broadcast_queue to a _run_broadcast task
+        # (broker.py:959-1061); and for QoS 1 the PUBACK leaves after the deliveries started.
+        session = handler.session
+        header = packet.variable_header
+        if (session is None or header is None or packet.topic_name is None or packet.data is None
+                or packet.qos not in (QOS_0, QOS_1) or (packet.qos == QOS_0 and packet.dup_flag)):
+            await BrokerProtocolHandler.handle_publish(handler, packet)  # amqtt's own flow
+            return
+        message = IncomingApplicationMessage(header.packet_id, packet.topic_name, packet.qos,
+                                             packet.data, packet.retain_flag)
+        message.publish_packet = packet
+        # amqtt's checks, events, publish policy, broadcast and retain, in that order. It
+        # answers False for a topic a client must not publish to, where amqtt drops the client.
+        if not await self._handle_message_delivery(session, handler, _done(message)):
+            if isinstance(handler.writer, _ClientWriter):
+                handler.writer.abort()
+            return
+        if packet.qos == QOS_1:
+            await asyncio.sleep(0)  # the deliveries just started write first, then the PUBACK
+            puback = PubackPacket.build(header.packet_id)
+            await handler._send_packet(puback)  # as amqtt's own QoS 1 flow does (handler.py:335)
+            message.puback_packet = puback
+
     async def _broadcast_message(self, session: Session | None, topic: str | None,
                                  data: bytes | bytearray | None, force_qos: int | None = None) -> None:
-        # (11) _run_broadcast logs f"Processing broadcast message: {broadcast}" (broker.py:1013)
-        # for every message: the f-string is built even with DEBUG off, and it is the repr of
-        # the whole payload (about 12 ms per MiB of tensor). A memoryview has a short repr;
-        # amqtt turns it back into bytes once per delivery (session.py:91, a memcpy).
-        view = memoryview(data) if isinstance(data, bytes | bytearray) else data
-        await super()._broadcast_message(session, topic, view, force_qos)  # type: ignore[arg-type]
+        # (11, 12) Replaces amqtt's hand-off to _broadcast_queue and its _run_broadcast task
+        # (broker.py:1009-1061, 1104-1114) with the same loop, run now: one task per delivery,
+        # kept in amqtt's _tasks_queue, which its shutdown cancels. It also skips
+        # _run_broadcast's f"Processing broadcast message: {broadcast}" (broker.py:1013), built
+        # even with DEBUG off, the repr of the whole payload (~12 ms per MiB of tensor).
+        self._reap_delivery_tasks()
+        if topic is None or data is None:
+            return
+        for target, sub_qos in self._live_targets(topic):
+            await self._deliver_live(session, target, topic, data,
+                                     sub_qos if force_qos is None else force_qos)
+
+    def _live_targets(self, topic: str) -> list[tuple[Session, int]]:
+        """(13) Each client whose filters match ``topic`` once, with the highest QoS of its
+        matching subscriptions [MQTT-3.3.5-1], as mosquitto does; amqtt sent one copy per
+        matching filter (broker.py:1015-1061)."""
+        targets: dict[int, tuple[Session, int]] = {}  # by session object, as amqtt's table holds them
+        for topic_filter, subscriptions in list(self._subscriptions.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            for target, sub_qos in subscriptions:
+                known = targets.get(id(target))
+                if known is None or sub_qos > known[1]:
+                    targets[id(target)] = (target, sub_qos)
+        return list(targets.values())
+
+    async def _deliver_live(self, source: Session | None, target: Session, topic: str,
+                            data: bytes | bytearray, qos: int) -> None:
+        """One message to one subscriber: amqtt's _run_broadcast loop body (broker.py:1025-1061)."""
+        if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
+            return
+        if target.transitions.state != "connected":
+            # Queued for a persistent session while it is away [MQTT 3.1.2.4], as amqtt does.
+            if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
+                await self._retain_broadcast_message({"session": source, "topic": topic, "data": data},
+                                                     qos, target)
+            return
+        handler = self._get_handler(target)
+        if handler is not None:
+            self._tasks_queue.append(asyncio.ensure_future(
+                handler.mqtt_publish(topic, data, qos, retain=False)))
+
+    def _reap_delivery_tasks(self) -> None:
+        """Forget finished deliveries, logging failures (what amqtt's _broadcast_loop did)."""
+        tasks = self._tasks_queue
+        while tasks and tasks[0].done():
+            task = tasks.popleft()
+            if not task.cancelled() and task.exception() is not None:
+                self._log.warning("broker.delivery_failed", error=repr(task.exception()))
 
     # --- policies ---------------------------------------------------------------------------
 

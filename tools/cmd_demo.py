@@ -23,6 +23,8 @@ from linguamq.schemas.requests import GenerateRequest
 from linguamq.tools.cluster import LocalCluster, NodeSpec
 from linguamq.tools.local import generate_local, open_local
 from linguamq.tools.remote import generate_remote, new_request_id
+from linguamq.tools.trace import record_during
+from linguamq.tools.trace_export import export
 from linguamq.topics.client import MqttClient, MqttError
 
 NODES = (NodeSpec("phone-a", slowdown=1.0), NodeSpec("phone-b", slowdown=2.0), NodeSpec("tablet", slowdown=3.0))
@@ -54,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
                 say(f"  {line}")
             say(f"\nprompt: {args.prompt!r}\ngenerated: ", end="") if not args.json else None
             request = GenerateRequest(id=new_request_id(), prompt=args.prompt, max_tokens=args.max_tokens)
-            result = generate_remote(client, cluster.cluster, request, timeout=120,
-                                     on_text=None if args.json else _print_stream)
+            record = args.workdir / "trace.jsonl"
+            with record_during(cluster.url, cluster.cluster, record, results=True):
+                result = generate_remote(client, cluster.cluster, request, timeout=120,
+                                         on_text=None if args.json else _print_stream)
     except (MqttError, OSError) as exc:
         print(f"linguamq demo: error: {exc}", file=sys.stderr)
         return 2
@@ -63,9 +67,12 @@ def run(args: argparse.Namespace) -> int:
     reference = generate_local(local.runtime, prompt_ids=local.tokenizer.encode(args.prompt).ids,
                                max_tokens=args.max_tokens, eos_token_ids=manifest.eos_token_ids)
     same = result.tokens == reference.tokens
+    traces = {"record": str(record), "perfetto": str(args.workdir / "trace.perfetto.json"),
+              "png": str(args.workdir / "trace.png")}
+    export(record, perfetto_out=Path(traces["perfetto"]), png_out=Path(traces["png"]))
     summary = {"placement": placement, "tokens": list(result.tokens), "text": result.text,
                "ttft_ms": result.ttft_ms, "ms_per_token": result.ms_per_token, "stop_reason": result.stop_reason,
-               "equals_run_local": same, "seconds": round(time.monotonic() - started, 1)}
+               "equals_run_local": same, "traces": traces, "seconds": round(time.monotonic() - started, 1)}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -73,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
               f"{result.ms_per_token:.1f} ms/token across {len(plan.stages)} nodes")
         print(f"equals run-local: {'yes' if same else 'NO'} (the model is random, so the text is gibberish; "
               "what matters is that the tokens match)")
+        print(f"trace of this run: {traces['perfetto']} (open in ui.perfetto.dev or chrome://tracing), "
+              f"{traces['png']} (Gantt chart)")
         print(f"demo finished in {summary['seconds']} s; logs in {args.workdir / 'run'}")
     return 0 if same and result.error is None else 1
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from linguamq.broker.errors import BrokerError
 from linguamq.schemas.errors import SchemaError
 from linguamq.tools.hub import Hub, HubSettings
-from linguamq.tools.signals import wait_for_signal
+from linguamq.tools.signals import tune_for_latency, wait_for_signal
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttError
 
@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="embedded broker address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=1883, help="embedded broker port; 0 = any free (default 1883)")
     parser.add_argument("--broker", metavar="URL", help="use this external broker (mqtt://host:port) instead")
+    parser.add_argument("--broker-thread", action="store_true",
+                        help="run the embedded broker as a thread of the hub (default: its own process)")
     parser.add_argument("--cluster", default="home", help="cluster name (default home)")
     parser.add_argument("--min-nodes", type=int, default=1, help="nodes to wait for before the first plan")
     parser.add_argument("--settle", type=float, default=1.0, metavar="S",
@@ -31,11 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    tune_for_latency()
     try:
         validate_id("cluster", args.cluster)
         hub = Hub(HubSettings(artifacts=args.artifacts, cluster=args.cluster, host=args.host, port=args.port,
                               broker_url=args.broker, min_nodes=args.min_nodes, settle_s=args.settle,
-                              objective=args.objective)).start()
+                              objective=args.objective, broker_in_process=not args.broker_thread)).start()
     except (OSError, SchemaError, TopicError, MqttError, BrokerError) as exc:
         print(f"linguamq hub: error: {exc}", file=sys.stderr)
         return 2

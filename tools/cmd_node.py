@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from linguamq.node.daemon import NodeDaemon, NodeSettings, status_will
-from linguamq.tools.signals import wait_for_signal
+from linguamq.tools.signals import tune_for_latency, wait_for_signal
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttClient, MqttError
 
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    tune_for_latency()
     try:
         validate_id("node", args.name)
         validate_id("cluster", args.cluster)

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from linguamq import topics
 from linguamq.broker.embedded import BrokerThread, EmbeddedBroker
+from linguamq.tools.broker_process import BrokerProcess
 from linguamq.node.blobs import BlobServer
 from linguamq.node.head import Head, HeadSettings
 from linguamq.planner.service import PlannerService, PlannerSettings
@@ -31,6 +32,7 @@ class HubSettings:
     host: str = "127.0.0.1"
     port: int = 1883
     broker_url: str | None = None  # an external broker (mosquitto); None: run the embedded one
+    broker_in_process: bool = True  # the embedded broker in a child process (its own GIL)
     min_nodes: int = 1
     settle_s: float = 1.0
     objective: str = "latency"  # or "throughput", or "even" (LinguaLinked's baseline split)
@@ -53,7 +55,7 @@ def tokenizer_codec(artifacts: Path, manifest: ModelManifest):
 class Hub:
     def __init__(self, settings: HubSettings) -> None:
         self.settings = settings
-        self._broker: BrokerThread | None = None
+        self._broker: BrokerThread | BrokerProcess | None = None
         self._clients: list[MqttClient] = []
         self._parts: list = []
         self.url = settings.broker_url or ""
@@ -64,7 +66,8 @@ class Hub:
     def start(self) -> Hub:
         s = self.settings
         if s.broker_url is None:
-            self._broker = BrokerThread(broker=EmbeddedBroker(host=s.host, port=s.port))
+            self._broker = (BrokerProcess(host=s.host, port=s.port) if s.broker_in_process
+                            else BrokerThread(broker=EmbeddedBroker(host=s.host, port=s.port)))
             self._broker.start()
             self.url = self._broker.url
         control = self._client(f"hub-{s.cluster}")

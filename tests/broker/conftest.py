@@ -1,19 +1,28 @@
 """Real brokers on 127.0.0.1 port 0 and real paho-mqtt clients, all waits bounded.
 
 pytest runs with --import-mode=importlib, so test modules cannot import from here: they get
-what they need through fixtures (``peer``, ``custom_broker``, ``raw_mqtt``) and compare
-received messages with plain tuples (``Msg`` is a NamedTuple).
+what they need through fixtures (``peer``, ``custom_broker``, ``raw_mqtt``; ``any_broker`` and
+``any_peer`` for behaviour the embedded broker shares with mosquitto) and compare received
+messages with plain tuples (``Msg`` is a NamedTuple).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
+import os
 import queue
+import shutil
+import signal
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -95,9 +104,10 @@ class Peer:
         """Everything received so far, provably complete, probe messages left out.
 
         Subscribes to a fresh probe topic, then publishes to it and waits for that message.
-        amqtt handles one client's packets in order in one loop and finishes a SUBSCRIBE's
-        retained deliveries before it reads the client's next packet, so whatever the broker
-        was going to send for earlier CONNECT/SUBSCRIBEs has arrived before the probe.
+        Both brokers handle a client's packets in order, start a SUBSCRIBE's retained
+        deliveries right after its SUBACK and send what they forward to a client in the order
+        they started it; the probe goes out only once its own SUBACK is in, so whatever the
+        broker was going to send for earlier CONNECT/SUBSCRIBE/PUBLISHes arrives before it.
         """
         probe = f"{PROBE}/{self.client_id}/{next(self._serial)}"
         self.subscribe(probe)
@@ -111,11 +121,16 @@ class Peer:
                 received.append(msg)
 
 
-def peers_of(broker_thread: BrokerThread) -> Iterator[Callable[..., Peer]]:
+class Listening(Protocol):
+    @property
+    def port(self) -> int: ...
+
+
+def peers_of(broker: Listening) -> Iterator[Callable[..., Peer]]:
     made: list[Peer] = []
 
     def make(client_id: str, *, connect: bool = True, keepalive: int = 30) -> Peer:
-        peer = Peer(broker_thread.port, client_id, keepalive=keepalive)
+        peer = Peer(broker.port, client_id, keepalive=keepalive)
         made.append(peer)
         if connect:
             peer.connect()
@@ -183,6 +198,65 @@ def closed_by_peer(sock: socket.socket, timeout: float = WAIT) -> bool:
     return True
 
 
+# --- mosquitto, the reference broker ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningBroker:
+    """A broker a test talks to: ``kind`` is "embedded" or "mosquitto"."""
+
+    kind: str
+    port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mosquitto(root: Path) -> Iterator[int]:
+    """A fresh mosquitto (no retained state) on a free 127.0.0.1 port; yields the port and
+    stops it by pid."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    assert Path(binary).exists(), "mosquitto is not installed: run `make setup`"
+    for _ in range(3):  # the free port may be taken between the probe and mosquitto's bind
+        port, log = _free_port(), root / "mosquitto.log"
+        conf = root / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        with log.open("wb") as out:
+            proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=out)
+        try:
+            if _listening(proc, port):
+                yield port
+                return
+        finally:
+            _stop(proc)
+    raise AssertionError(f"mosquitto did not start: {log.read_text()[-2000:]}")
+
+
+def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
+    deadline = time.monotonic() + WAIT
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=WAIT)
+
+
 # --- fixtures -----------------------------------------------------------------------------
 
 
@@ -196,6 +270,23 @@ def broker() -> Iterator[BrokerThread]:
 def peer(broker: BrokerThread) -> Iterator[Callable[..., Peer]]:
     """``peer("n1")``: a connected Peer on the ``broker`` fixture, closed after the test."""
     yield from peers_of(broker)
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningBroker]:
+    """Each test that uses it runs twice: on the embedded broker and on a fresh mosquitto."""
+    if request.param == "embedded":
+        with BrokerThread() as running:
+            yield RunningBroker("embedded", running.port)
+    else:
+        with mosquitto(tmp_path) as port:
+            yield RunningBroker("mosquitto", port)
+
+
+@pytest.fixture
+def any_peer(any_broker: RunningBroker) -> Iterator[Callable[..., Peer]]:
+    """``any_peer("n1")``: a connected Peer on ``any_broker``, closed after the test."""
+    yield from peers_of(any_broker)
 
 
 @pytest.fixture

@@ -1,0 +1,41 @@
+"""`linguamq bench transport` with tiny counts: the report's shape, not the speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from linguamq.tools.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("embedded_in", ["process", "thread"])
+def test_bench_transport_reports_both_brokers_at_both_sizes(capsys: pytest.CaptureFixture[str],
+                                                           embedded_in: str) -> None:
+    code = main(["bench", "transport", "--json", "--count-small", "5", "--count-large", "3",
+                 "--warmup", "1", "--embedded-in", embedded_in])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["embedded_in"] == embedded_in
+    rows = {(r["broker"], r["size"]): r for r in report["results"]}
+    assert set(rows) == {(b, s) for b in ("embedded", "mosquitto") for s in ("8KiB", "1MiB")}
+    for (_, size), row in rows.items():
+        assert row["count"] == (5 if size == "8KiB" else 3)
+        assert row["tensor_bytes"] == {"8KiB": 8 * 1024, "1MiB": 1024 * 1024}[size]
+        assert row["payload_bytes"] > row["tensor_bytes"]  # the envelope's header
+        assert 0 < row["min_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
+    for size in ("8KiB", "1MiB"):
+        expected = rows["embedded", size]["median_ms"] / rows["mosquitto", size]["median_ms"]
+        assert report["ratio_embedded_to_mosquitto"][size] == pytest.approx(expected, rel=1e-2)
+    assert set(report["targets_met"]) == {"embedded_median_8KiB", "ratio_8KiB", "ratio_1MiB"}
+    assert report["mosquitto_version"]
+
+
+def test_bench_transport_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "transport", "--count-small", "2", "--count-large", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "embedded / mosquitto median at 8KiB" in out
+    rows = [line.split()[:2] for line in out.splitlines() if line.split()[1:2] in (["8KiB"], ["1MiB"])]
+    assert sorted(rows) == [["embedded", "1MiB"], ["embedded", "8KiB"], ["mosquitto", "1MiB"], ["mosquitto", "8KiB"]]
