@@ -13,7 +13,6 @@ Each piece is one self-contained .onnx file (no external data) so its sha256 nam
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import time
 import warnings
@@ -30,7 +29,7 @@ from linguamq.models.config import ModelConfig
 from linguamq.models.costs import piece_costs
 from linguamq.models.errors import ExportError
 from linguamq.models.hf import ModelDir, load_model, open_model_dir
-from linguamq.schemas.manifest import ModelManifest, PieceSpec, TensorSpec
+from linguamq.schemas.manifest import ModelManifest, PieceSpec, TensorSpec, file_sha256
 
 MANIFEST = "manifest.json"
 OPSET = 17
@@ -177,7 +176,7 @@ def _piece_spec(index: int, kind: str, name: str, module: nn.Module, cfg: ModelC
                 options: ExportOptions) -> PieceSpec:
     graph = onnx.load(str(path), load_external_data=False).graph
     costs = piece_costs(kind, module, cfg, act_itemsize=2 if options.dtype == "fp16" else 4)
-    return PieceSpec(index=index, name=name, kind=kind, file=path.name, sha256=_sha256(path),
+    return PieceSpec(index=index, name=name, kind=kind, file=path.name, sha256=file_sha256(path),
                      bytes=path.stat().st_size, inputs=_tensor_specs(graph.input),
                      outputs=_tensor_specs(graph.output), **dataclasses.asdict(costs))
 
@@ -186,14 +185,6 @@ def _tensor_specs(values: object) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(name=v.name, dtype=ONNX_DTYPES[v.type.tensor_type.elem_type],
                             shape=tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
                  for v in values)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _manifest(model_dir: ModelDir, options: ExportOptions, max_context: int, pieces: tuple[PieceSpec, ...],
@@ -205,6 +196,6 @@ def _manifest(model_dir: ModelDir, options: ExportOptions, max_context: int, pie
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size, max_context=max_context,
         act_dtype="float16" if options.dtype == "fp16" else "float32",
-        tokenizer_file=tokenizer.name, tokenizer_sha256=_sha256(tokenizer),
+        tokenizer_file=tokenizer.name, tokenizer_sha256=file_sha256(tokenizer),
         eos_token_ids=model_dir.eos_token_ids, bos_token_id=model_dir.bos_token_id, pieces=pieces,
     )

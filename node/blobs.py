@@ -9,7 +9,6 @@ longer matches (a corrupted disk) is fetched again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
@@ -20,6 +19,7 @@ import structlog
 
 from linguamq import topics
 from linguamq.schemas.blobs import BlobChunk, BlobRequest, encode_chunk
+from linguamq.schemas.manifest import file_sha256
 from linguamq.topics.client import MqttClient
 
 log = structlog.get_logger()
@@ -29,14 +29,6 @@ CHUNK_BYTES = 1 << 20
 
 class BlobError(RuntimeError):
     """An artifact could not be fetched or failed its hash check."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class BlobCache:

@@ -14,7 +14,6 @@ cache is dropped, since some layers would already have advanced; the head re-pre
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +29,7 @@ from linguamq.node.errors import (
     RuntimeInputError,
 )
 from linguamq.node.kvcache import KVCache
-from linguamq.schemas.manifest import ModelManifest, PieceSpec
+from linguamq.schemas.manifest import ModelManifest, PieceSpec, file_sha256
 
 # The piece interface written by `linguamq export` (inputs, outputs), by kind.
 PIECE_IO = {
@@ -186,7 +185,7 @@ def _load_piece(artifact_dir: Path, spec: PieceSpec, options: ort.SessionOptions
     path = artifact_dir / spec.file
     if not path.is_file():
         raise ArtifactError(f"piece {spec.name}: file {str(path)!r} is missing")
-    if verify and _sha256(path) != spec.sha256:
+    if verify and file_sha256(path) != spec.sha256:
         raise ArtifactError(f"piece {spec.name}: {spec.file} does not match its sha256 in the manifest")
     try:
         # From the path, not from bytes: ORT's Python session keeps a model given as bytes
@@ -197,14 +196,6 @@ def _load_piece(artifact_dir: Path, spec: PieceSpec, options: ort.SessionOptions
                             f"{str(exc).splitlines()[0]}") from exc
     _check_io(spec, session)
     return LoadedPiece(spec=spec, session=session)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_io(spec: PieceSpec, session: ort.InferenceSession) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Literal
 
 from linguamq.schemas.errors import SchemaError
@@ -79,4 +81,13 @@ class ModelManifest(Message):
         return self.pieces[index]
 
 
-__all__ = ["ModelManifest", "PieceSpec", "TensorSpec", "ID_PATTERN"]
+def file_sha256(path: Path) -> str:
+    """The hash a manifest records for a file (``PieceSpec.sha256``, ``tokenizer_sha256``)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["ModelManifest", "PieceSpec", "TensorSpec", "ID_PATTERN", "file_sha256"]

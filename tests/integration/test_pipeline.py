@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from linguamq import topics
-from linguamq.node.blobs import file_sha256
+from linguamq.schemas.manifest import file_sha256
 from linguamq.schemas import envelope
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.manifest import ModelManifest
