@@ -54,6 +54,8 @@ class NodeSettings:
     telemetry_interval_s: float = 1.0
     queue_size: int = 256
     spin: bool = True  # ORT threads spin between ops; off when several nodes share a machine
+    kv_max_mb: float = 1024.0  # KV cache bound; least recently used sessions are evicted beyond it
+    kv_ttl_s: float = 600.0  # sessions idle this long are dropped
 
 
 def status_will(cluster: str, name: str) -> Will:
@@ -75,7 +77,7 @@ class NodeDaemon:
         self._blobs = BlobCache(root=settings.cache_dir / "blobs", client=client, cluster=settings.cluster,
                                 node=settings.name)
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=settings.queue_size)
-        self._kv = KVCache()
+        self._kv = self._new_cache()
         self._manifest: ModelManifest | None = None
         self._manifest_sha = ""
         self._pending: Assignment | None = None  # arrived before its manifest
@@ -159,6 +161,7 @@ class NodeDaemon:
             try:
                 kind, item = self._work.get(timeout=0.1)
             except queue.Empty:
+                self._kv.expire()
                 continue
             try:
                 match kind:
@@ -191,7 +194,8 @@ class NodeDaemon:
             return self._report("internal", f"cannot load epoch {assignment.epoch}: {exc}")
         for first in self._stages:
             self._client.unsubscribe(topics.ACT.build(self._cluster, piece=first))
-        self._kv = KVCache()  # a new epoch re-prefills every session
+        self._kv = self._new_cache()  # a new epoch re-prefills every session
+        self._timings = {}  # timings of the old segments are no measure of the new ones
         self._stages, self.epoch = stages, assignment.epoch
         for first in stages:
             self._client.subscribe(topics.ACT, topics.ACT.build(self._cluster, piece=first), self._on_act,
@@ -229,6 +233,9 @@ class NodeDaemon:
                        mbps=round(link[1]), mem_budget_mb=round(self.profile.mem_budget_mb))
         self._publish_status(self._state)
 
+    def _new_cache(self) -> KVCache:
+        return KVCache(max_bytes=int(self.settings.kv_max_mb * 2**20), ttl_s=self.settings.kv_ttl_s)
+
     def _budget_mb(self) -> float:
         return self.settings.mem_budget_mb or system.sample().free_mem_mb
 
@@ -260,13 +267,13 @@ class NodeDaemon:
                 for seg in assignment.segments}
 
     def _run_act(self, topic: str, header: ActHeader, array: np.ndarray, t_recv: float) -> None:
+        if header.epoch != self.epoch:  # first: an envelope sent before a replan may be for a piece moved away
+            return self._report("stale_epoch", f"envelope of epoch {header.epoch}, node is at {self.epoch}",
+                                topic=topic, ref=header.session)
         stage = self._stages.get(header.piece)
         if stage is None:
             return self._report("bad_request", f"this node does not run piece {header.piece}", topic=topic,
                                 ref=header.session)
-        if header.epoch != self.epoch:
-            return self._report("stale_epoch", f"envelope of epoch {header.epoch}, node is at {self.epoch}",
-                                topic=topic, ref=header.session)
         if header.end:
             stage.runtime.drop(header.session)
             return self._forward_end(stage, header)

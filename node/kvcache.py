@@ -1,11 +1,17 @@
-"""Per-session, per-layer KV cache of a node.
+"""Per-session, per-layer KV cache of a node, bounded in bytes and in idle time.
 
 Keys and values are kept as the arrays the layer pieces return, shape
 (1, kv_heads, positions, head_dim); a step replaces them with the longer `present`
-arrays. Memory bounds and expiry come later; `nbytes` is there so they can.
+arrays. Over ``max_bytes`` the least recently used sessions are evicted; sessions idle
+for ``ttl_s`` are dropped by ``expire``. An evicted session is not lost: its next step
+is answered `unknown_session` and the head re-prefills it from its token history.
 """
 
 from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -13,15 +19,28 @@ KV = tuple[np.ndarray, np.ndarray]
 
 
 class KVCache:
-    def __init__(self) -> None:
-        self._store: dict[str, dict[int, KV]] = {}
+    def __init__(self, *, max_bytes: int = 0, ttl_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``max_bytes`` 0 and ``ttl_s`` 0: no bound."""
+        self._store: OrderedDict[str, dict[int, KV]] = OrderedDict()  # least recently used first
+        self._used: dict[str, float] = {}
+        self._bytes: dict[str, int] = {}
+        self._total = 0
+        self.max_bytes, self.ttl_s, self._clock = max_bytes, ttl_s, clock
+        self.evicted = 0  # sessions dropped by the bounds, since start
 
     def get(self, session: str, layer: int) -> KV | None:
         """(key, value) cached for this session and layer (the layer's index in the model)."""
         return self._store.get(session, {}).get(layer)
 
     def put(self, session: str, layer: int, key: np.ndarray, value: np.ndarray) -> None:
-        self._store.setdefault(session, {})[layer] = (key, value)
+        layers = self._store.setdefault(session, {})
+        old = layers.get(layer)
+        self._account(session, key.nbytes + value.nbytes - (old[0].nbytes + old[1].nbytes if old else 0))
+        layers[layer] = (key, value)
+        self._store.move_to_end(session)
+        self._used[session] = self._clock()
+        self._evict_over_budget(keep=session)
 
     def length(self, session: str, layer: int) -> int:
         """Positions cached for this session and layer (0 when none)."""
@@ -36,17 +55,41 @@ class KVCache:
         layers = self._store.get(session, {})
         for layer, (key, value) in layers.items():
             if key.shape[2] > length:  # copies: ONNX Runtime wants contiguous inputs
-                layers[layer] = (key[:, :, :length].copy(), value[:, :, :length].copy())
+                cut = (key[:, :, :length].copy(), value[:, :, :length].copy())
+                self._account(session, cut[0].nbytes + cut[1].nbytes - key.nbytes - value.nbytes)
+                layers[layer] = cut
         return None
 
     def drop(self, session: str) -> None:
         """Forget a session (finished, cancelled or to be re-prefilled); unknown ids are fine."""
         self._store.pop(session, None)
+        self._used.pop(session, None)
+        self._total -= self._bytes.pop(session, 0)
+
+    def expire(self) -> list[str]:
+        """Drop the sessions idle for longer than ``ttl_s``; returns them."""
+        if not self.ttl_s:
+            return []
+        cutoff = self._clock() - self.ttl_s
+        idle = [s for s, used in self._used.items() if used < cutoff]
+        for session in idle:
+            self.drop(session)
+        self.evicted += len(idle)
+        return idle
 
     def sessions(self) -> tuple[str, ...]:
         return tuple(self._store)
 
     def nbytes(self, session: str | None = None) -> int:
         """Bytes held for one session, or for all of them."""
-        stores = [self._store.get(session, {})] if session is not None else list(self._store.values())
-        return sum(k.nbytes + v.nbytes for layers in stores for k, v in layers.values())
+        return self._total if session is None else self._bytes.get(session, 0)
+
+    def _account(self, session: str, delta: int) -> None:
+        self._bytes[session] = self._bytes.get(session, 0) + delta
+        self._total += delta
+
+    def _evict_over_budget(self, *, keep: str) -> None:
+        while self.max_bytes and self._total > self.max_bytes and len(self._store) > 1:
+            oldest = next(s for s in self._store if s != keep)
+            self.drop(oldest)
+            self.evicted += 1

@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="behave like a device X times slower (sleeps; for experiments)")
     parser.add_argument("--mem-budget", type=float, default=0.0, metavar="MB",
                         help="refuse assignments whose pieces exceed this many MB (0 = no budget)")
+    parser.add_argument("--kv-max-mb", type=float, default=1024.0, metavar="MB",
+                        help="KV cache bound; least recently used sessions are evicted beyond it (default 1024)")
+    parser.add_argument("--kv-ttl", type=float, default=600.0, metavar="S",
+                        help="drop a session's KV cache after S idle seconds (default 600)")
     parser.add_argument("--no-spin", action="store_true",
                         help="ONNX Runtime threads sleep between ops (several nodes on one machine)")
 
@@ -34,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
         validate_id("cluster", args.cluster)
         if args.slowdown < 1.0:
             raise ValueError(f"--slowdown must be >= 1, got {args.slowdown}")
-        if args.mem_budget < 0 or args.threads < 0:
-            raise ValueError("--mem-budget and --threads must be >= 0")
+        if min(args.mem_budget, args.threads, args.kv_max_mb, args.kv_ttl) < 0:
+            raise ValueError("--mem-budget, --threads, --kv-max-mb and --kv-ttl must be >= 0")
         settings = NodeSettings(name=args.name, cluster=args.cluster, cache_dir=args.cache, threads=args.threads,
-                                slowdown=args.slowdown, mem_budget_mb=args.mem_budget, spin=not args.no_spin)
+                                slowdown=args.slowdown, mem_budget_mb=args.mem_budget, spin=not args.no_spin,
+                                kv_max_mb=args.kv_max_mb, kv_ttl_s=args.kv_ttl)
         client = MqttClient(url=args.broker, client_id=f"node-{args.name}",
                             will=status_will(args.cluster, args.name)).start()
     except (TopicError, MqttError, ValueError) as exc:
