@@ -8,6 +8,7 @@ import sys
 
 from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.requests import GenerateRequest, Sampling
+from linguamq.tools.args import add_generation_arguments
 from linguamq.tools.remote import generate_remote, new_request_id
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttClient, MqttError
@@ -16,14 +17,7 @@ from linguamq.topics.client import MqttClient, MqttError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST:PORT of the hub's broker")
     parser.add_argument("--cluster", default="home", help="cluster name (default home)")
-    parser.add_argument("--prompt", required=True, help="prompt text")
-    parser.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off (default)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--stop", action="append", default=[], metavar="STR",
-                        help="stop once the text contains STR (repeatable)")
+    add_generation_arguments(parser, seed_default=0)
     parser.add_argument("--id", help="request id (default: random)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up after S seconds without a response (default 120)")

@@ -10,19 +10,13 @@ from linguamq.node.errors import NodeError
 from linguamq.node.runtime import RuntimeSettings
 from linguamq.node.sampling import SamplingParams
 from linguamq.schemas.errors import SchemaError
+from linguamq.tools.args import add_generation_arguments
 from linguamq.tools.local import generate_local, open_local
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifacts", metavar="ARTDIR", help="directory written by `linguamq export`")
-    parser.add_argument("--prompt", required=True, help="prompt text")
-    parser.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off (default)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
-    parser.add_argument("--stop", action="append", default=[], metavar="STR",
-                        help="stop once the text contains STR (repeatable)")
+    add_generation_arguments(parser, seed_default=None)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
