@@ -34,6 +34,7 @@ from linguamq.schemas.wire import parse_json
 from linguamq.topics.client import MqttClient
 
 log = structlog.get_logger()
+MAX_REPREFILLS = 3  # per session, after nodes lost its KV; then the request fails
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,7 @@ class _Session:
     t_start: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0  # last progress, for the step timeout
+    reprefills: int = 0  # after a node lost the session's KV (evicted, expired, restarted)
 
 
 class Head:
@@ -226,8 +228,15 @@ class Head:
             session = self._sessions.get(report.ref or "")
             if session is None or report.reporter == self.settings.name:
                 return
-            if report.code in ("unknown_session", "stale_epoch") and self._ready_epoch > session.epoch:
+            if report.code == "stale_epoch":
+                # A replan is under way: a node switched before the head, which re-prefills every
+                # session once the new epoch is ready (the step watchdog ends one that never is).
+                return
+            if report.code == "unknown_session" and self._ready_epoch > session.epoch:
                 return  # the re-prefill under the new epoch is already on its way
+            if report.code == "unknown_session" and session.reprefills < MAX_REPREFILLS:
+                session.reprefills += 1  # a node dropped its KV (bounds, expiry): rebuild it
+                return self._prefill(session)
             self._finish(session, "error", f"{report.reporter}: {report.message}")
 
     def _watch(self) -> None:

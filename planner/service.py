@@ -7,7 +7,10 @@ A new epoch is published when
   for ``drift_reports`` telemetry reports in a row; its profile is corrected by the
   measured ratio and the plan re-solved, but the new plan is adopted only if it is
   predicted ``hysteresis`` faster than the current one under the corrected profiles
-  (moving weights is not free; a steady cluster publishes no new epoch).
+  (moving weights is not free; a steady cluster publishes no new epoch). A node not
+  measured yet is assumed off by as much as the measured nodes' probes were when first
+  measured (the median), so that correcting one node's probe does not make the others
+  look faster; a stage without FLOPs (the embedding alone) is never judged.
 State changes of the same nodes (loading -> ready) never replan. Every few seconds the
 retained plan is re-published under the same epoch with measured figures beside the
 predicted ones, so `linguamq plan` and tracers can show how good the prediction is.
@@ -16,6 +19,7 @@ predicted ones, so `linguamq plan` and tracers can show how good the prediction 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import threading
 import time
 
@@ -56,7 +60,8 @@ class PlannerService:
         self._lock = threading.Lock()
         self._status: dict[str, NodeStatus] = {}
         self._joined: dict[str, float] = {}
-        self._scale: dict[str, float] = {}  # measured / profiled compute, per node
+        self._scale: dict[str, float] = {}  # measured / profiled compute, per measured node
+        self._calibration: dict[str, float] = {}  # each node's scale when first measured: how far its probe was off
         self._drift: dict[str, int] = {}  # consecutive drifting reports
         self._measured: dict[str, float] = {}  # stage compute ms (EWMA) per node
         self._changed_at: float | None = None
@@ -112,14 +117,31 @@ class PlannerService:
             self._measured[report.node] = timing.ms_ewma
             if self.settings.objective == "even":
                 return
-            ratio = timing.ms_ewma / max(self._predicted_compute(stage), 1e-6)
+            predicted = self._predicted_compute(stage)
+            if predicted <= 0:  # no FLOPs (an embedding lookup alone): nothing to scale a profile by
+                return
+            ratio = timing.ms_ewma / predicted
             drifting = ratio > self.settings.drift_ratio or ratio < 1 / self.settings.drift_ratio
+            if not drifting and report.node not in self._calibration:  # first measured, as predicted
+                self._scale[report.node] = self._calibration[report.node] = self._scale_of(report.node)
             self._drift[report.node] = self._drift.get(report.node, 0) + 1 if drifting else 0
             if self._drift[report.node] >= self.settings.drift_reports:
-                self._scale[report.node] = self._scale.get(report.node, 1.0) * ratio
+                self._scale[report.node] = self._scale_of(report.node) * ratio
+                self._calibration.setdefault(report.node, self._scale[report.node])
                 self._drift[report.node] = 0
                 self._drift_due = True
                 log.info("node drifted", node=report.node, measured_over_predicted=round(ratio, 2))
+
+    def _scale_of(self, node: str) -> float:
+        """Measured over profiled compute of ``node``. A node not measured yet (idle, or new)
+        is assumed off by as much as the measured nodes' probes were when first measured:
+        the probe times one layer alone and warm in the CPU cache, and a real segment runs
+        slower by a factor common to the nodes of a cluster; correcting only the measured
+        nodes would make every unmeasured one look faster than it is and move work to it
+        (a replan per node as each gets measured in turn, on a steady cluster)."""
+        if node in self._scale:
+            return self._scale[node]
+        return statistics.median(self._calibration.values()) if self._calibration else 1.0
 
     def _members(self) -> frozenset[str]:
         return frozenset(n for n, s in self._status.items() if s.state != "offline")
@@ -132,8 +154,8 @@ class PlannerService:
     def _candidate(self, node: str) -> Candidate:
         status = self._status[node]
         profile = status.profile
-        if profile is not None and self._scale.get(node, 1.0) != 1.0:
-            k = self._scale[node]
+        if profile is not None and self._scale_of(node) != 1.0:
+            k = self._scale_of(node)
             profile = dataclasses.replace(profile, ms_per_gflop_decode=profile.ms_per_gflop_decode * k,
                                           ms_per_gflop_prefill=profile.ms_per_gflop_prefill * k)
         return Candidate(name=node, mem_budget_mb=status.mem_budget_mb, profile=profile)
@@ -195,11 +217,12 @@ class PlannerService:
         proposal = self._solve(members)
         if proposal is None:
             return
-        if proposal.predicted_ms_per_token < before * (1 - self.settings.hysteresis):
+        with self._lock:  # like for like: a throughput plan's predicted_ms_per_token is its latency
+            after = self._value(proposal)
+        if after < before * (1 - self.settings.hysteresis):
             self._publish(proposal, members, f"drift: current plan now predicted {before:.1f} ms/token")
         else:
-            log.info("drift absorbed, plan kept", current_ms=round(before, 2),
-                     best_ms=round(proposal.predicted_ms_per_token, 2))
+            log.info("drift absorbed, plan kept", current_ms=round(before, 2), best_ms=round(after, 2))
 
     def _solve_and_publish(self, members: frozenset[str], reason: str) -> None:
         plan = self._solve(members)

@@ -31,11 +31,7 @@ PROMPT = "The distributed pipeline carries activations between small devices ove
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="model cache and logs")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(parser)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="ORT threads per node and for run-local (default 1)")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -46,10 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    art = bench_model(args.workdir, layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab)
+    art = model_from_args(args)
     report = compare_trace(args, art) if args.compare_trace else measure(args, art)
     print(json.dumps(report, indent=2) if args.json else (trace_table if args.compare_trace else table)(report))
     return 0
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workdir and the dimensions of the bench model (default: the ~100M llama)."""
+    parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="model cache and logs")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=32000)
+
+
+def model_from_args(args: argparse.Namespace) -> Path:
+    return bench_model(args.workdir, layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab)
 
 
 def bench_model(workdir: Path, *, layers: int, hidden: int, heads: int, vocab: int) -> Path:

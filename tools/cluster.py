@@ -36,9 +36,10 @@ def linguamq_argv(*args: str) -> list[str]:
 class LocalCluster:
     def __init__(self, *, artifacts: Path, nodes: list[NodeSpec], workdir: Path, cluster: str = "home",
                  broker_url: str | None = None, log_level: str = "warning", settle_s: float = 0.5,
-                 objective: str = "latency") -> None:
+                 objective: str = "latency", hub_args: tuple[str, ...] = ()) -> None:
         self.artifacts, self.nodes, self.workdir, self.cluster = Path(artifacts), nodes, Path(workdir), cluster
         self.objective = objective
+        self.hub_args = tuple(hub_args)  # more `linguamq hub` options (--plan-sessions, --drift-ratio)
         self._broker_arg, self._log_level, self._settle = broker_url, log_level, settle_s
         self.url = broker_url or ""
         self.hub: subprocess.Popen | None = None
@@ -52,7 +53,7 @@ class LocalCluster:
         broker = ["--broker", self._broker_arg] if self._broker_arg else ["--port", "0"]
         self.hub = self._spawn("hub", ["hub", "--artifacts", str(self.artifacts), *broker, "--cluster", self.cluster,
                                        "--min-nodes", str(len(self.nodes)), "--settle", str(self._settle), "--json",
-                                       "--objective", self.objective],
+                                       "--objective", self.objective, *self.hub_args],
                                stdout=subprocess.PIPE)
         ready = self._read_ready_line(self.hub, timeout)
         self.url = ready["broker"]

@@ -16,6 +16,8 @@ BENCHES: dict[str, str] = {
     "transport": "one MQTT hop of an activation envelope (8 KiB, 1 MiB): embedded broker vs mosquitto",
     "pipeline": "decode ms/token of local node processes vs run-local (~100M model)",
     "planner": "placement MILP solve time: 34 pieces x 8 devices, 130 x 16 (both objectives)",
+    "hetero": "4 emulated devices (~100M model): planned vs even split, pipelining, rebalancing, prediction",
+    "failover": "kill -9 of a middle stage node: time to the interrupted request's next token (~100M model)",
 }
 
 

@@ -29,16 +29,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds the node set must be stable before replanning (default 1)")
     parser.add_argument("--objective", choices=("latency", "throughput", "even"), default="latency",
                         help="what the planner optimises; even = LinguaLinked's baseline split (default latency)")
+    parser.add_argument("--plan-sessions", type=int, default=1, metavar="N",
+                        help="sessions the planner plans for: KV memory on each node, and sessions in flight "
+                             "for --objective throughput (default 1)")
+    parser.add_argument("--drift-ratio", type=float, default=1.3, metavar="R",
+                        help="replan when a node's measured stage time stays this far off the prediction; "
+                             "inf: never replan on drift (default 1.3)")
     parser.add_argument("--json", action="store_true", help="print the ready line as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     tune_for_latency()
+    if args.plan_sessions < 1 or not args.drift_ratio > 1:
+        print("linguamq hub: error: --plan-sessions must be >= 1 and --drift-ratio > 1", file=sys.stderr)
+        return 2
     try:
         validate_id("cluster", args.cluster)
         hub = Hub(HubSettings(artifacts=args.artifacts, cluster=args.cluster, host=args.host, port=args.port,
                               broker_url=args.broker, min_nodes=args.min_nodes, settle_s=args.settle,
-                              objective=args.objective, broker_in_process=not args.broker_thread)).start()
+                              objective=args.objective, broker_in_process=not args.broker_thread,
+                              plan_sessions=args.plan_sessions, drift_ratio=args.drift_ratio)).start()
     except (OSError, SchemaError, TopicError, MqttError, BrokerError) as exc:
         print(f"linguamq hub: error: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,8 @@ class HubSettings:
     settle_s: float = 1.0
     objective: str = "latency"  # or "throughput", or "even" (LinguaLinked's baseline split)
     max_sessions: int = 64
+    plan_sessions: int = 1  # sessions the planner plans for: KV per node, in flight for "throughput"
+    drift_ratio: float = 1.3  # replan when a node's measured time is this far off; inf: never
 
 
 def load_manifest(artifacts: Path) -> tuple[ModelManifest, bytes]:
@@ -75,7 +77,8 @@ class Hub:
         files = {p.sha256: s.artifacts / p.file for p in self.manifest.pieces}
         self._start(BlobServer(client=control, cluster=s.cluster, files=files, reporter=f"hub-{s.cluster}"))
         manifest_sha = hashlib.sha256(self._manifest_bytes).hexdigest()
-        planner = PlannerSettings(objective=s.objective, settle_s=s.settle_s, min_nodes=s.min_nodes)
+        planner = PlannerSettings(objective=s.objective, settle_s=s.settle_s, min_nodes=s.min_nodes,
+                                  max_sessions=s.plan_sessions, drift_ratio=s.drift_ratio)
         self.planner = self._start(PlannerService(client=control, cluster=s.cluster, manifest=self.manifest,
                                                   manifest_sha256=manifest_sha, settings=planner))
         encode, decode = tokenizer_codec(s.artifacts, self.manifest)

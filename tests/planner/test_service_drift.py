@@ -1,0 +1,125 @@
+"""The live planner's drift detection, fed status and telemetry directly (no broker).
+
+Regressions found by tests/integration/test_replanning.py and `linguamq bench hetero`:
+a stage without FLOPs (the embedding alone) was "predicted" ~0 ms, so its first reports
+scaled its node's profile by ~10^6; and when one node's first measurements corrected its
+profile, the nodes not measured yet kept their optimistic probes and looked faster, so a
+steady cluster moved work to them (a new epoch per node, as each got measured in turn).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from linguamq import topics
+from linguamq.planner.service import PlannerService, PlannerSettings
+from linguamq.schemas.cluster import NodeStatus, PieceTiming, Plan, Profile, Stage, Telemetry
+from linguamq.schemas.examples import MANIFEST, SHA
+
+CLUSTER = "t"
+PROFILE = Profile(ms_per_gflop_decode=50.0, ms_per_gflop_prefill=20.0, mem_budget_mb=0.0, rtt_ms=0.5,
+                  uplink_mbps=1000.0, downlink_mbps=1000.0)
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, object]] = []
+
+    def publish(self, topic, name, payload, wait=None) -> None:
+        self.published.append((name, payload))
+
+    def report_error(self, *args, **kwargs) -> None:
+        raise AssertionError(f"unexpected error report: {args} {kwargs}")
+
+
+def _manifest():
+    embed, layer, head = MANIFEST.pieces[0], MANIFEST.pieces[1], MANIFEST.pieces[-1]
+    layers = [dataclasses.replace(layer, index=i + 1, name=f"layer.{i}", file=f"layer.{i}.onnx") for i in range(4)]
+    pieces = (dataclasses.replace(embed, flops_per_token=0, flops_per_prompt_token=0), *layers,
+              dataclasses.replace(head, index=5))
+    return dataclasses.replace(MANIFEST, num_layers=4, pieces=pieces)
+
+
+@pytest.fixture
+def service() -> PlannerService:
+    """Nodes a (the embedding alone), b (every layer and the head) and c (idle), epoch 1."""
+    svc = PlannerService(client=_Client(), cluster=CLUSTER, manifest=_manifest(), manifest_sha256=SHA,
+                         settings=PlannerSettings(objective="latency"))
+    for node in "abc":
+        status = NodeStatus(node=node, state="ready", ts=1.0, epoch=1, profile=PROFILE)
+        svc._on_status(topics.NODE_STATUS.build(CLUSTER, node=node), status, False)
+    svc.plan = Plan(epoch=1, objective="latency", predicted_ms_per_token=1.0,
+                    stages=(Stage(node="a", first=0, last=0, predicted_ms=0.5),
+                            Stage(node="b", first=1, last=5, predicted_ms=0.5)))
+    return svc
+
+
+def report(svc: PlannerService, node: str, ms: float, reports: int = 3) -> None:
+    first = next(s.first for s in svc.plan.stages if s.node == node)
+    for seq in range(reports):
+        telemetry = Telemetry(node=node, ts=2.0 + seq, seq=seq, epoch=1,
+                              pieces=(PieceTiming(piece=first, ms_ewma=ms, runs=10 + seq),))
+        svc._on_telemetry(topics.NODE_TELEMETRY.build(CLUSTER, node=node), telemetry, False)
+
+
+def predicted(svc: PlannerService, node: str) -> float:
+    return svc._predicted_compute(next(s for s in svc.plan.stages if s.node == node))
+
+
+def test_a_stage_without_flops_never_drifts(service: PlannerService) -> None:
+    assert predicted(service, "a") == 0.0
+    report(service, "a", 0.05, reports=5)  # an embedding lookup's fixed per-call time
+    assert service._scale_of("a") == 1.0 and not service._drift_due
+    assert service._measured["a"] == 0.05  # still shown beside the prediction
+
+
+def test_a_drift_is_confirmed_by_consecutive_reports(service: PlannerService) -> None:
+    report(service, "b", 2.5 * predicted(service, "b"), reports=2)
+    assert not service._drift_due and service._scale_of("b") == 1.0
+    report(service, "b", 2.5 * predicted(service, "b"), reports=1)
+    assert service._drift_due and service._scale_of("b") == pytest.approx(2.5)
+
+
+def test_an_unmeasured_node_is_assumed_off_like_the_measured_ones(service: PlannerService) -> None:
+    report(service, "b", 2.5 * predicted(service, "b"))
+    assert service._scale_of("c") == pytest.approx(2.5)  # idle: corrected like b's probe was
+    scaled = service._candidate("c").profile
+    assert scaled.ms_per_gflop_decode == pytest.approx(2.5 * PROFILE.ms_per_gflop_decode)
+
+
+def test_a_slowdown_after_the_first_measurement_is_not_taken_for_probe_error(service: PlannerService) -> None:
+    report(service, "b", 1.1 * predicted(service, "b"), reports=1)  # first measured: as predicted
+    report(service, "b", 4.0 * predicted(service, "b"))  # then 4x slower: the node, not the probe
+    assert service._scale_of("b") == pytest.approx(4.0)
+    assert service._scale_of("c") == pytest.approx(1.0)
+
+
+def test_a_throughput_plan_is_compared_by_its_period_not_its_latency() -> None:
+    """`Plan.predicted_ms_per_token` is the single-stream latency whatever the objective;
+    the replan decision compares the pipeline periods of the current and proposed plans."""
+    embed, layer, head = MANIFEST.pieces[0], MANIFEST.pieces[1], MANIFEST.pieces[-1]
+    layers = [dataclasses.replace(layer, index=i + 1, name=f"layer.{i}", file=f"layer.{i}.onnx",
+                                  flops_per_token=100_000_000, attn_flops_per_position=0) for i in range(12)]
+    pieces = (dataclasses.replace(embed, flops_per_token=0), *layers,
+              dataclasses.replace(head, index=13, flops_per_token=0))
+    client = _Client()
+    svc = PlannerService(client=client, cluster=CLUSTER, manifest=dataclasses.replace(MANIFEST, num_layers=12,
+                                                                                       pieces=pieces),
+                         manifest_sha256=SHA, settings=PlannerSettings(objective="throughput", max_sessions=3))
+    for node in "abc":
+        svc._on_status(topics.NODE_STATUS.build(CLUSTER, node=node),
+                       NodeStatus(node=node, state="ready", ts=1.0, epoch=1, profile=PROFILE), False)
+    svc.plan = Plan(epoch=1, objective="throughput", predicted_ms_per_token=60.0,
+                    stages=(Stage(node="a", first=0, last=4, predicted_ms=20.0),
+                            Stage(node="b", first=5, last=8, predicted_ms=20.0),
+                            Stage(node="c", first=9, last=13, predicted_ms=20.0)))
+    svc._planned_for = frozenset("abc")
+    svc._scale["b"] = 1.5  # b measured 1.5x slower: its 4 layers now take 30 ms, the period
+    before = svc._value(svc.plan)
+    svc._on_drift(frozenset("abc"))
+    plans = [p for _, p in client.published if isinstance(p, Plan)]
+    assert len(plans) == 1, "a plan with a shorter period was not adopted"
+    assert svc._value(plans[0]) < 0.9 * before
+    assert plans[0].predicted_ms_per_token > before  # its latency: the old comparison kept the slow plan
