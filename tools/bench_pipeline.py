@@ -16,10 +16,12 @@ import contextlib
 import json
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from linguamq.node.runtime import RuntimeSettings
+from linguamq.schemas.cluster import Plan
 from linguamq.schemas.requests import GenerateRequest
 from linguamq.tools.cluster import LocalCluster, NodeSpec
 from linguamq.tools.local import generate_local, open_local
@@ -65,7 +67,10 @@ def bench_model(workdir: Path, *, layers: int, hidden: int, heads: int, vocab: i
     """Artifacts of a tiny llama of these dimensions, built once under ``workdir``."""
     root = workdir / f"llama-L{layers}-H{hidden}-A{heads}-V{vocab}"
     if not (root / "art" / "manifest.json").exists():
-        from linguamq.models.export import ExportOptions, export_model  # torch: only when building
+        from linguamq.models.export import (  # torch: only when building
+            ExportOptions,
+            export_model,
+        )
         from linguamq.models.tiny import TinySpec, make_tiny
         print(f"building the model in {root} (once) ...", file=sys.stderr, flush=True)
         make_tiny(TinySpec(family="llama", layers=layers, hidden=hidden, heads=heads, vocab=vocab), root / "hf")
@@ -73,16 +78,22 @@ def bench_model(workdir: Path, *, layers: int, hidden: int, heads: int, vocab: i
     return root / "art"
 
 
+@contextlib.contextmanager
+def even_cluster(args: argparse.Namespace, art: Path) -> Iterator[tuple[LocalCluster, MqttClient, Plan]]:
+    """``--nodes`` node processes on the even split, ready: the bench measures what
+    distribution costs, so every node takes part."""
+    nodes = [NodeSpec(f"n{i + 1}", threads=args.threads) for i in range(args.nodes)]
+    with LocalCluster(artifacts=art, nodes=nodes, workdir=args.workdir / "pipeline-run", cluster="bench",
+                      objective="even") as cluster, \
+            MqttClient(url=cluster.url, client_id="bench-pipeline") as client:
+        yield cluster, client, cluster.wait_ready(client, nodes=args.nodes, timeout=180)
+
+
 def measure(args: argparse.Namespace, art: Path) -> dict[str, Any]:
     local = open_local(art, RuntimeSettings(intra_op_threads=args.threads, allow_spinning=False))
     prompt_ids = local.tokenizer.encode(PROMPT).ids
-    nodes = [NodeSpec(f"n{i + 1}", threads=args.threads) for i in range(args.nodes)]
     rows: dict[str, list[tuple[float, float]]] = {"local": [], "distributed": []}
-    # Even split: the bench measures what distribution costs, so every node takes part.
-    with LocalCluster(artifacts=art, nodes=nodes, workdir=args.workdir / "pipeline-run", cluster="bench",
-                      objective="even") as cluster, \
-            MqttClient(url=cluster.url, client_id="bench-pipeline") as client, contextlib.ExitStack() as tracing:
-        plan = cluster.wait_ready(client, nodes=args.nodes, timeout=180)
+    with even_cluster(args, art) as (cluster, client, plan), contextlib.ExitStack() as tracing:
         if args.trace:
             tracing.enter_context(record_during(cluster.url, cluster.cluster, args.trace))
         for rep in range(args.reps + 1):  # rep 0 warms both sides up
@@ -120,15 +131,11 @@ def table(r: dict[str, Any]) -> str:
 def compare_trace(args: argparse.Namespace, art: Path) -> dict[str, Any]:
     """Decode ms/token (the head's figure) with a recording tracer on and off, alternating
     which goes first; each traced run starts its own tracer, appending to one record."""
-    nodes = [NodeSpec(f"n{i + 1}", threads=args.threads) for i in range(args.nodes)]
     record = args.trace or args.workdir / "trace-compare.jsonl"
     record.unlink(missing_ok=True)
     rows: dict[str, list[float]] = {"untraced": [], "traced": []}
     paired: list[float] = []  # traced / untraced within a rep: the two runs are seconds apart
-    with LocalCluster(artifacts=art, nodes=nodes, workdir=args.workdir / "pipeline-run", cluster="bench",
-                      objective="even") as cluster, \
-            MqttClient(url=cluster.url, client_id="bench-pipeline") as client:
-        plan = cluster.wait_ready(client, nodes=args.nodes, timeout=180)
+    with even_cluster(args, art) as (cluster, client, plan):
         for rep in range(args.reps + 1):  # rep 0 warms up
             for traced in (False, True) if rep % 2 else (True, False):
                 tracer = record_during(cluster.url, cluster.cluster, record, append=True) if traced \
