@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-
 from linguamq.schemas.cluster import Profile
 from linguamq.schemas.manifest import ModelManifest
 
@@ -147,6 +146,14 @@ def stage_ms(problem: Problem, device: Device, first: int, last: int) -> float:
 def need_mb(problem: Problem, first: int, last: int) -> float:
     s = problem.settings
     return sum(piece_weight_bytes(p, s) for p in problem.pieces[first:last + 1]) / MB + s.overhead_mb
+
+
+def share_mb(manifest: ModelManifest, share: float, max_sessions: int = 1) -> float:
+    """A node memory budget that holds ``share`` of the whole model as this model counts
+    memory (per-node overhead included once): below 1, no single node can hold it."""
+    settings = CostSettings(max_context=manifest.max_context, max_sessions=max_sessions)
+    whole = need_mb(Problem(pieces=pieces_of(manifest), devices=(), settings=settings), 0, len(manifest.pieces) - 1)
+    return settings.overhead_mb + (whole - settings.overhead_mb) * share
 
 
 def fits(problem: Problem, device: Device, first: int, last: int) -> bool:

@@ -39,7 +39,7 @@ from linguamq.schemas.cluster import NodeControl, Plan
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import GenerateRequest, GenerateResult
 from linguamq.tools.bench_pipeline import PROMPT, add_model_arguments, model_from_args
-from linguamq.tools.cluster import LocalCluster, NodeSpec
+from linguamq.tools.cluster import LocalCluster, NodeSpec, PlanLog
 from linguamq.tools.remote import generate_remote, new_request_id
 from linguamq.topics.client import MqttClient
 
@@ -84,40 +84,10 @@ def say(*parts: object) -> None:
 # --- clusters --------------------------------------------------------------------------
 
 
-def budget_mb(manifest: ModelManifest, share: float, sessions: int = 1) -> float:
-    """A memory budget that holds ``share`` of the model as the planner counts memory."""
-    settings = cost.CostSettings(max_context=manifest.max_context, max_sessions=sessions)
-    problem = cost.Problem(pieces=cost.pieces_of(manifest), devices=(), settings=settings)
-    whole = cost.need_mb(problem, 0, len(manifest.pieces) - 1)
-    return settings.overhead_mb + (whole - settings.overhead_mb) * share
-
-
 def node_specs(args: argparse.Namespace, manifest: ModelManifest, sessions: int = 1) -> list[NodeSpec]:
-    budget = budget_mb(manifest, args.mem_share, sessions)
+    budget = cost.share_mb(manifest, args.mem_share, sessions)
     return [NodeSpec(f"d{i + 1}", slowdown=float(x), threads=args.threads, mem_budget_mb=budget)
             for i, x in enumerate(args.slowdowns.split(","))]
-
-
-class PlanWatch:
-    """The latest retained plan, on a connection of its own (`wait_ready` unsubscribes)."""
-
-    def __init__(self, url: str, cluster: str) -> None:
-        self.latest: Plan | None = None
-        self.epochs: list[tuple[float, int]] = []  # (monotonic time, epoch) of each new epoch seen
-        self._client, self._cluster = MqttClient(url=url, client_id=f"bench-plans-{cluster}"), cluster
-
-    def __enter__(self) -> PlanWatch:
-        self._client.start()
-        self._client.subscribe(topics.PLAN, topics.PLAN.build(self._cluster), self._on_plan, wait=10.0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.stop()
-
-    def _on_plan(self, _topic: str, plan: Plan, _retained: bool) -> None:
-        if self.latest is None or plan.epoch != self.latest.epoch:
-            self.epochs.append((time.monotonic(), plan.epoch))
-        self.latest = plan
 
 
 def one(client: MqttClient, cluster: str, max_tokens: int) -> GenerateResult:
@@ -155,7 +125,7 @@ def single_stream(args: argparse.Namespace, art: Path, name: str, nodes: list[No
     """Median decode ms/token of --reps single-stream requests, after a warm-up."""
     with start(args, art, name, nodes, objective) as cluster, \
             MqttClient(url=cluster.url, client_id=f"bench-{name}") as client, \
-            PlanWatch(cluster.url, cluster.cluster) as watch:
+            PlanLog(cluster.url, cluster.cluster) as watch:
         cluster.wait_ready(client, timeout=180)
         plan = warm_up(cluster, client, args.warmup, args.new_tokens)
         runs = [one(client, cluster.cluster, args.new_tokens).ms_per_token for _ in range(args.reps)]
@@ -206,7 +176,7 @@ def throttled(args: argparse.Namespace, art: Path, nodes: list[NodeSpec], rebala
     done: list[tuple[float, float, int, float]] = []  # (start, end, tokens, ms_per_token)
     with start(args, art, name, nodes, "latency", hub_args) as cluster, \
             MqttClient(url=cluster.url, client_id=f"bench-{name}") as client, \
-            PlanWatch(cluster.url, cluster.cluster) as watch:
+            PlanLog(cluster.url, cluster.cluster) as watch:
         cluster.wait_ready(client, timeout=180)
         before = warm_up(cluster, client, args.warmup, args.new_tokens)
         victim = args.victim or min(nodes, key=lambda n: n.slowdown).name
@@ -229,7 +199,7 @@ def throttled(args: argparse.Namespace, art: Path, nodes: list[NodeSpec], rebala
         stop.set()
         worker.join(timeout=300)
         after = watch.latest
-        new_epochs = [(round(t - t0, 2), e) for t, e in watch.epochs if t > t0]
+        new_epochs = [(round(t - t0, 2), e) for t, e in watch.epochs() if t > t0]
     measured = [d for d in done if d[0] >= t0]
     if not measured:
         raise RuntimeError(f"{name}: no request started after the throttle")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from linguamq import topics
@@ -159,3 +160,53 @@ class LocalCluster:
             client.unsubscribe(status_filter)
         self.plan = state["plan"]  # type: ignore[assignment]
         return self.plan
+
+
+class PlanLog:
+    """Every retained plan published (re-publications included), with its arrival time, on
+    a connection of its own: `wait_ready` unsubscribes from the plan topic on its client."""
+
+    def __init__(self, url: str, cluster: str) -> None:
+        self._seen: list[tuple[float, Plan]] = []
+        self._lock = threading.Lock()
+        self._client, self._cluster = MqttClient(url=url, client_id=f"plans-{cluster}"), cluster
+
+    def __enter__(self) -> PlanLog:
+        self._client.start()
+        self._client.subscribe(topics.PLAN, topics.PLAN.build(self._cluster), self._on_plan, wait=10.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.stop()
+
+    def _on_plan(self, _topic: str, plan: Plan, _retained: bool) -> None:
+        with self._lock:
+            self._seen.append((time.monotonic(), plan))
+
+    def plans(self) -> list[tuple[float, Plan]]:
+        """(monotonic arrival time, plan), oldest first."""
+        with self._lock:
+            return list(self._seen)
+
+    @property
+    def latest(self) -> Plan | None:
+        seen = self.plans()
+        return seen[-1][1] if seen else None
+
+    def epochs(self) -> list[tuple[float, int]]:
+        """(arrival time, epoch) of each plan that started a new epoch."""
+        out: list[tuple[float, int]] = []
+        for t, plan in self.plans():
+            if not out or out[-1][1] != plan.epoch:
+                out.append((t, plan.epoch))
+        return out
+
+    def wait_for(self, predicate: Callable[[Plan], bool], timeout: float) -> tuple[float, Plan] | None:
+        """The first plan (and its arrival time) that satisfies ``predicate``, or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next(((t, p) for t, p in self.plans() if predicate(p)), None)
+            if found:
+                return found
+            time.sleep(0.1)
+        return None

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     art = _model(args.workdir / f"tiny-{args.family}", args.family, say)
     manifest = ModelManifest.from_json((art / "manifest.json").read_bytes())
-    budget = _budget_mb(manifest, share=0.6)
+    budget = cost.share_mb(manifest, share=0.6)
     nodes = [dataclasses.replace(n, mem_budget_mb=budget) for n in NODES]
     say(f"starting a hub and {len(nodes)} nodes, each with room for ~60% of the model ({budget:.0f} MB): "
         + ", ".join(f"{n.name} (x{n.slowdown:g} slower)" for n in nodes))
@@ -94,14 +94,6 @@ def _model(root: Path, family: str, say) -> Path:
     make_tiny(TinySpec(family=family, layers=6, hidden=128, heads=4, vocab=512, seed=7), root / "hf")
     export_model(root / "hf", art, ExportOptions(name=f"tiny-{family}"))
     return art
-
-
-def _budget_mb(manifest: ModelManifest, share: float) -> float:
-    """A memory budget that holds ``share`` of the model as the planner counts memory."""
-    settings = cost.CostSettings(max_context=manifest.max_context)
-    problem = cost.Problem(pieces=cost.pieces_of(manifest), devices=(), settings=settings)
-    whole = cost.need_mb(problem, 0, len(manifest.pieces) - 1)
-    return settings.overhead_mb + (whole - settings.overhead_mb) * share
 
 
 def _placement(plan, manifest: ModelManifest) -> list[str]:

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from linguamq import topics
 from linguamq.models.export import ExportOptions, export_model
 from linguamq.models.tiny import TinySpec, make_tiny
@@ -24,7 +23,7 @@ from linguamq.planner import cost
 from linguamq.schemas.cluster import NodeControl, Plan
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import GenerateRequest, GenerateResult
-from linguamq.tools.cluster import LocalCluster, NodeSpec
+from linguamq.tools.cluster import LocalCluster, NodeSpec, PlanLog
 from linguamq.tools.remote import generate_remote, new_request_id
 from linguamq.topics.client import MqttClient
 
@@ -43,52 +42,11 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def budget_mb(art: Path, share: float) -> float:
-    """A node memory budget that holds ``share`` of the model as the planner counts memory."""
-    manifest = ModelManifest.from_json((art / "manifest.json").read_bytes())
-    settings = cost.CostSettings(max_context=manifest.max_context)
-    problem = cost.Problem(pieces=cost.pieces_of(manifest), devices=(), settings=settings)
-    whole = cost.need_mb(problem, 0, len(manifest.pieces) - 1)
-    return settings.overhead_mb + (whole - settings.overhead_mb) * share
+    return cost.share_mb(ModelManifest.from_json((art / "manifest.json").read_bytes()), share)
 
 
 def pieces_of(plan: Plan, node: str) -> int:
     return sum(s.last - s.first + 1 for s in plan.stages if s.node == node)
-
-
-class PlanLog:
-    """Every retained plan (re-)published, with the time it arrived. Its own connection:
-    `wait_ready` unsubscribes from the plan topic when it is done."""
-
-    def __init__(self, url: str, cluster: str) -> None:
-        self.seen: list[tuple[float, Plan]] = []
-        self._lock = threading.Lock()
-        self._client = MqttClient(url=url, client_id=f"plans-{cluster}")
-        self._cluster = cluster
-
-    def __enter__(self) -> PlanLog:
-        self._client.start()
-        self._client.subscribe(topics.PLAN, topics.PLAN.build(self._cluster), self._on_plan, wait=10.0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.stop()
-
-    def _on_plan(self, _topic: str, plan: Plan, _retained: bool) -> None:
-        with self._lock:
-            self.seen.append((time.monotonic(), plan))
-
-    def plans(self) -> list[tuple[float, Plan]]:
-        with self._lock:
-            return list(self.seen)
-
-    def wait_for(self, predicate, timeout: float) -> tuple[float, Plan] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = next(((t, p) for t, p in self.plans() if predicate(p)), None)
-            if found:
-                return found
-            time.sleep(0.1)
-        return None
 
 
 @dataclasses.dataclass
