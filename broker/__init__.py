@@ -1,17 +1,19 @@
 """The embedded MQTT broker of the hub: amqtt, in-process, with linguamq's fixes.
 
 ``EmbeddedBroker`` (async) and ``BrokerThread`` (its own thread and loop) start it;
-``policy`` holds the read/publish hooks later ACL work plugs into; ``amqtt_fixes`` lists,
-with line references, what is changed from amqtt 0.12.1 and why.
+``policy`` holds the read/publish/authenticate hooks, ``users`` the users file and its
+password hashes, ``acl`` the rules derived from roles and topics that fill those hooks
+(``secured``); ``amqtt_fixes`` lists, with line references, what is changed from amqtt
+0.12.1 and why.
 """
 
-from linguamq.broker.embedded import DEFAULT_MAX_PAYLOAD, BrokerThread, EmbeddedBroker
+from linguamq.broker.embedded import DEFAULT_MAX_PAYLOAD, DEFAULT_TLS_PORT, BrokerThread, EmbeddedBroker, TlsListener
 from linguamq.broker.errors import (
     BrokerConfigError, BrokerError, BrokerNotRunningError, BrokerStartError, BrokerTimeoutError,
     PayloadTooLargeError,
 )
-from linguamq.broker.policy import ClientInfo, TopicPolicy, allow_all
+from linguamq.broker.policy import Authenticate, ClientInfo, TopicPolicy, allow_all
 
-__all__ = ["DEFAULT_MAX_PAYLOAD", "BrokerConfigError", "BrokerError", "BrokerNotRunningError",
+__all__ = ["DEFAULT_MAX_PAYLOAD", "DEFAULT_TLS_PORT", "Authenticate", "BrokerConfigError", "BrokerError", "BrokerNotRunningError",
            "BrokerStartError", "BrokerThread", "BrokerTimeoutError", "ClientInfo", "EmbeddedBroker",
-           "PayloadTooLargeError", "TopicPolicy", "allow_all"]
+           "PayloadTooLargeError", "TlsListener", "TopicPolicy", "allow_all"]

@@ -84,32 +84,52 @@ Live delivery and subscriptions:
     5.'s change only when the loop was busy; with it, whenever both packets arrive
     together). Here each is applied in the handler's task, in the order the packets came,
     as mosquitto does, and in the same order as the client's PUBLISHes (12).
+
+Users and TLS:
+
+15. A CONNECT was authenticated only after amqtt had acted on its client id
+    (``_initialize_client_session``, broker.py:503-532): a clean session closed the connected
+    client with that id (and sent its will), a persistent one took over its session -- an
+    anonymous or wrong-password CONNECT could knock any node off the cluster. Here the
+    credentials (``authenticate``), the will topic (7) and the client id are checked first;
+    a refused CONNECT gets its CONNACK and touches nothing. A client id held by a session of
+    another user is refused (CONNACK 2): one user cannot disconnect another by reusing its id.
+16. TLS listeners: amqtt's SSL context asked clients for a certificate against the system CAs
+    and allowed any TLS version; here it is TLS 1.2+, server certificate only (clients log in
+    with a password), and the TLS handshake is bounded by ``connect_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import structlog
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
-from amqtt.contexts import Action
-from amqtt.errors import AMQTTError
+from amqtt.contexts import Action, ListenerType
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
+from amqtt.mqtt.protocol.broker_handler import (
+    BrokerProtocolHandler,
+    Subscription,
+    UnSubscription,
+)
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import IncomingApplicationMessage, Session
-
+from amqtt.utils import gen_client_id
 from linguamq.broker.errors import PayloadTooLargeError
-from linguamq.broker.policy import ClientInfo, TopicPolicy
+from linguamq.broker.policy import Authenticate, ClientInfo, TopicPolicy
 
 SUBSCRIBE_FAILED = 0x80  # SUBACK return code of a refused filter
 # MQTT strings (topics, client ids, will messages) are at most 65535 bytes: every read amqtt
@@ -215,8 +235,9 @@ class FixedBroker(Broker):
 
     def __init__(self, config: dict[str, Any], *, max_payload: int, connect_timeout: float,
                  delivery_timeout: float, may_read: TopicPolicy | None,
-                 may_publish: TopicPolicy | None) -> None:
+                 may_publish: TopicPolicy | None, authenticate: Authenticate | None = None) -> None:
         super().__init__(config)
+        self._authenticate_user = authenticate
         self._max_payload = max(max_payload, MAX_STRING_READ)
         self._connect_timeout = connect_timeout
         self._delivery_timeout = delivery_timeout
@@ -227,11 +248,35 @@ class FixedBroker(Broker):
 
     # --- addresses and connections -------------------------------------------------------
 
-    def bound_address(self) -> tuple[str, int]:
-        """(host, port) the default listener is bound to; the port is real even if 0 was asked."""
-        server = self._servers["default"].instance
+    def bound_address(self, listener: str = "default") -> tuple[str, int]:
+        """(host, port) a listener is bound to; the port is real even if 0 was asked."""
+        server = self._servers[listener].instance
         host, port = server.sockets[0].getsockname()[:2]
         return host, port
+
+    @staticmethod
+    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+        # (16) Replaces broker.py:307-324: amqtt asked every client for a certificate
+        # (CERT_OPTIONAL, against the system CAs) and took the default minimum version.
+        # Clients authenticate with a password here; the server proves itself with its cert.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(listener["certfile"]), str(listener["keyfile"]))
+        except (OSError, ssl.SSLError) as exc:
+            raise AMQTTError(f"cannot load the TLS certificate {listener['certfile']} "
+                             f"and key {listener['keyfile']}: {exc}") from exc
+        return context
+
+    async def _create_server_instance(self, listener_name: str, listener_type: Any, address: str | None,
+                                      port: int, ssl_context: ssl.SSLContext | None) -> Any:
+        if ssl_context is None or listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port,
+                                                         ssl_context)
+        # (16) A TLS handshake is bounded like a CONNECT (asyncio's default waits 60 s).
+        return await asyncio.start_server(
+            functools.partial(self.stream_connected, listener_name=listener_name), address, port,
+            reuse_address=True, ssl=ssl_context, ssl_handshake_timeout=self._connect_timeout)
 
     def connection_transports(self) -> list[asyncio.BaseTransport]:
         return list(self._connections.values())
@@ -278,8 +323,7 @@ class FixedBroker(Broker):
                                          remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
         try:
             handler, session = await asyncio.wait_for(
-                super()._initialize_client_session(reader, writer, remote_address, remote_port),
-                self._connect_timeout)
+                self._open_session(reader, writer, remote_address, remote_port), self._connect_timeout)
         except TimeoutError as exc:  # (8); amqtt's caller handles AMQTTError by dropping the client
             raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port} "
                              f"within {self._connect_timeout} s") from exc
@@ -290,6 +334,64 @@ class FixedBroker(Broker):
         handler.handle_unsubscribe = functools.partial(  # type: ignore[method-assign]
             self._handle_unsubscribe, handler)
         return handler, session
+
+    async def _open_session(self, reader: Any, writer: Any, remote_address: str,
+                            remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
+        # (15) amqtt's _initialize_client_session (broker.py:479-535) with the admission
+        # checks first: amqtt took over (closed) the connected client with the same id, or
+        # resumed its persistent session, before it authenticated the newcomer.
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError as exc:  # amqtt answered (bad protocol, flags) or could not parse
+            with contextlib.suppress(OSError):
+                await writer.close()
+            raise AMQTTError(f"invalid CONNECT from {remote_address}:{remote_port}: {exc}") from exc
+        except (AMQTTError, NoDataError) as exc:
+            raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port}: {exc}") from exc
+        refusal = await self._refusal(session)
+        if refusal is not None:
+            code, reason = refusal
+            self._log.warning("broker.connect_refused", client=session.client_id, username=session.username,
+                              peer=f"{remote_address}:{remote_port}", code=code, reason=reason)
+            try:
+                await ConnackPacket.build(0, code).to_stream(writer)
+                await writer.close()
+            except OSError:  # the client did not wait for its answer (reset)
+                pass
+            raise AMQTTError(f"CONNECT of {session.client_id!r} refused: {reason}")
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:  # resume: new connection, same session
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password"):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        return handler, session
+
+    async def _refusal(self, session: Session) -> tuple[int, str] | None:
+        """(CONNACK code, why) if this CONNECT must be refused, else None."""
+        # PBKDF2 on purpose takes ~20 ms: off the loop (hashlib releases the GIL).
+        if self._authenticate_user is not None and not await asyncio.to_thread(
+                self._authenticate_user, session.username, session.password):
+            return NOT_AUTHORIZED, ("no username" if session.username is None
+                                    else f"wrong username or password for {session.username!r}")
+        held = self._sessions.get(session.client_id or "", (None, None))[0]
+        if held is not None and held.username != session.username:
+            # (15) Another user's client id: taking it over would disconnect that client.
+            return IDENTIFIER_REJECTED, f"client id held by another user ({held.username!r})"
+        will_topic = session.will_topic if session.will_flag else None
+        if will_topic is not None and self._may_publish is not None \
+                and not self._allowed(self._may_publish, session, will_topic):
+            return NOT_AUTHORIZED, f"will topic {will_topic!r} not allowed"  # (7)
+        return None
 
     def _enforce_keepalive(self, session: Session, reader: Any, writer: Any) -> None:
         # (5) amqtt's only keep-alive check is a timeout around each packet read of the
@@ -448,14 +550,9 @@ class FixedBroker(Broker):
         return policy is None or self._allowed(policy, session, topic)
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
-        if not await super()._authenticate(session, listener):
-            return False
-        will_topic = session.will_topic if session.will_flag else None
-        if will_topic is not None and self._may_publish is not None \
-                and not self._allowed(self._may_publish, session, will_topic):
-            self._log.warning("broker.will_denied", client=session.client_id, topic=will_topic)
-            return False  # (7) CONNACK 5, not authorized
-        return True
+        # Credentials, client id and will were checked before the session was opened (15,
+        # _refusal); what is left is amqtt's plugin (anonymous: yes).
+        return await super()._authenticate(session, listener)
 
     # --- subscriptions and retained messages ---------------------------------------------
 

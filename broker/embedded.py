@@ -7,18 +7,22 @@ it a thread and a loop of its own for synchronous code (the hub command, tests).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import structlog
-
 from linguamq.broker.amqtt_fixes import MAX_STRING_READ, FixedBroker
 from linguamq.broker.errors import (
-    BrokerConfigError, BrokerError, BrokerNotRunningError, BrokerStartError, BrokerTimeoutError,
+    BrokerConfigError,
+    BrokerError,
+    BrokerNotRunningError,
+    BrokerStartError,
+    BrokerTimeoutError,
 )
-from linguamq.broker.policy import TopicPolicy
+from linguamq.broker.policy import Authenticate, TopicPolicy
 
 DEFAULT_MAX_PAYLOAD = 64 * 2**20
 MQTT_MAX_PAYLOAD = 268_435_455 - 2 - 65_535 - 2  # remaining length minus topic and packet id
@@ -29,6 +33,17 @@ MQTT_MAX_PAYLOAD = 268_435_455 - 2 - 65_535 - 2  # remaining length minus topic 
 PLUGINS = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
 
 T = TypeVar("T")
+DEFAULT_TLS_PORT = 8883
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener beside (or, ``only``, instead of) the plaintext one."""
+
+    cert: str  # PEM server certificate (chain)
+    key: str  # PEM private key
+    port: int = DEFAULT_TLS_PORT  # 0: any free port
+    only: bool = False  # no plaintext listener at all
 
 
 class EmbeddedBroker:
@@ -37,12 +52,16 @@ class EmbeddedBroker:
     ``may_read(client, topic)`` is asked before any message -- live, queued or retained --
     goes to a client; ``may_publish(client, topic)`` before a PUBLISH is accepted and for the
     will of a CONNECT. Both default to allowing everything (see ``linguamq.broker.policy``).
+    ``authenticate(username, password)`` decides each CONNECT (None: anonymous clients are
+    welcome); ``broker/acl.py`` and ``broker/users.py`` make all three from a users file.
+    ``tls`` adds a TLS listener (``tls_port`` after start); with ``tls.only`` it is the only one.
     A PUBLISH whose payload exceeds ``max_payload`` bytes closes the sender's connection.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, may_read: TopicPolicy | None = None,
-                 may_publish: TopicPolicy | None = None, connect_timeout: float = 10.0,
+                 may_publish: TopicPolicy | None = None, authenticate: Authenticate | None = None,
+                 tls: TlsListener | None = None, connect_timeout: float = 10.0,
                  delivery_timeout: float = 30.0, start_timeout: float = 10.0,
                  stop_timeout: float = 15.0) -> None:
         _check(bool(host) and isinstance(host, str) and ":" not in host,
@@ -53,13 +72,19 @@ class EmbeddedBroker:
         for name, value in (("connect_timeout", connect_timeout), ("delivery_timeout", delivery_timeout),
                             ("start_timeout", start_timeout), ("stop_timeout", stop_timeout)):
             _check(value > 0, f"{name} must be positive, got {value}")
+        if tls is not None:
+            _check(isinstance(tls.port, int) and 0 <= tls.port <= 65_535, f"TLS port out of range: {tls.port!r}")
+            _check(bool(tls.cert) and bool(tls.key), "TLS needs a certificate and a key file")
         self._bind = (host, port)
+        self._tls = tls
         self._max_payload = max_payload
         self._policies = (may_read, may_publish)
+        self._authenticate = authenticate
         self._timeouts = {"connect": connect_timeout, "delivery": delivery_timeout,
                           "start": start_timeout, "stop": stop_timeout}
         self._amqtt: FixedBroker | None = None
-        self._address: tuple[str, int] | None = None
+        self._address: tuple[str, int] | None = None  # of the plaintext listener (or the TLS one if only)
+        self._tls_address: tuple[str, int] | None = None
         self._log = structlog.get_logger().bind(component="broker")
 
     # --- where it listens (after start) -------------------------------------------------
@@ -74,8 +99,22 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
+        """The plaintext listener's URL, or the TLS one's (mqtts://) when it is the only one."""
         host, port = self._bound()
-        return f"mqtt://{host}:{port}"
+        return f"{'mqtts' if self._tls is not None and self._tls.only else 'mqtt'}://{_dial(host)}:{port}"
+
+    @property
+    def tls_port(self) -> int | None:
+        self._bound()
+        return self._tls_address[1] if self._tls_address is not None else None
+
+    @property
+    def tls_url(self) -> str | None:
+        if self._tls_address is None:
+            self._bound()
+            return None
+        host, port = self._tls_address
+        return f"mqtts://{_dial(host)}:{port}"
 
     @property
     def running(self) -> bool:
@@ -97,7 +136,8 @@ class EmbeddedBroker:
             broker = FixedBroker(self._config(), max_payload=self._max_payload,
                                  connect_timeout=self._timeouts["connect"],
                                  delivery_timeout=self._timeouts["delivery"],
-                                 may_read=self._policies[0], may_publish=self._policies[1])
+                                 may_read=self._policies[0], may_publish=self._policies[1],
+                                 authenticate=self._authenticate)
             await asyncio.wait_for(broker.start(), self._timeouts["start"])
         except Exception as exc:  # amqtt wraps most causes in its BrokerError; not all
             if broker is not None:
@@ -108,14 +148,17 @@ class EmbeddedBroker:
             raise BrokerStartError(f"cannot start the broker on {host}:{port}: {exc}") from exc
         self._amqtt = broker
         self._address = broker.bound_address()
-        self._log.info("broker.started", url=self.url, max_payload=self._max_payload)
+        if self._tls is not None:
+            self._tls_address = broker.bound_address("default" if self._tls.only else "tls")
+        self._log.info("broker.started", url=self.url, tls_url=self.tls_url, max_payload=self._max_payload,
+                       users=self._authenticate is not None)
 
     async def stop(self) -> None:
         """Disconnect every client and close the listener. Stopping a stopped broker is a no-op."""
         broker, self._amqtt = self._amqtt, None
         if broker is None:
             return
-        url, self._address = self.url, None
+        url, self._address, self._tls_address = self.url, None, None
         try:
             await asyncio.wait_for(broker.shutdown(), self._timeouts["stop"])
         except TimeoutError as exc:
@@ -137,8 +180,14 @@ class EmbeddedBroker:
 
     def _config(self) -> dict[str, Any]:
         host, port = self._bind
+        listeners: dict[str, dict[str, Any]] = {
+            "default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}}
+        if self._tls is not None:
+            tls = {"type": "tcp", "bind": f"{host}:{self._tls.port}", "max_connections": 0, "ssl": True,
+                   "certfile": self._tls.cert, "keyfile": self._tls.key}
+            listeners = {"default": tls} if self._tls.only else {**listeners, "tls": tls}
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}},
+            "listeners": listeners,
             "plugins": dict(PLUGINS),
             # Keep-alive grace is applied by FixedBroker (1.5 x), not by amqtt's fixed delay.
             "timeout_disconnect_delay": 0,
@@ -175,6 +224,14 @@ class BrokerThread:
     @property
     def url(self) -> str:
         return self._broker.url
+
+    @property
+    def tls_port(self) -> int | None:
+        return self._broker.tls_port
+
+    @property
+    def tls_url(self) -> str | None:
+        return self._broker.tls_url
 
     def start(self) -> None:
         if self._thread is not None:
@@ -245,6 +302,11 @@ class BrokerThread:
             await self._stopping.wait()
         finally:
             await self._broker.stop()
+
+
+def _dial(host: str) -> str:
+    """The address a local client dials for a listener bound to ``host`` (any-address: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
 async def _call(fn: Callable[[EmbeddedBroker], Awaitable[T]], broker: EmbeddedBroker) -> T:

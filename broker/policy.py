@@ -24,6 +24,9 @@ class ClientInfo:
 
 
 TopicPolicy = Callable[[ClientInfo, str], bool]
+# (username, password) -> may this client connect? Run in a worker thread: it may be slow on
+# purpose (a password hash), so the broker's event loop keeps serving the others meanwhile.
+Authenticate = Callable[[str | None, str | bytes | None], bool]
 
 
 def allow_all(client: ClientInfo, topic: str) -> bool:

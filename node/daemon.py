@@ -12,6 +12,7 @@ things at once (a phone has few cores). A full queue fails the request loudly.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -29,7 +30,7 @@ from linguamq.node import system
 from linguamq.node.blobs import BlobCache, BlobError
 from linguamq.node.clock import ClockResponder
 from linguamq.node.errors import NodeError
-from linguamq.node.kvcache import KVCache
+from linguamq.node.kvcache import KVCache, KVCacheFull
 from linguamq.node.profile import make_profile, probe_compute, probe_link, probe_runtime
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
@@ -41,6 +42,7 @@ from linguamq.topics.client import MqttClient, MqttError, Will
 
 log = structlog.get_logger()
 VERSION = "0.1.0"
+MAX_TRACKED_STEPS = 65536  # (session, stage) pairs whose last step is remembered, least recent dropped
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +58,8 @@ class NodeSettings:
     spin: bool = True  # ORT threads spin between ops; off when several nodes share a machine
     kv_max_mb: float = 1024.0  # KV cache bound; least recently used sessions are evicted beyond it
     kv_ttl_s: float = 600.0  # sessions idle this long are dropped
+    max_sessions: int = 0  # sessions holding KV here at once; a new one beyond is refused `overloaded` (0: no cap)
+    max_envelope_mb: float = 64.0  # larger payloads are refused before decoding (the broker's default cap)
 
 
 def status_will(cluster: str, name: str) -> Will:
@@ -92,11 +96,18 @@ class NodeDaemon:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._log = log.bind(node=self.name)
+        self._steps: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()  # last step run
+        self.duplicates = 0  # envelopes of a step older than one already run: redeliveries, dropped
 
     # --- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
+        self._client.default_reject = self._reject  # ping, probe, blob chunks: counted and reported too
+        self._client.max_payload = min(self._client.max_payload, int(self.settings.max_envelope_mb * 2**20))
         self._publish_status("online")
+        # A restarted hub's broker has lost every retained status: publish ours again, with
+        # our epoch, so the new planner sees us and continues the epoch count above it.
+        self._client.on_reconnect(lambda: self._publish_status(self._state))
         self._client.subscribe(topics.MODEL, topics.MODEL.build(self._cluster), self._on_manifest,
                                on_reject=self._reject)
         self._client.subscribe(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(self._cluster, node=self.name),
@@ -187,14 +198,16 @@ class NodeDaemon:
             self._pending = assignment  # its manifest is on the way
             return
         self._publish_status("loading")
+        cache = self._new_cache()  # a new epoch re-prefills every session
         try:
-            stages = self._load(assignment)
+            stages = self._load(assignment, cache)
         except (BlobError, NodeError, OSError) as exc:
             self._publish_status("online")
             return self._report("internal", f"cannot load epoch {assignment.epoch}: {exc}")
         for first in self._stages:
             self._client.unsubscribe(topics.ACT.build(self._cluster, piece=first))
-        self._kv = self._new_cache()  # a new epoch re-prefills every session
+        self._kv = cache  # the one the new runtimes hold: the alignment rule truncates it
+        self._steps.clear()
         self._timings = {}  # timings of the old segments are no measure of the new ones
         self._stages, self.epoch = stages, assignment.epoch
         for first in stages:
@@ -253,7 +266,7 @@ class NodeDaemon:
             os.symlink(os.path.relpath(blob, model_dir), link)
         return model_dir
 
-    def _load(self, assignment: Assignment) -> dict[int, _Stage]:
+    def _load(self, assignment: Assignment, cache: KVCache) -> dict[int, _Stage]:
         manifest = self._manifest
         assert manifest is not None
         needed = [p for seg in assignment.segments for p in manifest.pieces[seg.first:seg.last + 1]]
@@ -263,7 +276,7 @@ class NodeDaemon:
         model_dir = self._materialize(needed)
         return {seg.first: _Stage(seg, SegmentRuntime(manifest=manifest, artifact_dir=model_dir, first=seg.first,
                                                        last=seg.last, settings=self._runtime_settings(),
-                                                       cache=self._kv))
+                                                       cache=cache))
                 for seg in assignment.segments}
 
     def _run_act(self, topic: str, header: ActHeader, array: np.ndarray, t_recv: float) -> None:
@@ -274,9 +287,17 @@ class NodeDaemon:
         if stage is None:
             return self._report("bad_request", f"this node does not run piece {header.piece}", topic=topic,
                                 ref=header.session)
+        if self._is_duplicate(stage, header):
+            return
         if header.end:
+            self._steps.pop((header.session, stage.segment.first), None)
             stage.runtime.drop(header.session)
             return self._forward_end(stage, header)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():  # would poison the session's KV
+            return self._report("bad_payload", "activation holds NaN or infinity", topic=topic, ref=header.session)
+        if self._over_session_cap(stage, header):
+            return self._report("overloaded", f"node holds {self.settings.max_sessions} sessions (--max-sessions); "
+                                f"session {header.session} refused", topic=topic, ref=header.session)
         if not self._align_cache(stage, header, topic):
             return
         t_start = time.time()
@@ -284,6 +305,8 @@ class NodeDaemon:
             steps = array.shape[1] if array.ndim >= 2 else 0
             positions = np.arange(header.start_pos, header.start_pos + steps, dtype=np.int64)[None]
             out = stage.runtime.run(header.session, array, positions)
+        except KVCacheFull as exc:
+            return self._report("too_large", str(exc), topic=topic, ref=header.session)
         except NodeError as exc:
             return self._report("bad_request", str(exc), topic=topic, ref=header.session)
         t_end = time.time()
@@ -292,6 +315,30 @@ class NodeDaemon:
         hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
                   t_start=t_start, t_end=time.time(), t_send=time.time())
         self._send(stage, header, out, steps, hop)
+
+    def _over_session_cap(self, stage: _Stage, header: ActHeader) -> bool:
+        """A session new to this node's KV cache while it already holds ``max_sessions``."""
+        cap = self.settings.max_sessions
+        return bool(cap) and stage.runtime.holds_kv and header.session not in self._kv and \
+            len(self._kv.sessions()) >= cap
+
+    def _is_duplicate(self, stage: _Stage, header: ActHeader) -> bool:
+        """Idempotent steps: an envelope of a step older than the last this stage ran for the
+        session is a redelivery (QoS 1, a backlog after a freeze) and is dropped: run, it
+        would cut the session's cache back to its position. The current step again (a retry,
+        a redelivery) passes: the alignment rule recomputes it, with the same result."""
+        key = (header.session, stage.segment.first)
+        last = self._steps.get(key)
+        if last is not None and header.step < last:
+            self.duplicates += 1
+            self._log.debug("old step dropped", session=header.session, step=header.step, last=last)
+            return True
+        if not header.end:
+            self._steps[key] = header.step
+            self._steps.move_to_end(key)
+            while len(self._steps) > MAX_TRACKED_STEPS:
+                self._steps.popitem(last=False)
+        return False
 
     def _align_cache(self, stage: _Stage, header: ActHeader, topic: str) -> bool:
         """Make the session's cache end where this envelope starts; False if it cannot."""

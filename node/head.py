@@ -8,6 +8,11 @@ token, the stages work on others.
 
 Because the head keeps the history, a session whose KV cache was lost (a new epoch, a
 node that restarted) is re-prefilled from position 0: no request is lost to a replan.
+The same re-prefill is the step retry: a session that makes no progress for much longer
+than its own measured step time (a message lost to a frozen or reconnecting node: QoS 1
+gives up after 5 s, clean sessions drop what was queued) is re-sent, with backoff; the
+nodes' KV alignment rule makes that idempotent, and outputs are accepted once per
+(epoch, step).
 """
 
 from __future__ import annotations
@@ -23,18 +28,20 @@ import numpy as np
 import structlog
 
 from linguamq import topics
+from linguamq.node import system
 from linguamq.node.textstream import TextStream, stop_reason
 from linguamq.schemas import envelope
-from linguamq.schemas.cluster import NodeStatus, Plan
+from linguamq.schemas.cluster import NodeStatus, Plan, Telemetry
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, TokenEvent
 from linguamq.schemas.wire import parse_json
-from linguamq.topics.client import MqttClient
+from linguamq.topics.client import MqttClient, MqttError
 
 log = structlog.get_logger()
 MAX_REPREFILLS = 3  # per session, after nodes lost its KV; then the request fails
+STEP_HISTORY = 32  # step times kept per session (and for the head), for the retry bound
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,7 +51,14 @@ class HeadSettings:
     max_sessions: int = 64  # in flight at once; more wait in the queue
     max_queued: int = 1024  # waiting requests; more are refused
     step_timeout_s: float = 60.0  # no token for this long: the request fails
+    retry_min_s: float = 3.0  # a step is re-sent after max(retry_min_s, retry_factor x median step) ...
+    retry_factor: float = 10.0
+    max_retries: int = 4  # ... doubling each time; a step that still gets no token after this many fails
     max_prompt_tokens: int = 4096
+    max_tokens: int = 0  # cap on a request's max_tokens (0: the schema's cap and the model's context)
+    rate: float = 0.0  # requests per second per client (its `client` field); 0: no limit
+    burst: int = 10  # requests a client may send at once before the rate applies
+    telemetry_interval_s: float = 1.0  # the hub's Telemetry (rejections) on hub/telemetry
 
 
 @dataclasses.dataclass
@@ -58,6 +72,9 @@ class _Session:
     t_start: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0  # last progress, for the step timeout
+    t_sent: float = 0.0  # the current step (or its last retry) was sent, for the retry bound
+    step_times: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=STEP_HISTORY))
+    retries: int = 0  # re-sends of the current step; reset by a token
     reprefills: int = 0  # after a node lost the session's KV (evicted, expired, restarted)
 
 
@@ -69,20 +86,30 @@ class Head:
         self._cluster = settings.cluster
         self._lock = threading.RLock()
         self._sessions: dict[str, _Session] = {}
+        self._reply_to: dict[str, str] = {}  # request id -> client, for requests on `requests/{client}`
         self._queue: deque[tuple[GenerateRequest, list[int]]] = deque()  # waiting: (request, prompt ids)
         self._plan: Plan | None = None
         self._status: dict[str, NodeStatus] = {}
         self._ready_epoch = 0  # the epoch whose stages all reported ready
+        self._step_times: deque[float] = deque(maxlen=STEP_HISTORY)  # every session's, for a first step
+        self.retries = 0  # steps re-sent, all sessions (tests and the chaos bench read it)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self.rejected = 0  # messages refused (bad payloads, refused requests), reported in its telemetry
+        self.also_rejected: Callable[[], int] = lambda: 0  # the hub adds its planner's count
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
+        self._seq, self._t_telemetry = 0, 0.0
 
     def start(self) -> None:
         c, cl = self._client, self._cluster
-        c.subscribe(topics.PLAN, topics.PLAN.build(cl), self._on_plan)
-        c.subscribe(topics.NODE_STATUS, topics.NODE_STATUS.filter(cl), self._on_status)
+        # plan and status are followed by the planner too, which reports what does not decode
+        c.subscribe(topics.PLAN, topics.PLAN.build(cl), self._on_plan, on_reject=_planner_reports)
+        c.subscribe(topics.NODE_STATUS, topics.NODE_STATUS.filter(cl), self._on_status, on_reject=_planner_reports)
         c.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.filter(cl), self._on_out, on_reject=self._reject)
-        c.subscribe(topics.ERRORS, topics.ERRORS.filter(cl), self._on_error)
+        c.subscribe(topics.ERRORS, topics.ERRORS.filter(cl), self._on_error, on_reject=self._reject)
         c.subscribe(topics.REQUESTS, topics.REQUESTS.build(cl), self._on_request, on_reject=self._reject_request)
+        c.subscribe(topics.REQUESTS_FROM, topics.REQUESTS_FROM.filter(cl), self._on_client_request,
+                    on_reject=self._reject_request)
         self._watchdog = threading.Thread(target=self._watch, name="head-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -98,10 +125,44 @@ class Head:
 
     # --- requests ------------------------------------------------------------------
 
-    def _on_request(self, topic: str, request: GenerateRequest, retained: bool) -> None:
+    def _on_client_request(self, topic: str, request: GenerateRequest, retained: bool) -> None:
+        """A request on `requests/{c}` (a secured cluster's ACL lets only user c publish there):
+        its client is c, and everything about it goes to `responses/{c}/{id}` and `errors/{c}`."""
+        client = str(topics.parse(topic)["client"])
+        if request.client is not None and request.client != client:
+            with self._lock:
+                self._reply_to[request.id] = client
+                return self._fail(dataclasses.replace(request, client=client), f"the request says client "
+                                  f"{request.client!r} but came on the topic of {client!r}", code="bad_request")
+        self._on_request(topic, dataclasses.replace(request, client=client), retained, reply_to=client)
+
+    def _response_name(self, request: str) -> str:
+        """Where a request's TokenEvents and result go: `responses/{c}/{id}` if it came on
+        `requests/{c}`, else `responses/{id}`."""
+        client = self._reply_to.get(request)
+        return (topics.RESPONSES.build(self._cluster, request=request) if client is None
+                else topics.CLIENT_RESPONSES.build(self._cluster, client=client, request=request))
+
+    def _on_request(self, topic: str, request: GenerateRequest, retained: bool, reply_to: str | None = None) -> None:
         with self._lock:
             if request.id in self._sessions or any(q.id == request.id for q, _ in self._queue):
-                return self._fail(request, f"request id {request.id!r} is already in flight", code="bad_request")
+                # A client that reconnected re-sends its request (tools/remote.py): the original
+                # goes on; the duplicate is only reported, never answered on its response topic.
+                self.rejected += 1
+                return self._client.report_error(
+                    self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
+                    topic=topic, code="bad_request", message=f"request id {request.id!r} is already in flight",
+                    ref=request.id)
+            if reply_to is not None:
+                self._reply_to[request.id] = reply_to
+            if not self._take_token(request.client or "anonymous"):
+                return self._fail(request, f"rate limited: client {request.client or 'anonymous'} sent more than "
+                                  f"{self.settings.rate:g} requests/s (burst {self.settings.burst})", code="rate_limited")
+            if self.settings.max_tokens and request.max_tokens > self.settings.max_tokens:
+                return self._fail(request, f"max_tokens {request.max_tokens} exceeds this hub's cap of "
+                                  f"{self.settings.max_tokens} (--max-tokens)", code="too_large")
+            if self._plan is not None and not self._plan.stages:
+                return self._fail(request, f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
             try:
                 prompt = self._encode(request.prompt)
             except Exception as exc:  # a tokenizer may raise anything on odd input
@@ -136,11 +197,20 @@ class Head:
         session.epoch, session.t_last = self._ready_epoch, time.perf_counter()
         self._send(session, np.asarray([session.prompt + session.tokens], dtype=np.int64), start_pos=0)
 
+    def _retry_after(self, session: _Session) -> float:
+        """Seconds without a token before the current step is re-sent: many times the
+        session's median step (the head's, before its first token), doubling per retry."""
+        times = session.step_times or self._step_times
+        median = float(np.median(times)) if times else 0.0
+        s = self.settings
+        return max(s.retry_min_s, s.retry_factor * median) * 2 ** session.retries
+
     def _send(self, session: _Session, ids: np.ndarray, *, start_pos: int) -> None:
         request = session.request
         header = ActHeader.for_tensor(ids, session=request.id, request=request.id, step=session.step,
                                       epoch=session.epoch, piece=0, start_pos=start_pos, sampling=request.sampling)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, ids))
+        session.t_sent = time.perf_counter()
 
     # --- tokens --------------------------------------------------------------------
 
@@ -156,8 +226,10 @@ class Head:
 
     def _advance(self, session: _Session, token: int) -> None:
         now = time.perf_counter()
+        session.step_times.append(now - session.t_sent)
+        self._step_times.append(now - session.t_sent)
         session.tokens.append(token)
-        session.t_last = now
+        session.t_last, session.retries = now, 0
         if len(session.tokens) == 1:
             session.t_first = now
         reason = stop_reason(token, frozenset(self._manifest.eos_token_ids), session.stream, session.tokens,
@@ -171,7 +243,7 @@ class Head:
     def _stream(self, session: _Session, text: str) -> None:
         """Publish newly final text; long text (a held-back stop-string prefix) goes in pieces."""
         request = session.request.id
-        name = topics.RESPONSES.build(self._cluster, request=request)
+        name = self._response_name(request)
         for i in range(0, len(text), 1024):
             event = TokenEvent(request=request, index=len(session.tokens) - 1, token=session.tokens[-1],
                                text=text[i:i + 1024])
@@ -186,8 +258,8 @@ class Head:
             ttft_ms=(session.t_first - session.t_start) * 1e3 if n else 0.0,
             ms_per_token=(session.t_last - session.t_first) * 1e3 / (n - 1) if n > 1 else 0.0,
             stop_reason=reason, error=error)
-        self._client.publish(topics.RESPONSES, topics.RESPONSES.build(self._cluster, request=session.request.id),
-                             result)
+        self._client.publish(topics.RESPONSES, self._response_name(session.request.id), result)
+        self._reply_to.pop(session.request.id, None)
         self._end_session(session)
         log.info("request done", request=session.request.id, tokens=n, reason=reason, error=error)
         self._admit()
@@ -204,9 +276,21 @@ class Head:
     def _on_plan(self, topic: str, plan: Plan, retained: bool) -> None:
         with self._lock:
             self._plan = plan
+            if not plan.stages:  # the planner found no placement for the nodes left: say so, do not hang
+                message = f"no plan fits the nodes online: {plan.reason}"
+                for session in list(self._sessions.values()):
+                    self._finish(session, "error", message)
+                while self._queue:
+                    self._fail(self._queue.popleft()[0], message, code="overloaded")
+                return
             self._check_ready()
 
     def _on_status(self, topic: str, status: NodeStatus, retained: bool) -> None:
+        try:
+            if topics.parse(topic)["node"] != status.node:
+                return  # one node speaking for another (the planner reports it)
+        except topics.TopicError:
+            return  # a topic that breaks the id rules (the planner reports it)
         with self._lock:
             self._status[status.node] = status
             self._check_ready()
@@ -240,40 +324,116 @@ class Head:
             self._finish(session, "error", f"{report.reporter}: {report.message}")
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.5):
-            now = time.perf_counter()
+        while not self._stop.wait(0.25):
             with self._lock:
-                late = [s for s in self._sessions.values() if now - s.t_last > self.settings.step_timeout_s]
-                for session in late:
-                    self._finish(session, "error", f"no token for {self.settings.step_timeout_s:.0f} s")
+                self._check_progress(time.perf_counter())
+            self._publish_telemetry()
+
+    def _check_progress(self, now: float) -> None:
+        """Fail sessions past the step timeout; re-send the step of those stuck for long.
+
+        A retry is the re-prefill of the session's whole history under the ready epoch: the
+        nodes' alignment rule makes it idempotent, whether the step was lost (frozen node,
+        QoS 1 given up, a reconnect) or only late. No retry while a replan is under way:
+        the new epoch re-prefills every session anyway."""
+        s = self.settings
+        for session in list(self._sessions.values()):
+            if now - session.t_last > s.step_timeout_s:
+                self._finish(session, "error", f"no token for {s.step_timeout_s:.0f} s (step {session.step}, "
+                             f"{session.retries} retries)")
+            elif (self.ready and session.epoch == self._ready_epoch
+                  and now - session.t_sent > self._retry_after(session)):
+                if session.retries >= s.max_retries:
+                    self._finish(session, "error", f"no token for step {session.step} after {session.retries} "
+                                 f"retries ({now - session.t_last:.1f} s)")
+                    continue
+                session.retries += 1
+                self.retries += 1
+                log.info("step retried", request=session.request.id, step=session.step, retry=session.retries,
+                         waited_s=round(now - session.t_sent, 2))
+                t_last = session.t_last
+                self._prefill(session)
+                session.t_last = t_last  # a retry is not progress: the step timeout still counts
 
     # --- rejects -----------------------------------------------------------------------
 
     def _fail(self, request: GenerateRequest, message: str, *, code: str) -> None:
+        self.rejected += 1
         result = GenerateResult(request=request.id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
                                 ms_per_token=0.0, stop_reason="error", error=message)
-        self._client.publish(topics.RESPONSES, topics.RESPONSES.build(self._cluster, request=request.id), result)
+        self._client.publish(topics.RESPONSES, self._response_name(request.id), result)
+        self._reply_to.pop(request.id, None)
         self._client.report_error(self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
                                   topic=topics.REQUESTS.build(self._cluster), code=code, message=message,
                                   ref=request.id)
 
     def _reject_request(self, topic: str, payload: bytes, exc: Exception) -> None:
         """A request that does not decode: an error report, and a final error response if it has an id."""
+        self.rejected += 1
         request_id, client = _salvage_ids(payload)
+        private = _topic_client(topic)  # on `requests/{c}`: c, whatever the payload claims
+        client = private or client
         code = "too_large" if "exceeds" in str(exc) else "bad_payload"
         if request_id is not None:
             result = GenerateResult(request=request_id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
                                     ms_per_token=0.0, stop_reason="error", error=str(exc)[:1024])
-            self._client.publish(topics.RESPONSES, topics.RESPONSES.build(self._cluster, request=request_id), result)
+            name = (topics.RESPONSES.build(self._cluster, request=request_id) if private is None else
+                    topics.CLIENT_RESPONSES.build(self._cluster, client=private, request=request_id))
+            self._client.publish(topics.RESPONSES, name, result)
         self._client.report_error(self._cluster, reporter=self.settings.name, to=client or self.settings.name,
                                   topic=topic, code=code, message=str(exc), ref=request_id)
 
+    def _take_token(self, client: str) -> bool:
+        """Token bucket per client: ``burst`` at once, then ``rate`` per second."""
+        rate, burst = self.settings.rate, self.settings.burst
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, then = self._buckets.get(client, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - then) * rate)
+        if len(self._buckets) > 10_000:  # forget full buckets: a stream of invented client ids is bounded
+            self._buckets = {c: (t, w) for c, (t, w) in self._buckets.items() if t + (now - w) * rate < burst}
+        self._buckets[client] = (tokens - 1 if tokens >= 1 else tokens, now)
+        return tokens >= 1
+
+    def _publish_telemetry(self) -> None:
+        """The hub's Telemetry on `hub/telemetry`: the head's (and the planner's) rejections,
+        sessions in flight and queued, RSS. Not under `nodes/`: the head is no stage."""
+        now = time.monotonic()
+        if now - self._t_telemetry < self.settings.telemetry_interval_s:
+            return
+        self._t_telemetry, self._seq = now, self._seq + 1
+        with self._lock:
+            sessions, queued = len(self._sessions), len(self._queue)
+        report = Telemetry(node=self.settings.name, ts=time.time(), seq=self._seq, epoch=self._ready_epoch,
+                           queue_depth=queued, sessions=sessions, rss_mb=system.rss_mb(),
+                           rejected=self.rejected + self.also_rejected())
+        try:
+            self._client.publish(topics.HUB_TELEMETRY, topics.HUB_TELEMETRY.build(self._cluster), report)
+        except MqttError as exc:
+            log.debug("head telemetry not sent", error=str(exc))
+
     def _reject(self, topic: str, payload: bytes, exc: Exception) -> None:
+        self.rejected += 1
         self._client.report_error(self._cluster, reporter=self.settings.name, to=self.settings.name, topic=topic,
                                   code="bad_payload", message=str(exc))
 
 
+def _planner_reports(topic: str, payload: bytes, exc: Exception) -> None:
+    """A plan or status that does not decode: the planner, which follows the same topics in
+    the same hub, counts and reports it (once per message, not once per follower)."""
+
+
 _SALVAGE = {key: re.compile(rb'"%s"\s*:\s*"([A-Za-z0-9_-]{1,64})"' % key.encode()) for key in ("id", "client")}
+
+
+def _topic_client(topic: str) -> str | None:
+    """The client of a `requests/{client}` topic; None for the open `requests` topic."""
+    try:
+        parsed = topics.parse(topic)
+    except topics.TopicError:
+        return None
+    return str(parsed["client"]) if parsed.topic is topics.REQUESTS_FROM else None
 
 
 def _salvage_ids(payload: bytes) -> tuple[str | None, str | None]:

@@ -4,7 +4,9 @@ Keys and values are kept as the arrays the layer pieces return, shape
 (1, kv_heads, positions, head_dim); a step replaces them with the longer `present`
 arrays. Over ``max_bytes`` the least recently used sessions are evicted; sessions idle
 for ``ttl_s`` are dropped by ``expire``. An evicted session is not lost: its next step
-is answered `unknown_session` and the head re-prefills it from its token history.
+is answered `unknown_session` and the head re-prefills it from its token history. A
+session whose cache alone exceeds ``max_bytes`` cannot be helped by evicting others: it
+is dropped and ``KVCacheFull`` names the cap (the node answers `too_large`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from linguamq.node.errors import NodeError
+
 KV = tuple[np.ndarray, np.ndarray]
+
+
+class KVCacheFull(NodeError):
+    """One session's KV cache alone exceeds the cache's bound."""
 
 
 class KVCache:
@@ -38,6 +46,11 @@ class KVCache:
         old = layers.get(layer)
         self._account(session, key.nbytes + value.nbytes - (old[0].nbytes + old[1].nbytes if old else 0))
         layers[layer] = (key, value)
+        if self.max_bytes and self._bytes[session] > self.max_bytes:
+            need = self._bytes[session]
+            self.drop(session)  # some layers advanced, others not: the session's cache is unusable
+            raise KVCacheFull(f"session {session} needs {need / 2**20:.2f} MiB of KV cache, more than the cap of "
+                              f"{self.max_bytes / 2**20:.2f} MiB (--kv-max-mb): shorten the prompt or max_tokens")
         self._store.move_to_end(session)
         self._used[session] = self._clock()
         self._evict_over_budget(keep=session)
@@ -76,6 +89,9 @@ class KVCache:
             self.drop(session)
         self.evicted += len(idle)
         return idle
+
+    def __contains__(self, session: str) -> bool:
+        return session in self._store
 
     def sessions(self) -> tuple[str, ...]:
         return tuple(self._store)

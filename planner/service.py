@@ -14,6 +14,13 @@ A new epoch is published when
 State changes of the same nodes (loading -> ready) never replan. Every few seconds the
 retained plan is re-published under the same epoch with measured figures beside the
 predicted ones, so `linguamq plan` and tracers can show how good the prediction is.
+
+When no placement fits the nodes left (too little memory), an epoch with no stages is
+published, its reason the planner's error: the head fails in-flight and new requests
+with it instead of letting them wait. Epochs only grow, across hub restarts too: the
+count continues from the retained plan and from the epoch each node reports in its
+status (a new hub's broker has no retained plan, and nodes ignore assignments older
+than the one they hold).
 """
 
 from __future__ import annotations
@@ -71,12 +78,14 @@ class PlannerService:
         self.plan: Plan | None = None
         self._planned_for: frozenset[str] = frozenset()  # the members self.plan was made for
         self._last_epoch = 0
+        self.rejected = 0  # payloads refused; the hub's head publishes the count in its telemetry
 
     def start(self) -> None:
         c, cl = self._client, self._cluster
-        c.subscribe(topics.PLAN, topics.PLAN.build(cl), self._on_plan)
-        c.subscribe(topics.NODE_STATUS, topics.NODE_STATUS.filter(cl), self._on_status)
-        c.subscribe(topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter(cl), self._on_telemetry)
+        c.subscribe(topics.PLAN, topics.PLAN.build(cl), self._on_plan, on_reject=self._reject)
+        c.subscribe(topics.NODE_STATUS, topics.NODE_STATUS.filter(cl), self._on_status, on_reject=self._reject)
+        c.subscribe(topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter(cl), self._on_telemetry,
+                    on_reject=self._reject)
         self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
         self._thread.start()
 
@@ -92,11 +101,14 @@ class PlannerService:
             self._last_epoch = max(self._last_epoch, plan.epoch)
 
     def _on_status(self, topic: str, status: NodeStatus, retained: bool) -> None:
-        node = topics.parse(topic)["node"]
-        if status.node != node:
-            return self._client.report_error(self._cluster, reporter="planner", to=str(node), topic=topic,
-                                             code="bad_payload", message=f"status names node {status.node!r}")
+        node = _node_of(topic)
+        if status.node != node:  # one node speaking for another, or a topic that breaks the id rules
+            self.rejected += 1
+            return self._client.report_error(self._cluster, reporter="planner", to=node or "planner", topic=topic,
+                                             code="bad_payload",
+                                             message=f"status names node {status.node!r}, not its topic's")
         with self._lock:
+            self._last_epoch = max(self._last_epoch, status.epoch)  # a restarted hub continues the count
             before = self._members()
             if status.state == "offline":
                 self._joined.pop(node, None)
@@ -106,7 +118,19 @@ class PlannerService:
             if self._members() != before or (status.profile and node in self._members() - self._planned_for):
                 self._changed_at = time.monotonic()
 
+    def _reject(self, topic: str, payload: bytes, exc: Exception) -> None:
+        """A plan, status or telemetry that does not decode (the head, following plan and status
+        too, leaves the report to the planner: one per message)."""
+        self.rejected += 1
+        self._client.report_error(self._cluster, reporter="planner", to="planner", topic=topic, code="bad_payload",
+                                  message=str(exc))
+
     def _on_telemetry(self, topic: str, report: Telemetry, retained: bool) -> None:
+        if _node_of(topic) != report.node:  # one node speaking for another, or a topic that breaks the id rules
+            self.rejected += 1
+            return self._client.report_error(self._cluster, reporter="planner", to="planner", topic=topic,
+                                             code="bad_payload",
+                                             message=f"telemetry names node {report.node!r}, not its topic's")
         with self._lock:
             stage = self._stage_of(report.node)
             if stage is None or report.epoch != (self.plan.epoch if self.plan else -1):
@@ -215,7 +239,7 @@ class PlannerService:
         with self._lock:
             before = self._value(current)
         proposal = self._solve(members)
-        if proposal is None:
+        if proposal is None or not proposal.stages:
             return
         with self._lock:  # like for like: a throughput plan's predicted_ms_per_token is its latency
             after = self._value(proposal)
@@ -226,18 +250,21 @@ class PlannerService:
 
     def _solve_and_publish(self, members: frozenset[str], reason: str) -> None:
         plan = self._solve(members)
-        if plan is not None:
-            self._publish(plan, members, reason)
+        if plan is not None and (plan.stages or self.plan is None or self.plan.stages):
+            self._publish(plan, members, reason)  # one empty epoch per failure, not one per change
 
     def _solve(self, members: frozenset[str]) -> Plan | None:
         with self._lock:
             candidates = [self._candidate(n) for n in sorted(members)]
             epoch = self._last_epoch + 1
         try:
-            return self._placement(self._manifest, candidates, epoch)
+            plan = self._placement(self._manifest, candidates, epoch)
+            _check_weights(self._manifest, plan, {c.name: c.mem_budget_mb for c in candidates})
+            return plan
         except PlacementError as exc:
             log.error("no placement", error=str(exc))
-            return None
+            return Plan(epoch=epoch, objective=self.settings.objective, stages=(), predicted_ms_per_token=0.0,
+                        reason=f"no placement: {exc}"[:512])
 
     def _publish(self, plan: Plan, members: frozenset[str], reason: str) -> None:
         plan = dataclasses.replace(plan, reason=f"{reason}; {plan.reason}" if plan.reason else reason)
@@ -279,6 +306,17 @@ class PlannerService:
         self._client.publish(topics.PLAN, topics.PLAN.build(self._cluster), explained)
 
 
+def _check_weights(manifest: ModelManifest, plan: Plan, budgets: dict[str, float]) -> None:
+    """PlacementError if a stage's weights exceed its node's --mem-budget: the node would
+    refuse the assignment (the even split does not look at memory; the MILP does)."""
+    for stage in plan.stages:
+        budget = budgets.get(stage.node, 0.0)
+        need = sum(p.bytes for p in manifest.pieces[stage.first:stage.last + 1]) / 2**20
+        if budget and need > budget:
+            raise PlacementError(f"{stage.node} would need {need:.1f} MB for pieces {stage.first}-{stage.last}, "
+                                 f"its budget is {budget:.1f} MB")
+
+
 def _membership_reason(before: frozenset[str], now: frozenset[str]) -> str:
     joined, left = sorted(now - before), sorted(before - now)
     parts = ([f"joined: {', '.join(joined)}"] if joined else []) + ([f"left: {', '.join(left)}"] if left else [])
@@ -286,3 +324,11 @@ def _membership_reason(before: frozenset[str], now: frozenset[str]) -> str:
 
 
 __all__ = ["PlannerService", "PlannerSettings", "Profile"]
+
+
+def _node_of(topic: str) -> str | None:
+    """The node id of a `nodes/{node}/...` topic; None if the topic breaks the id rules."""
+    try:
+        return str(topics.parse(topic)["node"])
+    except topics.TopicError:
+        return None

@@ -76,7 +76,7 @@ class ErrorReport(Message):
     reporter: str = spec(pattern=ID_PATTERN, doc="who rejected the message")
     topic: str = spec(max_len=1024, doc="where the rejected message was published")
     code: Literal["bad_payload", "bad_request", "unknown_session", "stale_epoch",
-                  "too_large", "overloaded", "internal"]
+                  "too_large", "overloaded", "rate_limited", "internal"]
     message: str = spec(max_len=1024)
     ref: str | None = spec(max_len=128, default=None, doc="request or session id, if known")
     ts: float = spec(ge=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, seed_default: int | None) -> None:
@@ -16,3 +17,31 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, seed_default: i
                         help="sampling seed" + ("" if seed_default is None else f" (default {seed_default})"))
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help="stop once the text contains STR (repeatable)")
+
+
+PASSWORD_ENV = "LINGUAMQ_PASSWORD"
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--username/-u, --password/-P and --cafile: how a command logs in to a secured broker
+    (`linguamq hub --users`, or mosquitto with an exported password_file)."""
+    parser.add_argument("-u", "--username", metavar="NAME", help="user name on the broker (see `linguamq users`)")
+    parser.add_argument("-P", "--password", metavar="PASS",
+                        help=f"its password (default: ${PASSWORD_ENV}, which `ps` does not show)")
+    parser.add_argument("--cafile", metavar="FILE",
+                        help="CA certificate that signed the broker's (for mqtts:// URLs; `linguamq tls init`)")
+
+
+def connection_kwargs(args: argparse.Namespace) -> dict[str, str | None]:
+    """``MqttClient`` keyword arguments (username, password, cafile) from those options.
+
+    A username without a password takes $LINGUAMQ_PASSWORD; ValueError if there is none."""
+    username = getattr(args, "username", None)
+    password = getattr(args, "password", None)
+    if username is not None and password is None:
+        password = os.environ.get(PASSWORD_ENV)
+        if not password:
+            raise ValueError(f"--username {username} needs a password: --password or ${PASSWORD_ENV}")
+    if password is not None and username is None:
+        raise ValueError("--password needs --username")
+    return {"username": username, "password": password, "cafile": getattr(args, "cafile", None)}

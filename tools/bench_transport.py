@@ -30,10 +30,8 @@ import signal
 import socket
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
@@ -42,6 +40,7 @@ from linguamq import topics
 from linguamq.schemas import envelope
 from linguamq.schemas.envelope import ActHeader
 from linguamq.tools.broker_process import embedded_broker
+from linguamq.tools.mosquitto_proc import MosquittoError, mosquitto
 from linguamq.topics.client import MqttClient
 
 
@@ -225,21 +224,12 @@ class _NotYet(BenchError):
 
 @contextlib.contextmanager
 def mosquitto_broker(binary: str | None = None) -> Iterator[str]:
-    """mosquitto on a free 127.0.0.1 port, with a temporary config; stopped by pid; yields its URL."""
-    path = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(path).exists():
-        raise BenchError(f"mosquitto not found ({path}): install it (`make setup`) or pass --mosquitto")
-    with tempfile.TemporaryDirectory(prefix="linguamq-bench-mosquitto-") as tmp:
-        port = _free_port()
-        conf, log = Path(tmp) / "mosquitto.conf", Path(tmp) / "mosquitto.log"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        with log.open("wb") as log_file:
-            proc = subprocess.Popen([path, "-c", str(conf)], stdout=log_file, stderr=log_file)
-        try:
-            _wait_listening(proc, port, log)
+    """mosquitto on a free 127.0.0.1 port (anonymous); yields its URL."""
+    try:
+        with mosquitto(binary=binary) as port:
             yield f"mqtt://127.0.0.1:{port}"
-        finally:
-            _stop_child(proc)
+    except MosquittoError as exc:
+        raise BenchError(f"{exc} (or pass --mosquitto)") from exc
 
 
 def _mosquitto_version(binary: str | None) -> str | None:
@@ -256,18 +246,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + WAIT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"mosquitto did not listen on {port}: {log.read_text()[-2000:]}") from None
-            time.sleep(0.05)
 
 
 def _stop_child(proc: subprocess.Popen[Any]) -> None:

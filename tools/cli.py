@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "demo": "run a hub and three local nodes on a tiny model, generate, compare with run-local",
     "pub": "publish one message (or one per line): mosquitto_pub's flags (-h is the host; --help)",
     "sub": "subscribe and print messages: mosquitto_sub's flags (-h is the host; --help); --decode renders ours",
+    "users": "manage a cluster's users file: add, remove, list, export-mosquitto (password_file, acl_file)",
+    "tls": "make a CA and a server certificate for a home cluster's TLS listener (tls init DIR)",
     "trace": "watch requests cross the pipeline (per hop and node), record them, export Perfetto/PNG",
     "bench": "measure speed (see `linguamq bench --help`)",
 }

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from linguamq import topics
 from linguamq.schemas.cluster import NodeStatus, Plan
-from linguamq.topics.client import MqttClient, MqttTimeout
+from linguamq.tools.args import PASSWORD_ENV
+from linguamq.topics.client import BrokerUrl, MqttClient, MqttTimeout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,8 @@ class NodeSpec:
     slowdown: float = 1.0
     threads: int = 1
     mem_budget_mb: float = 0.0
+    args: tuple[str, ...] = ()  # more `linguamq node` options (--max-sessions, --kv-max-mb)
+    password: str | None = None  # a secured cluster: log in as user `name` (given in the environment)
 
 
 def linguamq_argv(*args: str) -> list[str]:
@@ -51,26 +55,63 @@ class LocalCluster:
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        broker = ["--broker", self._broker_arg] if self._broker_arg else ["--port", "0"]
+        self.start_hub(timeout=timeout)
+        for spec in self.nodes:
+            self.start_node(spec)
+        return self
+
+    def start_hub(self, *, port: int = 0, timeout: float = 60.0) -> float:
+        """Start the hub (its embedded broker on ``port``; 0: any free); returns the wall-clock
+        time (time.time()) at which it reported ready."""
+        broker = ["--broker", self._broker_arg] if self._broker_arg else ["--port", str(port)]
         self.hub = self._spawn("hub", ["hub", "--artifacts", str(self.artifacts), *broker, "--cluster", self.cluster,
                                        "--min-nodes", str(len(self.nodes)), "--settle", str(self._settle), "--json",
                                        "--objective", self.objective, *self.hub_args],
                                stdout=subprocess.PIPE)
         ready = self._read_ready_line(self.hub, timeout)
         self.url = ready["broker"]
-        for spec in self.nodes:
-            self.start_node(spec)
-        return self
+        return time.time()
+
+    def kill_hub(self, sig: int = signal.SIGKILL) -> None:
+        """End the hub (broker, planner, head) with ``sig``; its broker child stops when the
+        hub's end closes its stdin. Returns once the broker's port accepts no connection."""
+        hub, self.hub = self.hub, None
+        assert hub is not None, "no hub running"
+        os.kill(hub.pid, sig)
+        hub.wait(timeout=15)
+        if hub.stdout:
+            hub.stdout.close()
+        url = BrokerUrl.parse(self.url)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((url.host, url.port), timeout=0.2).close()
+            except OSError:
+                return
+            time.sleep(0.05)
+        raise MqttTimeout(f"the hub's broker still accepts connections on {url.port} 15 s after the hub ended")
+
+    def restart_hub(self, sig: int = signal.SIGKILL, timeout: float = 60.0) -> float:
+        """Kill the hub and start a new one on the same broker port (nodes reconnect to it);
+        returns the time (time.time()) the new hub reported ready."""
+        port = BrokerUrl.parse(self.url).port
+        self.kill_hub(sig)
+        return self.start_hub(port=port, timeout=timeout)
 
     def start_node(self, spec: NodeSpec) -> subprocess.Popen:
         args = ["node", "--broker", self.url, "--cluster", self.cluster, "--name", spec.name,
                 "--cache", str(self.workdir / f"cache-{spec.name}"), "--threads", str(spec.threads),
-                "--slowdown", str(spec.slowdown), "--mem-budget", str(spec.mem_budget_mb), "--no-spin"]
-        proc = self._spawn(spec.name, args)
+                "--slowdown", str(spec.slowdown), "--mem-budget", str(spec.mem_budget_mb), "--no-spin", *spec.args]
+        env = None
+        if spec.password is not None:
+            args += ["--username", spec.name]
+            env = {**os.environ, PASSWORD_ENV: spec.password}
+        proc = self._spawn(spec.name, args, env=env)
         self.node_procs[spec.name] = proc
         return proc
 
     def kill_node(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a node (SIGSTOP/SIGCONT freeze and thaw it; SIGKILL/SIGTERM are waited for)."""
         proc = self.node_procs[name]
         os.kill(proc.pid, sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
@@ -80,6 +121,7 @@ class LocalCluster:
         procs = [*self.node_procs.values(), *([self.hub] if self.hub else [])]
         for proc in procs:
             if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)  # a frozen node cannot act on SIGTERM
                 os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for proc in procs:
@@ -101,10 +143,11 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str], stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], stdout: int = subprocess.DEVNULL,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         with (self.workdir / f"{name}.log").open("ab") as log:
             return subprocess.Popen(linguamq_argv("--log-level", self._log_level, *args), stdout=stdout,
-                                    stderr=log, stdin=subprocess.DEVNULL)
+                                    stderr=log, stdin=subprocess.DEVNULL, env=env)
 
     def _read_ready_line(self, proc: subprocess.Popen, timeout: float) -> dict:
         box: list[bytes] = []

@@ -8,7 +8,7 @@ import sys
 
 from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.requests import GenerateRequest, Sampling
-from linguamq.tools.args import add_generation_arguments
+from linguamq.tools.args import add_connection_arguments, add_generation_arguments, connection_kwargs
 from linguamq.tools.remote import generate_remote, new_request_id
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttClient, MqttError
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up after S seconds without a response (default 120)")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    add_connection_arguments(parser)  # a client-role user: requests/USER, responses/USER/+
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
             id=args.id or new_request_id(), prompt=args.prompt, max_tokens=args.max_tokens,
             sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
             stop=tuple(args.stop), client=f"gen-{new_request_id()[1:9]}")
-        with MqttClient(url=args.broker, client_id=request.client) as client:
+        with MqttClient(url=args.broker, client_id=request.client, **connection_kwargs(args)) as client:
             result = generate_remote(client, args.cluster, request, timeout=args.timeout,
                                      on_text=None if args.json else _print_stream)
-    except (SchemaError, TopicError, MqttError) as exc:
+    except (SchemaError, TopicError, MqttError, ValueError) as exc:
         print(f"linguamq generate: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

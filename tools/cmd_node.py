@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from linguamq.node.daemon import NodeDaemon, NodeSettings, status_will
+from linguamq.tools.args import add_connection_arguments, connection_kwargs
 from linguamq.tools.signals import tune_for_latency, wait_for_signal
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttClient, MqttError
@@ -14,7 +15,7 @@ from linguamq.topics.client import MqttClient, MqttError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST:PORT of the hub's broker")
-    parser.add_argument("--name", required=True, help="this node's id ([A-Za-z0-9_-], at most 64)")
+    parser.add_argument("--name", help="this node's id ([A-Za-z0-9_-], at most 64; default: --username)")
     parser.add_argument("--cluster", default="home", help="cluster name (default home)")
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/linguamq").expanduser(), metavar="DIR",
                         help="where fetched pieces are kept (default ~/.cache/linguamq)")
@@ -27,24 +28,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache bound; least recently used sessions are evicted beyond it (default 1024)")
     parser.add_argument("--kv-ttl", type=float, default=600.0, metavar="S",
                         help="drop a session's KV cache after S idle seconds (default 600)")
+    parser.add_argument("--max-sessions", type=int, default=0, metavar="N",
+                        help="sessions this node holds at once; a new one beyond is refused as overloaded "
+                             "(default 0 = no cap)")
+    parser.add_argument("--max-envelope-mb", type=float, default=64.0, metavar="MB",
+                        help="refuse larger payloads before decoding them (default 64, the broker's cap)")
     parser.add_argument("--no-spin", action="store_true",
                         help="ONNX Runtime threads sleep between ops (several nodes on one machine)")
+    add_connection_arguments(parser)  # a node-role user whose name is the node's --name
 
 
 def run(args: argparse.Namespace) -> int:
     tune_for_latency()
     try:
+        login = connection_kwargs(args)
+        args.name = _node_name(args.name, args.username)
         validate_id("node", args.name)
         validate_id("cluster", args.cluster)
         if args.slowdown < 1.0:
             raise ValueError(f"--slowdown must be >= 1, got {args.slowdown}")
-        if min(args.mem_budget, args.threads, args.kv_max_mb, args.kv_ttl) < 0:
-            raise ValueError("--mem-budget, --threads, --kv-max-mb and --kv-ttl must be >= 0")
+        if min(args.mem_budget, args.threads, args.kv_max_mb, args.kv_ttl, args.max_sessions) < 0:
+            raise ValueError("--mem-budget, --threads, --kv-max-mb, --kv-ttl and --max-sessions must be >= 0")
+        if not args.max_envelope_mb > 0:
+            raise ValueError(f"--max-envelope-mb must be > 0, got {args.max_envelope_mb}")
         settings = NodeSettings(name=args.name, cluster=args.cluster, cache_dir=args.cache, threads=args.threads,
                                 slowdown=args.slowdown, mem_budget_mb=args.mem_budget, spin=not args.no_spin,
-                                kv_max_mb=args.kv_max_mb, kv_ttl_s=args.kv_ttl)
+                                kv_max_mb=args.kv_max_mb, kv_ttl_s=args.kv_ttl, max_sessions=args.max_sessions,
+                                max_envelope_mb=args.max_envelope_mb)
         client = MqttClient(url=args.broker, client_id=f"node-{args.name}",
-                            will=status_will(args.cluster, args.name)).start()
+                            will=status_will(args.cluster, args.name), **login).start()
     except (TopicError, MqttError, ValueError) as exc:
         print(f"linguamq node: error: {exc}", file=sys.stderr)
         return 2
@@ -56,3 +68,13 @@ def run(args: argparse.Namespace) -> int:
         daemon.stop()
         client.stop()
     return 0
+
+
+def _node_name(name: str | None, username: str | None) -> str:
+    """A secured broker lets node U use only U's topics, so the name is the username."""
+    if name is None and username is None:
+        raise ValueError("--name is required (or --username: the node takes its name)")
+    if name is not None and username is not None and name != username:
+        raise ValueError(f"--name {name} differs from --username {username}: a node may only use the topics "
+                         "of its own user (nodes/USERNAME/...)")
+    return name if name is not None else username  # type: ignore[return-value]

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from linguamq.tools.args import add_connection_arguments, connection_kwargs
 from linguamq.tools.trace import TraceError, Tracer, TracerSettings, accounting, load
 from linguamq.tools.trace_view import LiveView, render
 from linguamq.topics.client import MqttError
@@ -30,12 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perfetto", type=Path, help="with --from: write Chrome/Perfetto trace-event JSON")
     parser.add_argument("--png", type=Path, help="with --from: write a Gantt chart (needs linguamq[viz])")
     parser.add_argument("--json", action="store_true", help="with --from: print a JSON summary")
+    add_connection_arguments(parser)  # live, on a secured cluster: a hub-role user (it reads everything)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         return _offline(args) if args.source else _live(args)
-    except (TraceError, MqttError, OSError) as exc:
+    except (TraceError, MqttError, OSError, ValueError) as exc:
         print(f"linguamq trace: {exc}", file=sys.stderr)
         return 1
 
@@ -50,7 +52,7 @@ def _live(args: argparse.Namespace) -> int:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set()) if main else None
     try:
-        with Tracer(url=args.broker, settings=settings) as tracer:
+        with Tracer(url=args.broker, settings=settings, login=connection_kwargs(args)) as tracer:
             view = LiveView(tracer.model, out=sys.stdout, tty=sys.stdout.isatty())
             try:
                 while not stopping.wait(1.0 if deadline is None else

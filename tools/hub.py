@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import secrets
 from pathlib import Path
 
 import structlog
@@ -14,7 +15,8 @@ from tokenizers import Tokenizer
 
 from linguamq import topics
 from linguamq.broker.embedded import BrokerThread, EmbeddedBroker
-from linguamq.tools.broker_process import BrokerProcess
+from linguamq.broker.users import HUB_USERNAME, load_users
+from linguamq.tools.broker_process import BrokerOptions, BrokerProcess, broker_kwargs
 from linguamq.node.blobs import BlobServer
 from linguamq.node.head import Head, HeadSettings
 from linguamq.planner.service import PlannerService, PlannerSettings
@@ -39,6 +41,16 @@ class HubSettings:
     max_sessions: int = 64
     plan_sessions: int = 1  # sessions the planner plans for: KV per node, in flight for "throughput"
     drift_ratio: float = 1.3  # replan when a node's measured time is this far off; inf: never
+    max_tokens: int = 0  # cap on a request's max_tokens; 0: the model's context is the only cap
+    rate: float = 0.0  # requests per second per client; 0: no limit
+    burst: int = 10  # requests a client may send at once
+    # Security (embedded broker): a users file and a TLS listener; see tools/broker_process.py.
+    broker_options: BrokerOptions = BrokerOptions()
+    # How the hub's own clients log in to an external broker (a hub-role user), and the CA
+    # that signed an mqtts:// broker's certificate (external, or the embedded one's TLS).
+    username: str | None = None
+    password: str | None = None
+    cafile: str | None = None
 
 
 def load_manifest(artifacts: Path) -> tuple[ModelManifest, bytes]:
@@ -61,6 +73,9 @@ class Hub:
         self._clients: list[MqttClient] = []
         self._parts: list = []
         self.url = settings.broker_url or ""
+        self.tls_url: str | None = None
+        self._login: dict[str, str | None] = {"username": settings.username, "password": settings.password,
+                                              "cafile": settings.cafile}
         self.manifest, self._manifest_bytes = load_manifest(settings.artifacts)
         self.planner: PlannerService | None = None
         self.head: Head | None = None
@@ -68,10 +83,17 @@ class Hub:
     def start(self) -> Hub:
         s = self.settings
         if s.broker_url is None:
-            self._broker = (BrokerProcess(host=s.host, port=s.port) if s.broker_in_process
-                            else BrokerThread(broker=EmbeddedBroker(host=s.host, port=s.port)))
+            options = s.broker_options
+            if options.users is not None:
+                load_users(options.users)  # a bad file fails here, with its line, not in the child
+                # The hub's own clients: a credential of this run only, in no file.
+                options = dataclasses.replace(options, hub_secret=secrets.token_urlsafe(32))
+                self._login.update(username=HUB_USERNAME, password=options.hub_secret)
+            self._broker = (BrokerProcess(host=s.host, port=s.port, options=options) if s.broker_in_process
+                            else BrokerThread(broker=EmbeddedBroker(host=s.host, port=s.port,
+                                                                    **broker_kwargs(options))))
             self._broker.start()
-            self.url = self._broker.url
+            self.url, self.tls_url = self._broker.url, self._broker.tls_url
         control = self._client(f"hub-{s.cluster}")
         control.publish(topics.MODEL, topics.MODEL.build(s.cluster), self._manifest_bytes, wait=10.0)
         files = {p.sha256: s.artifacts / p.file for p in self.manifest.pieces}
@@ -84,7 +106,10 @@ class Hub:
         encode, decode = tokenizer_codec(s.artifacts, self.manifest)
         self.head = self._start(Head(client=self._client(f"head-{s.cluster}"), manifest=self.manifest,
                                      encode=encode, decode=decode,
-                                     settings=HeadSettings(cluster=s.cluster, max_sessions=s.max_sessions)))
+                                     settings=HeadSettings(cluster=s.cluster, max_sessions=s.max_sessions,
+                                                           max_tokens=s.max_tokens, rate=s.rate, burst=s.burst)))
+        planner_ = self.planner
+        self.head.also_rejected = lambda: planner_.rejected  # the head's telemetry counts the whole hub
         log.info("hub started", url=self.url, cluster=s.cluster, model=self.manifest.name)
         return self
 
@@ -103,7 +128,7 @@ class Hub:
         self.stop()
 
     def _client(self, client_id: str) -> MqttClient:
-        client = MqttClient(url=self.url, client_id=client_id).start()
+        client = MqttClient(url=self.url, client_id=client_id, **self._login).start()
         self._clients.append(client)
         return client
 

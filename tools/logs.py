@@ -11,6 +11,19 @@ import structlog
 LEVELS = ("debug", "info", "warning", "error")
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not when logging was set up.
+
+    A command run in-process (tests; pytest swaps and closes its capture streams) must not
+    leave background threads writing to a closed file long after it returned."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, suppress_defaults: bool = False) -> None:
     # Accept the flags both before and after the subcommand; the subcommand's copy
     # must not overwrite a value given before it, hence SUPPRESS there.
@@ -23,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, suppress_defaults: bool = 
 
 def configure(*, fmt: str = "console", level: str = "warning") -> None:
     numeric = getattr(logging, level.upper())
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
+    logging.basicConfig(level=numeric, stream=_CurrentStderr(), format="%(message)s")
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
@@ -34,6 +47,6 @@ def configure(*, fmt: str = "console", level: str = "warning") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )

@@ -484,11 +484,13 @@ class Tracer:
     """
 
     def __init__(self, *, url: str, settings: TracerSettings = TracerSettings(), model: TraceModel | None = None,
-                 clock: Callable[[], float] = time.time, client_id: str | None = None) -> None:
+                 clock: Callable[[], float] = time.time, client_id: str | None = None,
+                 login: dict[str, Any] | None = None) -> None:
         self.settings, self._clock = settings, clock
         self.model = model or TraceModel(request=settings.request)
         self.client_id = client_id or f"trace-{uuid.uuid4().hex[:10]}"
-        self._client = MqttClient(url=url, client_id=self.client_id)
+        # login: username/password/cafile (tools/args.connection_kwargs); a hub-role user
+        self._client = MqttClient(url=url, client_id=self.client_id, **(login or {}))
         self._estimator = ClockEstimator()
         self._events: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._nodes: dict[str, int] = {}  # node -> pings still to send in its burst

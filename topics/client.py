@@ -41,6 +41,11 @@ class MqttError(RuntimeError):
     """Could not connect, subscribe or publish."""
 
 
+class PayloadTooLarge(MqttError):
+    """A payload over the client's ``max_payload``: refused before sending (the broker would
+    close the connection of an oversized PUBLISH, losing everything queued on it)."""
+
+
 class MqttTimeout(MqttError):
     """A network wait ran out of time."""
 
@@ -77,6 +82,8 @@ class Will:
     retain: bool = True
 
 
+MAX_PAYLOAD = 64 * 2**20  # the embedded broker's default max_payload (broker.DEFAULT_MAX_PAYLOAD)
+
 _DECODERS: dict[str, Callable[[bytes], Any]] = {
     "envelope": envelope.decode, "blob_chunk": blobs.decode_chunk, "responses": requests.decode_response,
     "bytes": bytes}
@@ -93,13 +100,27 @@ class MqttClient:
     """One MQTT connection. ``start()`` connects (bounded wait), ``stop()`` disconnects."""
 
     def __init__(self, *, url: str, client_id: str, will: Will | None = None, keepalive: int = 15,
-                 cafile: str | None = None, insecure: bool = False, max_queued: int = 10_000) -> None:
+                 cafile: str | None = None, insecure: bool = False, max_queued: int = 10_000,
+                 max_payload: int = MAX_PAYLOAD, username: str | None = None,
+                 password: str | None = None) -> None:
+        # ``username``/``password`` override those of the URL (mqtt://user:pass@host);
+        # ``cafile``: the CA that signed an mqtts:// broker's certificate (None: the system's).
         self.url = BrokerUrl.parse(url)
+        if username is not None:
+            self.url = dataclasses.replace(self.url, username=username,
+                                           password=password if password is not None else self.url.password)
+        self._refused: str | None = None  # the CONNACK refusal of the last attempt
+        self._settled = threading.Event()  # the last attempt got a CONNACK, accepted or not
+        self.max_payload = max_payload  # larger payloads are neither sent nor decoded
+        self.rejected = 0  # payloads that did not decode (or were over max_payload), since start
+        self.default_reject: Rejecter | None = None  # for subscriptions made without on_reject
         self.client_id = client_id
         self._subs: dict[str, tuple[int, Callable[[paho.MQTTMessage], None]]] = {}
         self._acks: dict[int, threading.Event] = {}  # SUBACKs waited for, by message id
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._reconnect_listeners: list[Callable[[], None]] = []
+        self.connects = 0  # successful CONNECTs; more than one: the broker was lost and found again
         self._keepalive = keepalive
         self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=paho.MQTTv311, clean_session=True)
@@ -108,8 +129,16 @@ class MqttClient:
         self._client.reconnect_delay_set(min_delay=1, max_delay=4)
         if self.url.username is not None:
             self._client.username_pw_set(self.url.username, self.url.password)
+        self._tls: _TrackedContext | None = None
         if self.url.tls:
-            self._client.tls_set(ca_certs=cafile, cert_reqs=ssl.CERT_NONE if insecure else ssl.CERT_REQUIRED)
+            self._tls = _TrackedContext(ssl.PROTOCOL_TLS_CLIENT)
+            if insecure:
+                self._tls.check_hostname, self._tls.verify_mode = False, ssl.CERT_NONE
+            elif cafile:
+                self._tls.load_verify_locations(cafile)
+            else:
+                self._tls.load_default_certs()
+            self._client.tls_set_context(self._tls)
             self._client.tls_insecure_set(insecure)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
@@ -122,14 +151,32 @@ class MqttClient:
     # --- lifecycle ------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> MqttClient:
-        try:
-            self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
-        except (OSError, ValueError) as exc:
-            raise MqttError(f"cannot connect to {self.url.host}:{self.url.port}: {exc}") from exc
+        """Connect; MqttError at once for a refused login or a TLS failure (retrying cannot
+        help), MqttTimeout if the broker cannot be reached within ``timeout``."""
+        where = f"{self.url.host}:{self.url.port}"
+        try:  # a first attempt in this thread, so that a TLS error surfaces as itself
+            self._client.connect(self.url.host, self.url.port, keepalive=self._keepalive)
+        except ssl.SSLError as exc:
+            if self._tls is not None:
+                self._tls.close_last()  # paho leaves the socket of a failed handshake open
+            raise MqttError(f"TLS with {where} failed: {exc.reason or exc} (is --cafile the CA that signed the "
+                            f"broker's certificate, and does the certificate name {self.url.host}?)") from exc
+        except (OSError, ValueError):  # not up yet: paho's loop retries until the timeout
+            try:
+                self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
+            except (OSError, ValueError) as exc:
+                raise MqttError(f"cannot connect to {where}: {exc}") from exc
         self._client.loop_start()
-        if not self._connected.wait(timeout):
-            self._client.loop_stop()
-            raise MqttTimeout(f"no connection to {self.url.host}:{self.url.port} within {timeout:.0f} s")
+        deadline = time.monotonic() + timeout
+        while not self._connected.is_set():
+            if self._settled.wait(max(0.0, min(0.05, deadline - time.monotonic()))) and self._refused:
+                self._client.loop_stop()
+                raise MqttError(f"{where} refused the connection ({self._refused}): "
+                                "not authorized: check --username/--password")
+            if time.monotonic() >= deadline:
+                self._client.loop_stop()
+                raise MqttTimeout(f"no connection to {where} within {timeout:.0f} s"
+                                  + ("" if self.url.tls else " (a TLS-only broker? use mqtts://)"))
         return self
 
     def stop(self) -> None:
@@ -146,6 +193,20 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` (on the network thread: be quick) after each reconnect, once the
+        subscriptions are re-sent. A clean session loses what the broker held (a restarted
+        broker even its retained messages): whoever owns state there re-publishes it.
+        Returns a function that removes the listener."""
+        with self._lock:
+            self._reconnect_listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._reconnect_listeners:
+                    self._reconnect_listeners.remove(listener)
+        return remove
+
     # --- subscribing ----------------------------------------------------------------
 
     def subscribe(self, topic: Topic, filter_: str, handler: Handler, *,
@@ -158,10 +219,15 @@ class MqttClient:
 
         def deliver(msg: paho.MQTTMessage) -> None:
             try:
+                if len(msg.payload) > self.max_payload:
+                    raise SchemaError(f"payload of {len(msg.payload)} bytes exceeds this client's limit of "
+                                      f"{self.max_payload}")
                 value = decode(msg.payload)
             except SchemaError as exc:
-                if on_reject is not None:
-                    on_reject(msg.topic, msg.payload, exc)
+                self.rejected += 1
+                reject = on_reject or self.default_reject
+                if reject is not None:
+                    reject(msg.topic, msg.payload, exc)
                 else:
                     log.warning("rejected message", topic=msg.topic, error=str(exc))
                 return
@@ -200,6 +266,9 @@ class MqttClient:
 
     def publish_raw(self, name: str, data: bytes, *, qos: int = 0, retain: bool = False,
                     wait: float | None = None) -> None:
+        if len(data) > self.max_payload:
+            raise PayloadTooLarge(f"publish to {name}: payload of {len(data)} bytes exceeds max_payload "
+                                  f"{self.max_payload} (the broker would drop the connection)")
         info = self._client.publish(name, data, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {name} failed: {paho.error_string(info.rc)}")
@@ -222,14 +291,25 @@ class MqttClient:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
+            self._refused = str(reason)  # before logging: start() must see it whatever the log does
+            self._settled.set()
             log.error("mqtt connect refused", client=self.client_id, reason=str(reason))
             return
+        self._refused = None
         with self._lock:
             subs = [(f, qos) for f, (qos, _) in self._subs.items()]
         if subs:
             client.subscribe(subs)
         self._connected.set()
         log.info("mqtt connected", client=self.client_id, broker=f"{self.url.host}:{self.url.port}")
+        with self._lock:
+            self.connects += 1
+            listeners = list(self._reconnect_listeners) if self.connects > 1 else []
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:  # a listener bug must not kill the network thread
+                log.exception("reconnect listener failed", client=self.client_id)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         with self._lock:
@@ -251,6 +331,22 @@ class MqttClient:
                 log.exception("handler failed", topic=msg.topic, client=self.client_id)
 
 
+class _TrackedContext(ssl.SSLContext):
+    """An SSL context that remembers the last socket it wrapped, so that the socket of a failed
+    handshake (which paho drops without closing) can be closed."""
+
+    last: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        self.last = super().wrap_socket(*args, **kwargs)
+        return self.last
+
+    def close_last(self) -> None:
+        sock, self.last = self.last, None
+        if sock is not None:
+            sock.close()
+
+
 def _no_delay(client: paho.Client, userdata: Any, sock: socket.socket) -> None:
     # paho leaves Nagle on: a small activation would wait up to 40 ms for a delayed ACK.
     try:
@@ -268,4 +364,4 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
-__all__ = ["BrokerUrl", "MqttClient", "MqttError", "MqttTimeout", "Will", "TopicError", "decoder_for", "wait_for"]
+__all__ = ["MAX_PAYLOAD", "BrokerUrl", "MqttClient", "MqttError", "MqttTimeout", "PayloadTooLarge", "Will", "TopicError", "decoder_for", "wait_for"]

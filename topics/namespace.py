@@ -95,6 +95,10 @@ ACT = Topic("act", "act/{piece}", "envelope", qos=1)
 SESSION_OUT = Topic("session_out", "sessions/{session}/out", "envelope", qos=1)
 REQUESTS = Topic("requests", "requests", GenerateRequest, qos=1)
 RESPONSES = Topic("responses", "responses/{request}", "responses", qos=1)
+# Per-client request and response topics: with users and ACLs a client may publish only on
+# its own request topic and read only its own responses (and errors), whatever it subscribes.
+REQUESTS_FROM = Topic("requests_from", "requests/{client}", GenerateRequest, qos=1)
+CLIENT_RESPONSES = Topic("client_responses", "responses/{client}/{request}", "responses", qos=1)
 BLOB_REQUEST = Topic("blob_request", "blobs/{sha256}/request", BlobRequest, qos=1)
 BLOB_CHUNK = Topic("blob_chunk", "blobs/{sha256}/chunks/{node}", "blob_chunk", qos=1)
 ERRORS = Topic("errors", "errors/{client}", ErrorReport)
@@ -102,9 +106,12 @@ NODE_CONTROL = Topic("node_control", "nodes/{node}/control", NodeControl, qos=1)
 NODE_PROBE = Topic("node_probe", "nodes/{node}/probe", "bytes")  # a node's link test, to itself
 PING = Topic("ping", "nodes/{node}/ping", ClockPing)  # a tracer asks a node for its clock
 PONG = Topic("pong", "clock/{client}", ClockPong)  # the node's answer, to the asker
+# The hub's own counters (its head and planner: sessions, rejections), apart from the nodes'.
+HUB_TELEMETRY = Topic("hub_telemetry", "hub/telemetry", Telemetry)
 
 ALL: tuple[Topic, ...] = (MODEL, PLAN, NODE_STATUS, NODE_TELEMETRY, NODE_ASSIGN, NODE_CONTROL, NODE_PROBE, ACT, SESSION_OUT,
-                          REQUESTS, RESPONSES, BLOB_REQUEST, BLOB_CHUNK, ERRORS, PING, PONG)
+                          REQUESTS, RESPONSES, REQUESTS_FROM, CLIENT_RESPONSES, BLOB_REQUEST, BLOB_CHUNK, ERRORS, PING, PONG,
+                          HUB_TELEMETRY)
 _BY_DEPTH: dict[int, tuple[Topic, ...]] = {
     n: tuple(t for t in ALL if t.template.count("/") + 1 == n) for n in range(1, 5)}
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from linguamq.node.kvcache import KVCache
+from linguamq.node.kvcache import KVCache, KVCacheFull
 
 
 def kv(positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -22,10 +23,13 @@ def test_least_recently_used_sessions_are_evicted_past_the_byte_bound() -> None:
     assert cache.nbytes() == 2 * one and cache.evicted == 1
 
 
-def test_the_session_being_written_is_never_evicted_even_alone_over_the_bound() -> None:
-    cache = KVCache(max_bytes=10)
-    cache.put("big", 0, *kv(100))
-    assert cache.sessions() == ("big",) and cache.evicted == 0
+def test_a_session_alone_over_the_bound_is_refused_clearly_and_the_others_kept() -> None:
+    one = sum(a.nbytes for a in kv(10))
+    cache = KVCache(max_bytes=2 * one)
+    cache.put("small", 0, *kv(10))
+    with pytest.raises(KVCacheFull, match=r"session big needs .* MiB of KV cache, more than the cap"):
+        cache.put("big", 0, *kv(100))
+    assert cache.sessions() == ("small",) and cache.evicted == 0 and cache.nbytes() == one
 
 
 def test_byte_accounting_follows_replace_truncate_and_drop() -> None:

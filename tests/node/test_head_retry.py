@@ -1,0 +1,152 @@
+"""The head's step retry, without a network: a fake client records what the head publishes.
+
+A step whose token never comes (lost to a frozen node or a reconnect) is re-sent as a
+re-prefill of the whole history under the ready epoch, with a growing wait; a token
+brings the count back to zero; after max_retries the request fails with a clear error.
+Duplicated tail outputs are accepted once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from linguamq import topics
+from linguamq.node.head import Head, HeadSettings
+from linguamq.schemas import envelope
+from linguamq.schemas.cluster import NodeStatus, Plan, Stage
+from linguamq.schemas.envelope import ActHeader
+from linguamq.schemas.examples import MANIFEST
+from linguamq.schemas.requests import GenerateRequest, GenerateResult, TokenEvent
+
+CLUSTER = "t-retry"
+REQUESTS = topics.REQUESTS.build(CLUSTER)
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.handlers: dict[str, object] = {}
+        self.published: list[tuple[str, object]] = []
+        self.errors: list[dict] = []
+
+    def subscribe(self, topic, filter_, handler, **_kw) -> None:
+        self.handlers[topic.kind] = handler
+
+    def publish(self, topic, name, payload, **_kw) -> None:
+        value = envelope.decode(payload) if topic.payload == "envelope" else payload
+        self.published.append((topic.kind, value))
+
+    def report_error(self, cluster, **fields) -> None:
+        self.errors.append(fields)
+
+    def acts(self) -> list[ActHeader]:
+        return [v[0] for k, v in self.published if k == "act" and not v[0].end]
+
+    def results(self) -> list[GenerateResult]:
+        return [v for k, v in self.published if k == "responses" and isinstance(v, GenerateResult)]
+
+    def events(self) -> list[TokenEvent]:
+        return [v for k, v in self.published if k == "responses" and isinstance(v, TokenEvent)]
+
+
+def make_head(**settings) -> tuple[Head, FakeClient]:
+    client = FakeClient()
+    head = Head(client=client, manifest=MANIFEST, encode=lambda text: [5, 6, 7][:max(1, len(text) % 4)],
+                decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
+                settings=HeadSettings(cluster=CLUSTER, **settings))
+    head.start()
+    plan = Plan(epoch=4, objective="even", stages=(Stage(node="n1", first=0, last=3, predicted_ms=0.0),),
+                predicted_ms_per_token=0.0)
+    client.handlers["plan"](topics.PLAN.build(CLUSTER), plan, True)
+    client.handlers["node_status"](topics.NODE_STATUS.build(CLUSTER, node="n1"),
+                                   NodeStatus(node="n1", state="ready", ts=1.0, epoch=4), True)
+    assert head.ready
+    return head, client
+
+
+def token(client: FakeClient, header: ActHeader, value: int) -> None:
+    out = np.array([[value]], dtype=np.int64)
+    reply = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
+                                 epoch=header.epoch, piece=len(MANIFEST.pieces), start_pos=header.start_pos + 1)
+    client.handlers["session_out"](topics.SESSION_OUT.build(CLUSTER, session=header.session), (reply, out), False)
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_lost_step_is_resent_as_a_reprefill_with_backoff_then_resumes() -> None:
+    head, client = make_head(retry_min_s=0.3, max_retries=3, step_timeout_s=30)
+    try:
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="r1", prompt="abc", max_tokens=3), False)
+        first = client.acts()[0]
+        token(client, first, 11)  # step 0 answered
+        step1 = client.acts()[-1]
+        assert (step1.step, step1.start_pos, step1.shape) == (1, 3, (1, 1))
+        t0 = time.monotonic()
+        wait_until(lambda: len(client.acts()) == 3)  # step 1 lost: re-sent
+        retry = client.acts()[-1]
+        waited = time.monotonic() - t0
+        assert (retry.step, retry.epoch, retry.start_pos, retry.shape) == (1, 4, 0, (1, 4))  # prompt + 1 token
+        assert 0.25 < waited < 1.5
+        wait_until(lambda: len(client.acts()) == 4)  # again, after about twice as long
+        assert time.monotonic() - t0 > 0.8
+        token(client, step1, 12)  # the original's answer arrives late: accepted once
+        token(client, retry, 12)  # ... and the retry's copy is a duplicate: ignored
+        token(client, client.acts()[-1], 13)
+        (result,) = client.results()
+        assert result.error is None and result.tokens == (11, 12, 13)
+        assert [e.index for e in client.events()] == [0, 1, 2]
+        assert head.retries == 2
+    finally:
+        head.stop()
+
+
+def test_a_step_that_never_answers_fails_clearly_after_max_retries() -> None:
+    head, client = make_head(retry_min_s=0.1, max_retries=2, step_timeout_s=30)
+    try:
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="r2", prompt="abc", max_tokens=3), False)
+        wait_until(lambda: client.results(), timeout=5)
+        (result,) = client.results()
+        assert result.stop_reason == "error" and "after 2 retries" in result.error
+        assert len(client.acts()) == 3  # the step and its 2 retries
+    finally:
+        head.stop()
+
+
+def test_a_resent_request_id_is_reported_not_failed() -> None:
+    head, client = make_head(retry_min_s=5.0)
+    try:
+        request = GenerateRequest(id="r3", prompt="abc", max_tokens=1, client="c1")
+        client.handlers["requests"](REQUESTS, request, False)
+        client.handlers["requests"](REQUESTS, request, False)  # a client that reconnected sends it again
+        assert client.results() == [] and "already in flight" in client.errors[-1]["message"]
+        assert client.errors[-1]["to"] == "c1"
+        token(client, client.acts()[0], 9)
+        (result,) = client.results()
+        assert result.error is None and result.tokens == (9,)
+    finally:
+        head.stop()
+
+
+def test_an_empty_plan_fails_requests_with_its_reason() -> None:
+    head, client = make_head(retry_min_s=5.0)
+    try:
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="r4", prompt="abc", max_tokens=4), False)
+        empty = Plan(epoch=5, objective="even", stages=(), predicted_ms_per_token=0.0,
+                     reason="left: n2; no placement: n1 would need 0.6 MB")
+        client.handlers["plan"](topics.PLAN.build(CLUSTER), empty, True)
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="r5", prompt="abc", max_tokens=4), False)
+        assert [(r.request, r.stop_reason) for r in client.results()] == [("r4", "error"), ("r5", "error")]
+        assert all("no plan fits the nodes online: left: n2" in r.error for r in client.results())
+    finally:
+        head.stop()
+
+
+def test_topics_used_exist() -> None:  # the fake keys handlers by topic kind
+    assert {t.kind for t in (topics.PLAN, topics.NODE_STATUS, topics.SESSION_OUT, topics.REQUESTS)} == {
+        "plan", "node_status", "session_out", "requests"}
