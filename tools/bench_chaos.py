@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     outcomes: list[Outcome] = []
     for case in chosen:
         workdir = args.workdir / "chaos-run" / stamp / case.name.replace(" ", "-")
+        workdir.mkdir(parents=True, exist_ok=True)  # cases may make their scratch dirs inside it
         ctx = ChaosContext(artifacts=art, workdir=workdir, full=not args.quick, log=log)
         log(f"== {case.name} ...")
         t0 = time.monotonic()
