@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=0, metavar="N",
                         help="refuse requests asking for more than N new tokens (default 0 = the model's context)")
     parser.add_argument("--rate", type=float, default=0.0, metavar="R",
-                        help="requests per second per client (its `client` field); excess answered rate_limited "
+                        help="requests per second per client (the user of requests/{c}, else the request's `client` field); "
+                             "excess answered rate_limited "
                              "(default 0 = no limit)")
     parser.add_argument("--burst", type=int, default=10, metavar="B",
                         help="requests a client may send at once before --rate applies (default 10)")
