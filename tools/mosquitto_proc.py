@@ -38,35 +38,41 @@ def mosquitto(conf_lines: str = "allow_anonymous true\n", *, root: Path | None =
     with contextlib.ExitStack() as stack:
         if root is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="linguamq-mosquitto-")))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         # As root, mosquitto drops to user `mosquitto`, which cannot read 0600 password files.
         as_root = "user root\n" if os.geteuid() == 0 else ""
         conf, log = root / "mosquitto.conf", root / "mosquitto.log"
-        conf.write_text(f"listener {port} 127.0.0.1\n{conf_lines}{as_root}persistence false\n")
-        with log.open("wb") as log_file:
-            proc = subprocess.Popen([path, "-c", str(conf)], stdout=log_file, stderr=log_file)
-        try:
-            _wait_listening(proc, port, log)
-            yield port
-        finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
+        for _ in range(3):  # the free port may be taken between the probe and mosquitto's bind
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            conf.write_text(f"listener {port} 127.0.0.1\n{conf_lines}{as_root}persistence false\n")
+            with log.open("wb") as log_file:
+                proc = subprocess.Popen([path, "-c", str(conf)], stdout=log_file, stderr=log_file)
             try:
-                proc.wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=WAIT)
+                if _listening(proc, port):
+                    yield port
+                    return
+            finally:
+                _stop(proc)
+        raise MosquittoError(f"mosquitto did not listen: {log.read_text()[-2000:]}")
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
     deadline = time.monotonic() + WAIT
-    while True:
+    while proc.poll() is None and time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
+            return True
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise MosquittoError(f"mosquitto did not listen on {port}: {log.read_text()[-2000:]}") from None
-            time.sleep(0.05)
+            time.sleep(0.02)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=WAIT)

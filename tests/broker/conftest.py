@@ -8,17 +8,11 @@ messages with plain tuples (``Msg`` is a NamedTuple).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-import os
 import queue
-import shutil
-import signal
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from linguamq.broker import BrokerThread, EmbeddedBroker
+from linguamq.tools.mosquitto_proc import mosquitto
 
 WAIT = 5.0  # seconds: every wait in these tests is bounded by this
 PROBE = "probe"  # root of the topics Peer.sync() uses
@@ -209,54 +204,6 @@ class RunningBroker:
     port: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mosquitto(root: Path) -> Iterator[int]:
-    """A fresh mosquitto (no retained state) on a free 127.0.0.1 port; yields the port and
-    stops it by pid."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    assert Path(binary).exists(), "mosquitto is not installed: run `make setup`"
-    for _ in range(3):  # the free port may be taken between the probe and mosquitto's bind
-        port, log = _free_port(), root / "mosquitto.log"
-        conf = root / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        with log.open("wb") as out:
-            proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=out)
-        try:
-            if _listening(proc, port):
-                yield port
-                return
-        finally:
-            _stop(proc)
-    raise AssertionError(f"mosquitto did not start: {log.read_text()[-2000:]}")
-
-
-def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
-    deadline = time.monotonic() + WAIT
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            time.sleep(0.02)
-    return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=WAIT)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=WAIT)
-
-
 # --- fixtures -----------------------------------------------------------------------------
 
 
@@ -279,7 +226,7 @@ def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runni
         with BrokerThread() as running:
             yield RunningBroker("embedded", running.port)
     else:
-        with mosquitto(tmp_path) as port:
+        with mosquitto(root=tmp_path) as port:
             yield RunningBroker("mosquitto", port)
 
 

@@ -5,12 +5,7 @@ pytest runs with --import-mode=importlib: tests get these through fixtures only.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +14,7 @@ import pytest
 from linguamq.models.export import ExportOptions, export_model
 from linguamq.models.tiny import TinySpec, make_tiny
 from linguamq.tools.local import open_local
+from linguamq.tools.mosquitto_proc import mosquitto as run_mosquitto
 
 FAMILIES = ("llama", "qwen2", "bloom")
 
@@ -64,22 +60,5 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real mosquitto on a free 127.0.0.1 port; yields its URL."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    assert Path(binary).exists(), "mosquitto is not installed: run `make setup`"
-    root = tmp_path_factory.mktemp("mosquitto")
-    port = free_port()
-    conf = root / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    with (root / "log").open("wb") as log:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, (root / "log").read_text()
-            time.sleep(0.05)
-    yield f"mqtt://127.0.0.1:{port}"
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=10)
+    with run_mosquitto(root=tmp_path_factory.mktemp("mosquitto")) as port:
+        yield f"mqtt://127.0.0.1:{port}"
