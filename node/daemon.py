@@ -31,7 +31,7 @@ from linguamq.node.blobs import BlobCache, BlobError
 from linguamq.node.clock import ClockResponder
 from linguamq.node.errors import NodeError
 from linguamq.node.kvcache import KVCache, KVCacheFull
-from linguamq.node.profile import make_profile, probe_compute, probe_link, probe_runtime
+from linguamq.node.profile import make_profile, probe_compute, probe_link, probe_runtime, work_clock
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
 from linguamq.schemas import envelope
@@ -93,6 +93,7 @@ class NodeDaemon:
         self._timings: dict[int, PieceTiming] = {}
         self._rejected = 0
         self._seq = 0
+        self._work_clock = work_clock(settings.threads)  # times the compute that --slowdown stretches
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._log = log.bind(node=self.name)
@@ -237,7 +238,8 @@ class NodeDaemon:
         assert manifest is not None
         try:
             model_dir = self._materialize([p for p in manifest.pieces if p.kind == "layer"][:1])
-            compute = probe_compute(probe_runtime(manifest, model_dir, self._runtime_settings()), self.slowdown)
+            compute = probe_compute(probe_runtime(manifest, model_dir, self._runtime_settings()), self.slowdown,
+                                    clock=self._work_clock)
             link = probe_link(self._client, self._cluster, self.name)
         except (BlobError, NodeError, OSError, MqttError) as exc:
             return self._report("internal", f"cannot profile this node: {exc}")
@@ -300,7 +302,7 @@ class NodeDaemon:
                                 f"session {header.session} refused", topic=topic, ref=header.session)
         if not self._align_cache(stage, header, topic):
             return
-        t_start = time.time()
+        t_start, work_start = time.time(), self._work_clock()
         try:
             steps = array.shape[1] if array.ndim >= 2 else 0
             positions = np.arange(header.start_pos, header.start_pos + steps, dtype=np.int64)[None]
@@ -309,8 +311,7 @@ class NodeDaemon:
             return self._report("too_large", str(exc), topic=topic, ref=header.session)
         except NodeError as exc:
             return self._report("bad_request", str(exc), topic=topic, ref=header.session)
-        t_end = time.time()
-        self._emulate_slowdown(t_end - t_start)
+        self._emulate_slowdown(self._work_clock() - work_start)
         self._record(stage, (time.time() - t_start) * 1e3)
         hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
                   t_start=t_start, t_end=time.time(), t_send=time.time())

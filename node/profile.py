@@ -28,17 +28,30 @@ LINK_BYTES = 256 * 1024
 MAX_MBPS = 10_000.0  # loopback is "infinitely" fast; keep numbers finite and sane
 
 
-def probe_compute(runtime: SegmentRuntime, slowdown: float, repeats: int = 5) -> tuple[float, float]:
-    """(ms per GFLOP decoding, ms per GFLOP in prefill) on ``runtime``'s single layer piece."""
+def work_clock(threads: int) -> Callable[[], float]:
+    """The clock that times a node's compute, for its profile and for ``--slowdown``.
+
+    With one ONNX Runtime thread the model runs on the calling thread, so that thread's
+    CPU time is how long the compute takes on a device of its own. Wall time on a shared
+    machine adds the neighbours' turns: four nodes probing at once would profile each
+    other, and an emulated slow device would sleep (X-1) times the contention too. With
+    more threads the work is spread over a pool: wall time."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
+def probe_compute(runtime: SegmentRuntime, slowdown: float, repeats: int = 5,
+                  clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """(ms per GFLOP decoding, ms per GFLOP in prefill) on ``runtime``'s single layer piece,
+    timed by ``clock`` (``work_clock``)."""
     piece = runtime.pieces[0]
     hidden = runtime.manifest.hidden_size
     dtype = np.float16 if runtime.manifest.act_dtype == "float16" else np.float32
 
     def once(tokens: int) -> float:
         x = np.zeros((1, tokens, hidden), dtype=dtype)  # (1, T, H)
-        started = time.perf_counter()
+        started = clock()
         runtime.run("probe", x, np.arange(tokens, dtype=np.int64)[None])
-        elapsed = time.perf_counter() - started
+        elapsed = clock() - started
         runtime.drop("probe")
         return elapsed * 1e3 * slowdown
 

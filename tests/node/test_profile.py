@@ -1,0 +1,51 @@
+"""A node's compute profile and the clock that times its compute (and --slowdown)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from linguamq.node.profile import probe_compute, probe_runtime, work_clock
+from linguamq.node.runtime import RuntimeSettings
+from linguamq.schemas.manifest import ModelManifest
+
+Art = tuple[Path, ModelManifest]
+
+
+def test_one_thread_clock_counts_only_the_time_this_thread_runs() -> None:
+    """With one ORT thread the compute runs on the caller: time it waits for the cores
+    (here: sleeps) is not compute, so an emulated slow device does not stretch it."""
+    clock = work_clock(1)
+    started = clock()
+    time.sleep(0.2)
+    assert clock() - started < 0.05
+    assert work_clock(2) is time.perf_counter and work_clock(0) is time.perf_counter
+
+
+def test_one_thread_clock_is_per_thread() -> None:
+    """A neighbour burning CPU in another thread is not counted to this one."""
+    clock, stop = work_clock(1), threading.Event()
+    burner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
+    started = clock()
+    burner.start()
+    time.sleep(0.2)
+    stop.set()
+    burner.join()
+    assert clock() - started < 0.05
+
+
+@pytest.mark.parametrize("slowdown", [1.0, 3.0])
+def test_probe_reports_the_emulated_speed(artifacts: Art, slowdown: float) -> None:
+    """Every probe run timed at 2 ms by the clock: the profile says 2 ms x slowdown per
+    run, over the piece's FLOPs."""
+    path, manifest = artifacts
+    ticks = itertools.count(step=0.002)
+    runtime = probe_runtime(manifest, path, RuntimeSettings(intra_op_threads=1))
+    decode, prefill = probe_compute(runtime, slowdown, clock=lambda: next(ticks))
+    piece = runtime.pieces[0]
+    assert decode == pytest.approx(2.0 * slowdown / (piece.flops_per_token / 1e9))
+    assert prefill == pytest.approx(2.0 * slowdown / (piece.flops_per_prompt_token * 32 / 1e9))
