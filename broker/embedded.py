@@ -287,7 +287,8 @@ class BrokerThread:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._serve())
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(self._serve())
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that called start/stop
             self._error = exc
         finally:
@@ -316,3 +317,14 @@ async def _call(fn: Callable[[EmbeddedBroker], Awaitable[T]], broker: EmbeddedBr
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise BrokerConfigError(message)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (the hub extra, on Linux and macOS): it cuts
+    the broker's time per hop by ~7% at 8 KiB (`linguamq bench transport`, BENCHMARKS.md);
+    else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -82,6 +82,7 @@ class Head:
     def __init__(self, *, client: MqttClient, manifest: ModelManifest, encode: Callable[[str], list[int]],
                  decode: Callable[[list[int]], str], settings: HeadSettings = HeadSettings()) -> None:
         self._client, self._manifest, self.settings = client, manifest, settings
+        self._eos = frozenset(manifest.eos_token_ids)
         self._encode, self._decode = encode, decode
         self._cluster = settings.cluster
         self._lock = threading.RLock()
@@ -232,13 +233,16 @@ class Head:
         session.t_last, session.retries = now, 0
         if len(session.tokens) == 1:
             session.t_first = now
-        reason = stop_reason(token, frozenset(self._manifest.eos_token_ids), session.stream, session.tokens,
-                             session.request.max_tokens)
+        if token not in self._eos and len(session.tokens) < session.request.max_tokens:
+            # The next step goes out before the text work (decoding, TokenEvent): the pipeline
+            # computes while the head streams. If the text then holds a stop string, the
+            # session ends and that step's token is dropped (its session is gone).
+            session.step += 1
+            start = len(session.prompt) + len(session.tokens) - 1
+            self._send(session, np.asarray([[token]], dtype=np.int64), start_pos=start)
+        reason = stop_reason(token, self._eos, session.stream, session.tokens, session.request.max_tokens)
         if reason is not None:
             return self._finish(session, reason)
-        session.step += 1
-        start = len(session.prompt) + len(session.tokens) - 1
-        self._send(session, np.asarray([[token]], dtype=np.int64), start_pos=start)
 
     def _stream(self, session: _Session, text: str) -> None:
         """Publish newly final text; long text (a held-back stop-string prefix) goes in pieces."""

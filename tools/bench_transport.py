@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nodes (default), or on a thread of this process")
     parser.add_argument("--mosquitto", default=None, metavar="PATH",
                         help="mosquitto binary (default: found on PATH, else /usr/sbin/mosquitto)")
+    parser.add_argument("--idle", type=float, default=0.0, metavar="MS",
+                        help="pause before every hop, as a pipeline stage waits for its next turn: the "
+                             "hop then wakes idle processes (default: 0, back to back)")
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -79,8 +82,10 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 def run(args: argparse.Namespace) -> int:
     counts = {"8KiB": args.count_small, "1MiB": args.count_large}
+    if args.idle < 0:
+        raise SystemExit(f"linguamq bench transport: error: --idle must be >= 0, got {args.idle:g}")
     report = measure(counts=counts, warmup=args.warmup, embedded_in=args.embedded_in,
-                     mosquitto=args.mosquitto)
+                     mosquitto=args.mosquitto, idle_ms=args.idle)
     print(json.dumps(report) if args.json else table(report))
     return 0
 
@@ -89,21 +94,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(*, counts: dict[str, int], warmup: int = 20, embedded_in: str = "process",
-            mosquitto: str | None = None) -> dict[str, Any]:
-    """Run the bench; ``counts`` maps each size label of ``SIZES`` to its timed hops."""
+            mosquitto: str | None = None, idle_ms: float = 0.0) -> dict[str, Any]:
+    """Run the bench; ``counts`` maps each size label of ``SIZES`` to its timed hops;
+    ``idle_ms``: a pause before every hop."""
     with contextlib.ExitStack() as stack:
         urls = {"embedded": stack.enter_context(embedded_broker(embedded_in)),
                 "mosquitto": stack.enter_context(mosquitto_broker(mosquitto))}
         links = {name: stack.enter_context(Link(url, name)) for name, url in urls.items()}
         results = [result for label, shape in SIZES
-                   for result in _measure_size(links, label, shape, counts[label], warmup)]
+                   for result in _measure_size(links, label, shape, counts[label], warmup, idle_ms / 1e3)]
     ratios = {label: round(_median(results, "embedded", label) / _median(results, "mosquitto", label), 3)
               for label, _ in SIZES}
     targets = {f"embedded_median_{label}": _median(results, "embedded", label) <= ms
                for label, ms in TARGET_MEDIAN_MS.items()}
     targets.update({f"ratio_{label}": ratio <= TARGET_RATIO for label, ratio in ratios.items()})
     return {"bench": "transport", "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "embedded_in": embedded_in, "qos": topics.ACT.qos,
+            "cpus": os.cpu_count(), "embedded_in": embedded_in, "qos": topics.ACT.qos, "idle_ms": idle_ms,
             "mosquitto_version": _mosquitto_version(mosquitto), "warmup": warmup,
             "results": results, "ratio_embedded_to_mosquitto": ratios,
             "targets": {"embedded_median_ms": TARGET_MEDIAN_MS, "ratio": TARGET_RATIO},
@@ -111,7 +117,7 @@ def measure(*, counts: dict[str, int], warmup: int = 20, embedded_in: str = "pro
 
 
 def _measure_size(links: dict[str, Link], label: str, shape: tuple[int, ...], count: int,
-                  warmup: int) -> list[dict[str, Any]]:
+                  warmup: int, idle_s: float) -> list[dict[str, Any]]:
     array = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     order = list(links)
     samples: dict[str, list[float]] = {name: [] for name in order}
@@ -122,6 +128,8 @@ def _measure_size(links: dict[str, Link], label: str, shape: tuple[int, ...], co
             payload = envelope.encode(ActHeader.for_tensor(
                 array, session=f"s-{label}", step=step, epoch=1, piece=PIECE, start_pos=step), array)
             payload_bytes = len(payload)
+            if idle_s:
+                time.sleep(idle_s)
             seconds = links[name].hop(payload, session=f"s-{label}", step=step)
             if step >= warmup:
                 samples[name].append(seconds * 1e3)
@@ -271,7 +279,8 @@ def _stop_child(proc: subprocess.Popen[Any]) -> None:
 def table(report: dict[str, Any]) -> str:
     lines = [(f"one hop publish -> broker -> subscriber, act/{{piece}} QoS {report['qos']}, float32 envelopes "
               f"(python {report['python']}, mosquitto {report['mosquitto_version']}, {report['cpus']} cpus, "
-              f"embedded broker in a {report['embedded_in']}, {report['warmup']} warm-up hops)"),
+              f"embedded broker in a {report['embedded_in']}, {report['warmup']} warm-up hops"
+              + (f", {report['idle_ms']:g} ms idle before each hop" if report["idle_ms"] else "") + ")"),
              (f"{'broker':<10} {'size':>5} {'payload B':>10} {'n':>4} {'median ms':>10} {'p90 ms':>8} "
               f"{'min ms':>8} {'max ms':>8}")]
     for r in report["results"]:

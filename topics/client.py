@@ -122,8 +122,8 @@ class MqttClient:
         self._reconnect_listeners: list[Callable[[], None]] = []
         self.connects = 0  # successful CONNECTs; more than one: the broker was lost and found again
         self._keepalive = keepalive
-        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=paho.MQTTv311, clean_session=True)
+        self._client = _DirectWriteClient(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                          protocol=paho.MQTTv311, clean_session=True)
         self._client.max_queued_messages_set(max_queued)
         self._client.max_inflight_messages_set(100)
         self._client.reconnect_delay_set(min_delay=1, max_delay=4)
@@ -329,6 +329,43 @@ class MqttClient:
                 deliver(msg)
             except Exception:  # a handler bug must not kill the network thread
                 log.exception("handler failed", topic=msg.topic, client=self.client_id)
+
+
+class _DirectWriteClient(paho.Client):
+    """paho with a publish written at once, by the thread that makes it.
+
+    Threaded paho (``loop_start``) writes a packet only from its network thread, and only
+    between reads: a packet queued on another thread waits until the network thread wakes
+    (a byte on a socket pair), selects and takes the GIL; one queued by a handler waits
+    until the handler returns. On a node that is a thread switch per activation, on the
+    head the text work of a token before its next step: both on the critical path of
+    every token (`linguamq bench pipeline`, BENCHMARKS.md). Here the queuing thread writes
+    the packet itself; every write (the network thread's too) holds one lock, so packets
+    never interleave on the socket. Over TLS only the network thread does (an SSL socket
+    must not be read and written by two threads at once); before the connection is up,
+    paho's own path.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_lock = threading.Lock()
+
+    def loop_write(self) -> paho.MQTTErrorCode:
+        with self._write_lock:
+            return super().loop_write()
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: paho.MQTTMessageInfo | None = None) -> paho.MQTTErrorCode:
+        rc = super()._packet_queue(command, packet, mid, qos, info)
+        network_thread = threading.current_thread() is self._thread
+        if (self._thread is not None and (network_thread or not self._ssl)
+                and self._state == paho._ConnectionState.MQTT_CS_CONNECTED
+                and self._write_lock.acquire(blocking=False)):
+            try:  # errors and partial writes are left to the network thread, which was woken too
+                self._packet_write()
+            finally:
+                self._write_lock.release()
+        return rc
 
 
 class _TrackedContext(ssl.SSLContext):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -39,3 +40,19 @@ def test_bench_transport_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "embedded / mosquitto median at 8KiB" in out
     rows = [line.split()[:2] for line in out.splitlines() if line.split()[1:2] in (["8KiB"], ["1MiB"])]
     assert sorted(rows) == [["embedded", "1MiB"], ["embedded", "8KiB"], ["mosquitto", "1MiB"], ["mosquitto", "8KiB"]]
+
+
+def test_bench_transport_idle_pauses_are_not_counted_in_the_hop(capsys: pytest.CaptureFixture[str]) -> None:
+    """--idle: each hop starts from idle processes; the pause itself is no part of the figure."""
+    started = time.monotonic()
+    assert main(["bench", "transport", "--json", "--count-small", "3", "--count-large", "2", "--warmup", "0",
+                 "--idle", "40"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["idle_ms"] == 40
+    assert time.monotonic() - started >= 2 * (3 + 2) * 0.040  # every hop of both brokers paused
+    assert all(r["median_ms"] < 40 for r in report["results"] if r["size"] == "8KiB")
+
+
+def test_bench_transport_refuses_a_negative_idle() -> None:
+    with pytest.raises(SystemExit, match="--idle must be >= 0"):
+        main(["bench", "transport", "--idle", "-1"])
