@@ -276,9 +276,11 @@ class NodeDaemon:
             raise NodeError(f"pieces need {sum(p.bytes for p in needed) / 2**20:.0f} MB, "
                             f"budget is {self.settings.mem_budget_mb:.0f} MB")
         model_dir = self._materialize(needed)
+        # Pieces this node keeps are not loaded again: their sessions hold no per-session state.
+        kept = [piece for stage in self._stages.values() for piece in stage.runtime.loaded]
         return {seg.first: _Stage(seg, SegmentRuntime(manifest=manifest, artifact_dir=model_dir, first=seg.first,
                                                        last=seg.last, settings=self._runtime_settings(),
-                                                       cache=cache))
+                                                       cache=cache, reuse=kept))
                 for seg in assignment.segments}
 
     def _run_act(self, topic: str, header: ActHeader, array: np.ndarray, t_recv: float) -> None:

@@ -14,6 +14,7 @@ cache is dropped, since some layers would already have advanced; the head re-pre
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -67,13 +68,17 @@ class SegmentRuntime:
     """Pieces `first..last` (inclusive) of `manifest`, loaded from `artifact_dir`."""
 
     def __init__(self, *, manifest: ModelManifest, artifact_dir: Path | str, first: int, last: int,
-                 settings: RuntimeSettings = RuntimeSettings(), cache: KVCache | None = None) -> None:
+                 settings: RuntimeSettings = RuntimeSettings(), cache: KVCache | None = None,
+                 reuse: Iterable[LoadedPiece] = ()) -> None:
+        """``reuse``: pieces another runtime already loaded (same file, same settings);
+        those of this segment are shared, not loaded again (a node keeping pieces across a
+        new assignment: loading is most of a failover)."""
         if not 0 <= first <= last < len(manifest.pieces):
             raise ArtifactError(f"segment {first}..{last} is outside pieces 0..{len(manifest.pieces) - 1}")
         self.manifest = manifest
         self.cache = cache if cache is not None else KVCache()
         self._act_dtype = NP_DTYPES[manifest.act_dtype]
-        self._pieces = _load_pieces(Path(artifact_dir), manifest.pieces[first:last + 1], settings)
+        self._pieces = _load_pieces(Path(artifact_dir), manifest.pieces[first:last + 1], settings, reuse)
         self._layers = [p.spec.index - 1 for p in self._pieces if p.spec.kind == "layer"]
         self._log = structlog.get_logger().bind(pieces=f"{first}..{last}", model=manifest.name)
         self._log.debug("segment loaded", bytes=sum(p.spec.bytes for p in self._pieces))
@@ -81,6 +86,10 @@ class SegmentRuntime:
     @property
     def pieces(self) -> tuple[PieceSpec, ...]:
         return tuple(p.spec for p in self._pieces)
+
+    @property
+    def loaded(self) -> tuple[LoadedPiece, ...]:
+        return self._pieces
 
     @property
     def takes_ids(self) -> bool:
@@ -172,11 +181,14 @@ def _session_options(settings: RuntimeSettings) -> ort.SessionOptions:
     return options
 
 
-def _load_pieces(artifact_dir: Path, specs: tuple[PieceSpec, ...], settings: RuntimeSettings) -> tuple[LoadedPiece, ...]:
+def _load_pieces(artifact_dir: Path, specs: tuple[PieceSpec, ...], settings: RuntimeSettings,
+                 reuse: Iterable[LoadedPiece] = ()) -> tuple[LoadedPiece, ...]:
     """Largest first: a piece's file is briefly resident twice while it loads, and that
-    transient costs least while little else is resident (peak RSS -~100 MB at 100M params)."""
+    transient costs least while little else is resident (peak RSS -~100 MB at 100M params).
+    A piece in ``reuse`` with the same spec (name, index, sha256) is taken as it is."""
     options = _session_options(settings)
-    loaded = {spec.index: _load_piece(artifact_dir, spec, options, settings.verify_sha256)
+    kept = {p.spec: p for p in reuse}
+    loaded = {spec.index: kept.get(spec) or _load_piece(artifact_dir, spec, options, settings.verify_sha256)
               for spec in sorted(specs, key=lambda p: -p.bytes)}
     return tuple(loaded[spec.index] for spec in specs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -113,3 +114,26 @@ def test_optimisation_levels_agree(artifacts: Art, level: str) -> None:
     ref = runtime(artifacts).run("s", IDS, positions(0, 12))
     got = runtime(artifacts, graph_optimization=level, allow_spinning=False).run("s", IDS, positions(0, 12))
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_a_new_segment_shares_the_pieces_it_keeps_and_computes_the_same(artifacts: Art) -> None:
+    """A node given a new segment overlapping its old one keeps those pieces' sessions
+    (loading is most of a failover); the new runtime's output is the same."""
+    path, manifest = artifacts
+    old = runtime(artifacts, 0, 2)
+    new = SegmentRuntime(manifest=manifest, artifact_dir=path, first=1, last=3,
+                         settings=RuntimeSettings(intra_op_threads=1), reuse=old.loaded)
+    shared = {p.spec.index for p in new.loaded if any(p is q for q in old.loaded)}
+    assert shared == {1, 2}  # piece 3 was not held: loaded
+    fresh = runtime(artifacts, 1, 3)
+    hidden = runtime(artifacts, 0, 0).run("s", IDS, positions(0, 12))
+    assert np.array_equal(new.run("s", hidden, positions(0, 12)), fresh.run("s", hidden, positions(0, 12)))
+
+
+def test_a_piece_of_another_model_is_not_reused(artifacts: Art) -> None:
+    path, manifest = artifacts
+    old = runtime(artifacts, 0, 2)
+    other = [dataclasses.replace(p, spec=dataclasses.replace(p.spec, sha256="0" * 64)) for p in old.loaded]
+    new = SegmentRuntime(manifest=manifest, artifact_dir=path, first=0, last=2,
+                         settings=RuntimeSettings(intra_op_threads=1), reuse=other)
+    assert not any(p is q for p in new.loaded for q in other)
