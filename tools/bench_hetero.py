@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import sys
 import threading
@@ -149,22 +150,43 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
             MqttClient(url=cluster.url, client_id="bench-b") as client:
         cluster.wait_ready(client, timeout=180)
         plan = warm_up(cluster, client, args.warmup, args.new_tokens)
-        singles, multis = [], []
+        singles, multis, busy = [], [], []
         with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
             for _ in range(max(1, args.reps // 2 + 1)):
                 started = time.perf_counter()
                 tokens = len(one(client, cluster.cluster, args.new_tokens).tokens)
                 singles.append(tokens / (time.perf_counter() - started))
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), cpu_ticks()
                 results = list(pool.map(lambda _i: one(client, cluster.cluster, args.new_tokens),
                                         range(args.streams)))
                 multis.append(sum(len(r.tokens) for r in results) / (time.perf_counter() - started))
+                busy.append(busy_share(cpu, cpu_ticks()))
     single, multi = statistics.median(singles), statistics.median(multis)
-    say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s")
+    cpu_busy = statistics.median(busy) if None not in busy else None
+    say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s"
+        + (f", the machine's CPUs {cpu_busy:.0%} busy meanwhile" if cpu_busy is not None else ""))
     return {"objective": "throughput", "plan_sessions": args.streams, "epoch": plan.epoch, "stages": stages(plan),
             "predicted_ms_per_token": plan.predicted_ms_per_token, "single_tokens_per_s": single,
             "multi_tokens_per_s": multi, "single_all": singles, "multi_all": multis,
-            "pipelined_over_single": multi / single}
+            "pipelined_over_single": multi / single, "cpu_busy_multi": cpu_busy, "cpus": os.cpu_count()}
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine since boot (Linux /proc/stat), else None.
+    (b) compares against this: emulated devices sleep, but their real compute, the broker's
+    and the MQTT threads' all share this machine's cores."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def throttled(args: argparse.Namespace, art: Path, nodes: list[NodeSpec], rebalance: bool) -> dict[str, Any]:
@@ -267,7 +289,9 @@ def table(r: dict[str, Any]) -> str:
         b = r["pipelined"]
         lines.append(f"  (b) throughput plan {' '.join(b['stages'])}: 1 stream {b['single_tokens_per_s']:.1f} "
                      f"tokens/s, {b['plan_sessions']} streams {b['multi_tokens_per_s']:.1f} tokens/s = "
-                     f"{b['pipelined_over_single']:.2f}x (target >= {TARGETS['pipelined_over_single']})")
+                     f"{b['pipelined_over_single']:.2f}x (target >= {TARGETS['pipelined_over_single']})"
+                     + (f"; {b['cpus']} CPUs {b['cpu_busy_multi']:.0%} busy with {b['plan_sessions']} streams"
+                        if b.get("cpu_busy_multi") is not None else ""))
     if "throttle" in r:
         t = r["throttle"]
         for key in ("rebalanced", "static"):

@@ -49,3 +49,19 @@ def test_probe_reports_the_emulated_speed(artifacts: Art, slowdown: float) -> No
     piece = runtime.pieces[0]
     assert decode == pytest.approx(2.0 * slowdown / (piece.flops_per_token / 1e9))
     assert prefill == pytest.approx(2.0 * slowdown / (piece.flops_per_prompt_token * 32 / 1e9))
+
+
+@pytest.mark.integration
+def test_link_probe_measures_hops_that_start_from_idle() -> None:
+    """The RTT is of messages sent after a pause (as a stage waits for its turn), the
+    throughput of back-to-back ones; both sane on loopback."""
+    from linguamq.broker import BrokerThread
+    from linguamq.node.profile import IDLE_BEFORE_HOP_S, MAX_MBPS, probe_link
+    from linguamq.topics.client import MqttClient
+
+    with BrokerThread() as broker, MqttClient(url=broker.url, client_id="n1") as client:
+        started = time.perf_counter()
+        rtt_ms, mbps = probe_link(client, "home", "n1")
+        elapsed = time.perf_counter() - started
+    assert elapsed >= 5 * IDLE_BEFORE_HOP_S
+    assert 0 < rtt_ms < 1000 and 0 < mbps <= MAX_MBPS
