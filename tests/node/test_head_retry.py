@@ -1,4 +1,7 @@
-"""The head's step retry, without a network: a fake client records what the head publishes.
+"""The head's steps, without a network: a fake client records what the head publishes.
+
+Per token the next step leaves before the token's text (a stop string found there still
+ends the request, and the step sent ahead is dropped); none after EOS or max_tokens.
 
 A step whose token never comes (lost to a frozen node or a reconnect) is re-sent as a
 re-prefill of the whole history under the ready epoch, with a growing wait; a token
@@ -22,6 +25,7 @@ from linguamq.schemas.requests import GenerateRequest, GenerateResult, TokenEven
 
 CLUSTER = "t-retry"
 REQUESTS = topics.REQUESTS.build(CLUSTER)
+EOS = 2  # examples.MANIFEST's
 
 
 class FakeClient:
@@ -150,3 +154,54 @@ def test_an_empty_plan_fails_requests_with_its_reason() -> None:
 def test_topics_used_exist() -> None:  # the fake keys handlers by topic kind
     assert {t.kind for t in (topics.PLAN, topics.NODE_STATUS, topics.SESSION_OUT, topics.REQUESTS)} == {
         "plan", "node_status", "session_out", "requests"}
+
+
+def kinds(client) -> list[str]:
+    return [("step" if isinstance(v, tuple) and not v[0].end else "end") if k == "act"
+            else ("event" if isinstance(v, TokenEvent) else "result") for k, v in client.published
+            if k in ("act", "responses")]
+
+
+def test_the_next_step_leaves_before_the_text_of_the_token() -> None:
+    head, client = make_head()
+    try:
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="r1", prompt="abc", max_tokens=3), False)
+        token(client, client.acts()[0], 11)
+        assert kinds(client) == ["step", "step", "event"]
+        assert client.acts()[-1].step == 1
+    finally:
+        head.stop()
+
+
+def test_a_stop_string_ends_the_request_and_the_step_sent_ahead_is_dropped() -> None:
+    # decode maps id i to chr(97 + i % 26): ids 0, 1, 2(=EOS), 3 are "a", "b", "c", "d".
+    head, client = make_head()
+    try:
+        request = GenerateRequest(id="r2", prompt="abc", max_tokens=10, stop=("bd",))
+        client.handlers["requests"](REQUESTS, request, False)
+        token(client, client.acts()[0], 0)  # "a"
+        token(client, client.acts()[-1], 1)  # "ab": "b" may start the stop string, held back
+        ahead: ActHeader = client.acts()[-1]
+        token(client, ahead, 3)  # "abd": the stop string; step 3 had already left
+        (result,) = client.results()
+        assert (result.stop_reason, result.text, result.tokens) == ("stop", "a", (0, 1, 3))
+        sent = client.acts()[-1]
+        assert sent.step == 3  # the step sent ahead ...
+        token(client, sent, 4)  # ... answers after the end: dropped
+        assert client.results() == [result] and "".join(e.text for e in client.events()) == "a"
+        assert kinds(client) == ["step", "step", "event", "step", "step", "result", "end"]
+    finally:
+        head.stop()
+
+
+def test_no_step_is_sent_after_eos_or_the_last_allowed_token() -> None:
+    head, client = make_head()
+    try:
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="r3", prompt="abc", max_tokens=5), False)
+        token(client, client.acts()[0], EOS)
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="r4", prompt="abc", max_tokens=1), False)
+        token(client, client.acts()[-1], 11)
+        assert [a.step for a in client.acts()] == [0, 0]  # two prompts, no step after either token
+        assert sorted(r.stop_reason for r in client.results()) == ["eos", "max_tokens"]
+    finally:
+        head.stop()
