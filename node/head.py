@@ -73,6 +73,7 @@ class _Session:
     t_first: float = 0.0
     t_last: float = 0.0  # last progress, for the step timeout
     t_sent: float = 0.0  # the current step (or its last retry) was sent, for the retry bound
+    inputs: int = 0  # tokens in the step in flight: 1 decoding, more for a (re-)prefill
     step_times: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=STEP_HISTORY))
     retries: int = 0  # re-sends of the current step; reset by a token
     reprefills: int = 0  # after a node lost the session's KV (evicted, expired, restarted)
@@ -93,6 +94,7 @@ class Head:
         self._status: dict[str, NodeStatus] = {}
         self._ready_epoch = 0  # the epoch whose stages all reported ready
         self._step_times: deque[float] = deque(maxlen=STEP_HISTORY)  # every session's, for a first step
+        self._prefill_rates: deque[float] = deque(maxlen=STEP_HISTORY)  # seconds per prompt token of prefills
         self.retries = 0  # steps re-sent, all sessions (tests and the chaos bench read it)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -200,9 +202,13 @@ class Head:
 
     def _retry_after(self, session: _Session) -> float:
         """Seconds without a token before the current step is re-sent: many times the
-        session's median step (the head's, before its first token), doubling per retry."""
+        session's median decode step (the head's, before its first token), doubling per
+        retry; for a (re-)prefill at least its prompt times the median seconds per token of
+        the prefills seen (a long prompt on a slow pipeline takes long, and is no loss)."""
         times = session.step_times or self._step_times
         median = float(np.median(times)) if times else 0.0
+        if session.inputs > 1 and self._prefill_rates:
+            median = max(median, session.inputs * float(np.median(self._prefill_rates)))
         s = self.settings
         return max(s.retry_min_s, s.retry_factor * median) * 2 ** session.retries
 
@@ -211,7 +217,7 @@ class Head:
         header = ActHeader.for_tensor(ids, session=request.id, request=request.id, step=session.step,
                                       epoch=session.epoch, piece=0, start_pos=start_pos, sampling=request.sampling)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, ids))
-        session.t_sent = time.perf_counter()
+        session.t_sent, session.inputs = time.perf_counter(), int(ids.shape[-1])
 
     # --- tokens --------------------------------------------------------------------
 
@@ -227,8 +233,11 @@ class Head:
 
     def _advance(self, session: _Session, token: int) -> None:
         now = time.perf_counter()
-        session.step_times.append(now - session.t_sent)
-        self._step_times.append(now - session.t_sent)
+        if session.inputs > 1:
+            self._prefill_rates.append((now - session.t_sent) / session.inputs)
+        else:
+            session.step_times.append(now - session.t_sent)
+            self._step_times.append(now - session.t_sent)
         session.tokens.append(token)
         session.t_last, session.retries = now, 0
         if len(session.tokens) == 1:

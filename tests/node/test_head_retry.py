@@ -205,3 +205,34 @@ def test_no_step_is_sent_after_eos_or_the_last_allowed_token() -> None:
         assert sorted(r.stop_reason for r in client.results()) == ["eos", "max_tokens"]
     finally:
         head.stop()
+
+
+def test_a_long_prompt_gets_the_time_prefills_take_before_a_retry() -> None:
+    """A prompt 10x longer than one whose prefill took 0.3 s is not re-sent after the
+    decode-based wait (0.5 s here) but only once ~10x that prefill time has passed."""
+    client = FakeClient()
+    head = Head(client=client, manifest=MANIFEST, encode=lambda text: [5] * len(text),
+                decode=lambda ids: "x" * len(ids),
+                settings=HeadSettings(cluster=CLUSTER, retry_min_s=0.5, retry_factor=2.0, step_timeout_s=30))
+    head.start()
+    plan = Plan(epoch=4, objective="even", stages=(Stage(node="n1", first=0, last=3, predicted_ms=0.0),),
+                predicted_ms_per_token=0.0)
+    client.handlers["plan"](topics.PLAN.build(CLUSTER), plan, True)
+    client.handlers["node_status"](topics.NODE_STATUS.build(CLUSTER, node="n1"),
+                                   NodeStatus(node="n1", state="ready", ts=1.0, epoch=4), True)
+    try:
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="short", prompt="abcd", max_tokens=3), False)
+        time.sleep(0.3)
+        assert head.retries == 0
+        token(client, client.acts()[-1], 11)  # 4 prompt tokens in 0.3 s
+        token(client, client.acts()[-1], 12)  # decode steps answer at once
+        token(client, client.acts()[-1], 13)
+        client.handlers["requests"](REQUESTS, GenerateRequest(id="long", prompt="a" * 40, max_tokens=2), False)
+        t0 = time.monotonic()
+        time.sleep(1.5)  # a decode-based wait (2 x ~0 s, at least 0.5 s) would have re-sent it by now
+        assert [a.request for a in client.acts()].count("long") == 1 and head.retries == 0
+        wait_until(lambda: [a.request for a in client.acts()].count("long") == 2, timeout=10)
+        assert time.monotonic() - t0 > 4.0  # 2 x 40 x 0.075 s = 6 s
+        assert head.retries == 1
+    finally:
+        head.stop()
