@@ -54,9 +54,9 @@ class FakeClient:
         return [v for k, v in self.published if k == "responses" and isinstance(v, TokenEvent)]
 
 
-def make_head(**settings) -> tuple[Head, FakeClient]:
+def make_head(encode=lambda text: [5, 6, 7][:max(1, len(text) % 4)], **settings) -> tuple[Head, FakeClient]:
     client = FakeClient()
-    head = Head(client=client, manifest=MANIFEST, encode=lambda text: [5, 6, 7][:max(1, len(text) % 4)],
+    head = Head(client=client, manifest=MANIFEST, encode=encode,
                 decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
                 settings=HeadSettings(cluster=CLUSTER, **settings))
     head.start()
@@ -210,16 +210,8 @@ def test_no_step_is_sent_after_eos_or_the_last_allowed_token() -> None:
 def test_a_long_prompt_gets_the_time_prefills_take_before_a_retry() -> None:
     """A prompt 10x longer than one whose prefill took 0.3 s is not re-sent after the
     decode-based wait (0.5 s here) but only once ~10x that prefill time has passed."""
-    client = FakeClient()
-    head = Head(client=client, manifest=MANIFEST, encode=lambda text: [5] * len(text),
-                decode=lambda ids: "x" * len(ids),
-                settings=HeadSettings(cluster=CLUSTER, retry_min_s=0.5, retry_factor=2.0, step_timeout_s=30))
-    head.start()
-    plan = Plan(epoch=4, objective="even", stages=(Stage(node="n1", first=0, last=3, predicted_ms=0.0),),
-                predicted_ms_per_token=0.0)
-    client.handlers["plan"](topics.PLAN.build(CLUSTER), plan, True)
-    client.handlers["node_status"](topics.NODE_STATUS.build(CLUSTER, node="n1"),
-                                   NodeStatus(node="n1", state="ready", ts=1.0, epoch=4), True)
+    head, client = make_head(encode=lambda text: [5] * len(text), retry_min_s=0.5, retry_factor=2.0,
+                             step_timeout_s=30)
     try:
         client.handlers["requests"](REQUESTS, GenerateRequest(id="short", prompt="abcd", max_tokens=3), False)
         time.sleep(0.3)
