@@ -342,8 +342,8 @@ class _DirectWriteClient(paho.Client):
     every token (`linguamq bench pipeline`, BENCHMARKS.md). Here the queuing thread writes
     the packet itself; every write (the network thread's too) holds one lock, so packets
     never interleave on the socket. Over TLS only the network thread does (an SSL socket
-    must not be read and written by two threads at once); before the connection is up,
-    paho's own path.
+    must not be read and written by two threads at once). DISCONNECT (its write closes
+    the socket) and any packet before the connection is up take paho's own path. This relies on paho 2.x internals (pinned below 3 in pyproject.toml).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -358,7 +358,7 @@ class _DirectWriteClient(paho.Client):
                       info: paho.MQTTMessageInfo | None = None) -> paho.MQTTErrorCode:
         rc = super()._packet_queue(command, packet, mid, qos, info)
         network_thread = threading.current_thread() is self._thread
-        if (self._thread is not None and (network_thread or not self._ssl)
+        if ((command & 0xF0) != paho.DISCONNECT and self._thread is not None and (network_thread or not self._ssl)
                 and self._state == paho._ConnectionState.MQTT_CS_CONNECTED
                 and self._write_lock.acquire(blocking=False)):
             try:  # errors and partial writes are left to the network thread, which was woken too
