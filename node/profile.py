@@ -26,8 +26,8 @@ from linguamq.topics.client import MqttClient, MqttTimeout
 
 PREFILL_TOKENS = 32
 LINK_BYTES = 256 * 1024
-MAX_MBPS = 10_000.0
-IDLE_BEFORE_HOP_S = 0.02  # the pause before each RTT probe: about a stage's wait for its next turn  # loopback is "infinitely" fast; keep numbers finite and sane
+MAX_MBPS = 10_000.0  # loopback is "infinitely" fast; keep numbers finite and sane
+IDLE_BEFORE_HOP_S = 0.02  # the pause before each RTT probe: about a stage's wait for its next turn
 
 
 def work_clock(threads: int) -> Callable[[], float]:

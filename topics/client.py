@@ -343,7 +343,8 @@ class _DirectWriteClient(paho.Client):
     the packet itself; every write (the network thread's too) holds one lock, so packets
     never interleave on the socket. Over TLS only the network thread does (an SSL socket
     must not be read and written by two threads at once). DISCONNECT (its write closes
-    the socket) and any packet before the connection is up take paho's own path. This relies on paho 2.x internals (pinned below 3 in pyproject.toml).
+    the socket) and any packet before the connection is up take paho's own path. This
+    relies on paho 2.x internals (pinned below 3 in pyproject.toml).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
