@@ -200,17 +200,28 @@ class Head:
         session.epoch, session.t_last = self._ready_epoch, time.perf_counter()
         self._send(session, np.asarray([session.prompt + session.tokens], dtype=np.int64), start_pos=0)
 
-    def _retry_after(self, session: _Session) -> float:
-        """Seconds without a token before the current step is re-sent: many times the
-        session's median decode step (the head's, before its first token), doubling per
-        retry; for a (re-)prefill at least its prompt times the median seconds per token of
-        the prefills seen (a long prompt on a slow pipeline takes long, and is no loss)."""
+    def _expected_s(self, session: _Session) -> float:
+        """What the step in flight should take: the session's median decode step (the
+        head's, before its first token); for a (re-)prefill at least its prompt times the
+        median seconds per token of the prefills seen (a long prompt on a slow pipeline
+        takes long, and is no loss)."""
         times = session.step_times or self._step_times
         median = float(np.median(times)) if times else 0.0
         if session.inputs > 1 and self._prefill_rates:
             median = max(median, session.inputs * float(np.median(self._prefill_rates)))
+        return median
+
+    def _retry_after(self, session: _Session) -> float:
+        """Seconds without a token before the current step is re-sent: many times what it
+        should take, doubling per retry."""
         s = self.settings
-        return max(s.retry_min_s, s.retry_factor * median) * 2 ** session.retries
+        return max(s.retry_min_s, s.retry_factor * self._expected_s(session)) * 2 ** session.retries
+
+    def _step_timeout(self, session: _Session) -> float:
+        """Seconds without progress before the request fails: ``step_timeout_s``, or for a
+        step expected to be long (a long prompt) room for its first retry to complete."""
+        s = self.settings
+        return max(s.step_timeout_s, (s.retry_factor + 1) * self._expected_s(session) * 2)
 
     def _send(self, session: _Session, ids: np.ndarray, *, start_pos: int) -> None:
         request = session.request
@@ -351,8 +362,8 @@ class Head:
         the new epoch re-prefills every session anyway."""
         s = self.settings
         for session in list(self._sessions.values()):
-            if now - session.t_last > s.step_timeout_s:
-                self._finish(session, "error", f"no token for {s.step_timeout_s:.0f} s (step {session.step}, "
+            if now - session.t_last > (timeout := self._step_timeout(session)):
+                self._finish(session, "error", f"no token for {timeout:.0f} s (step {session.step}, "
                              f"{session.retries} retries)")
             elif (self.ready and session.epoch == self._ready_epoch
                   and now - session.t_sent > self._retry_after(session)):

@@ -207,11 +207,12 @@ def test_no_step_is_sent_after_eos_or_the_last_allowed_token() -> None:
         head.stop()
 
 
-def test_a_long_prompt_gets_the_time_prefills_take_before_a_retry() -> None:
+def test_a_long_prompt_gets_the_time_prefills_take_before_a_retry_or_a_timeout() -> None:
     """A prompt 10x longer than one whose prefill took 0.3 s is not re-sent after the
-    decode-based wait (0.5 s here) but only once ~10x that prefill time has passed."""
+    decode-based wait (0.5 s here) but only once ~10x that prefill time has passed, and
+    does not fail at the 4 s step timeout meanwhile."""
     head, client = make_head(encode=lambda text: [5] * len(text), retry_min_s=0.5, retry_factor=2.0,
-                             step_timeout_s=30)
+                             step_timeout_s=4)
     try:
         client.handlers["requests"](REQUESTS, GenerateRequest(id="short", prompt="abcd", max_tokens=3), False)
         time.sleep(0.3)
@@ -225,6 +226,9 @@ def test_a_long_prompt_gets_the_time_prefills_take_before_a_retry() -> None:
         assert [a.request for a in client.acts()].count("long") == 1 and head.retries == 0
         wait_until(lambda: [a.request for a in client.acts()].count("long") == 2, timeout=10)
         assert time.monotonic() - t0 > 4.0  # 2 x 40 x 0.075 s = 6 s
-        assert head.retries == 1
+        assert head.retries == 1 and len(client.results()) == 1  # only "short": "long" did not time out
+        token(client, client.acts()[-1], 14)  # the re-sent prefill answers
+        token(client, client.acts()[-1], 15)
+        assert [(r.request, r.error, r.tokens) for r in client.results()][-1] == ("long", None, (14, 15))
     finally:
         head.stop()
