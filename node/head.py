@@ -469,16 +469,8 @@ def _salvage_ids(payload: bytes) -> tuple[str | None, str | None]:
     except SchemaError:
         doc = None
     if isinstance(doc, dict):
-        return tuple(v if isinstance(v, str) and _valid_id(v) else None  # type: ignore[return-value]
+        return tuple(v if isinstance(v, str) and topics.is_id("request", v) else None  # type: ignore[return-value]
                      for v in (doc.get("id"), doc.get("client")))
     head = bytes(payload[:4096])
     found = [m.group(1).decode() if (m := _SALVAGE[key].search(head)) else None for key in ("id", "client")]
     return found[0], found[1]
-
-
-def _valid_id(value: str) -> bool:
-    try:
-        topics.validate_id("request", value)
-    except topics.TopicError:
-        return False
-    return True

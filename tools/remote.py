@@ -35,18 +35,10 @@ def addressing(client: MqttClient, cluster: str, request: GenerateRequest) -> tu
     only `responses/U/+`: the request goes there, with ``client`` = U. Without a username it
     goes on the open `requests` topic and is answered on `responses/{id}`."""
     user = client.url.username
-    if user is None or not _is_id(user):
+    if user is None or not topics.is_id("client", user):
         return request, topics.REQUESTS.build(cluster), topics.RESPONSES.build(cluster, request=request.id)
     return (dataclasses.replace(request, client=user), topics.REQUESTS_FROM.build(cluster, client=user),
             topics.CLIENT_RESPONSES.build(cluster, client=user, request=request.id))
-
-
-def _is_id(value: str) -> bool:
-    try:
-        topics.validate_id("client", value)
-    except topics.TopicError:
-        return False
-    return True
 
 
 def generate_remote(client: MqttClient, cluster: str, request: GenerateRequest, *,

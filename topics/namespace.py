@@ -155,6 +155,15 @@ def validate_id(kind: str, value: str) -> str:
     return _validate(kind, value)
 
 
+def is_id(kind: str, value: str) -> bool:
+    """``validate_id`` as a question: for ids taken from untrusted payloads."""
+    try:
+        _validate(kind, value)
+    except TopicError:
+        return False
+    return True
+
+
 def _match(template: list[str], levels: list[str]) -> dict[str, str | int] | None:
     if len(template) != len(levels):
         return None

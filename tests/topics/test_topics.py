@@ -50,6 +50,11 @@ def test_invalid_ids_are_rejected_with_a_clear_error(bad: object) -> None:
         T.NODE_STATUS.build("home", node=bad)  # type: ignore[arg-type]
     with pytest.raises(T.TopicError, match="invalid cluster"):
         T.MODEL.build(bad)  # type: ignore[arg-type]
+    assert not T.is_id("client", bad)  # type: ignore[arg-type]  # the same rule, as a question
+
+
+def test_a_valid_id_is_one() -> None:
+    assert T.is_id("client", "alice") and T.is_id("request", "r-1_x2")
 
 
 @pytest.mark.parametrize("bad", [-1, 1_000_000, "3", 2.0, True])
