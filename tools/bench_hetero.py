@@ -275,14 +275,12 @@ def table(r: dict[str, Any]) -> str:
     devices = ", ".join(f"{d['name']} x{d['slowdown']:g}" for d in r["devices"])
     lines = [(f"model {r['model']} ({r['params'] / 1e6:.0f}M params, {r['pieces']} pieces); devices {devices}, "
               f"each with room for {r['mem_share']:.0%} of the model; {r['threads']} thread(s) per node")]
-    if "planned" in r:
-        p = r["planned"]
-        lines.append(f"  planned : {' '.join(p['stages'])}: {p['ms_per_token']:.2f} ms/token "
-                     f"({p['tokens_per_s']:.1f} tokens/s)")
+    for key in ("planned", "even"):  # the single-stream runs
+        if key in r:
+            x = r[key]
+            lines.append(f"  {key:8}: {' '.join(x['stages'])}: {x['ms_per_token']:.2f} ms/token "
+                         f"({x['tokens_per_s']:.1f} tokens/s)")
     if "even" in r:
-        e = r["even"]
-        lines.append(f"  even    : {' '.join(e['stages'])}: {e['ms_per_token']:.2f} ms/token "
-                     f"({e['tokens_per_s']:.1f} tokens/s)")
         lines.append(f"  (a) planned / even = {r['planned_over_even']:.2f}x "
                      f"(target >= {TARGETS['planned_over_even']})")
     if "pipelined" in r:

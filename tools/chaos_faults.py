@@ -38,7 +38,7 @@ from linguamq.schemas.cluster import NodeStatus
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import GenerateRequest, GenerateResult, TokenEvent
 from linguamq.tools.chaos import Case, ChaosContext, Outcome
-from linguamq.tools.cluster import LocalCluster, NodeSpec
+from linguamq.tools.cluster import Follower, LocalCluster, NodeSpec
 from linguamq.tools.remote import generate_remote, new_request_id
 from linguamq.topics.client import MqttClient
 
@@ -230,24 +230,14 @@ def no_plan_fits(ctx: ChaosContext) -> Outcome:
 # --- node SIGSTOP ------------------------------------------------------------------------------------
 
 
-class Hops:
+class Hops(Follower):
     """Every stage visit of every tail output (`sessions/+/out` envelopes carry one Hop per stage)."""
 
     def __init__(self, url: str, cluster: str) -> None:
-        self._client = MqttClient(url=url, client_id=f"hops-{cluster}")
-        self._cluster = cluster
+        super().__init__(url, f"hops-{cluster}", topics.SESSION_OUT, topics.SESSION_OUT.filter(cluster))
         self.hops: list[envelope.Hop] = []
-        self._lock = threading.Lock()
 
-    def __enter__(self) -> Hops:
-        self._client.start()
-        self._client.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.filter(self._cluster), self._on_out, wait=10.0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.stop()
-
-    def _on_out(self, _t: str, value, _r: bool) -> None:
+    def _on(self, _t: str, value, _r: bool) -> None:
         with self._lock:
             self.hops.extend(value[0].hops)
 
@@ -405,22 +395,12 @@ class Duplicator:
             self._client.publish_raw(topic, payload, qos=1)
 
 
-class Responses:
+class Responses(Follower):
     """Every TokenEvent of every request, raw (not through generate_remote's resume filter)."""
 
     def __init__(self, url: str, cluster: str) -> None:
-        self._client = MqttClient(url=url, client_id=f"resp-{cluster}")
-        self._cluster = cluster
+        super().__init__(url, f"resp-{cluster}", topics.RESPONSES, topics.RESPONSES.filter(cluster))
         self.events: dict[str, list[TokenEvent]] = {}
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> Responses:
-        self._client.start()
-        self._client.subscribe(topics.RESPONSES, topics.RESPONSES.filter(self._cluster), self._on, wait=10.0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.stop()
 
     def _on(self, _t: str, value, _r: bool) -> None:
         if isinstance(value, TokenEvent):

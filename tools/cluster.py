@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Self
 
 from linguamq import topics
 from linguamq.schemas.cluster import NodeStatus, Plan
@@ -205,24 +206,37 @@ class LocalCluster:
         return self.plan
 
 
-class PlanLog:
-    """Every retained plan published (re-publications included), with its arrival time, on
-    a connection of its own: `wait_ready` unsubscribes from the plan topic on its client."""
+class Follower:
+    """Follows one topic filter on a connection of its own while in a ``with`` block (the
+    subscription is in place when the block starts); ``_on`` records what arrives, under
+    ``_lock``: it runs on the MQTT thread while the bench reads."""
 
-    def __init__(self, url: str, cluster: str) -> None:
-        self._seen: list[tuple[float, Plan]] = []
+    def __init__(self, url: str, client_id: str, topic: topics.Topic, filter_: str) -> None:
+        self._client = MqttClient(url=url, client_id=client_id)
+        self._topic, self._filter = topic, filter_
         self._lock = threading.Lock()
-        self._client, self._cluster = MqttClient(url=url, client_id=f"plans-{cluster}"), cluster
 
-    def __enter__(self) -> PlanLog:
+    def __enter__(self) -> Self:
         self._client.start()
-        self._client.subscribe(topics.PLAN, topics.PLAN.build(self._cluster), self._on_plan, wait=10.0)
+        self._client.subscribe(self._topic, self._filter, self._on, wait=10.0)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._client.stop()
 
-    def _on_plan(self, _topic: str, plan: Plan, _retained: bool) -> None:
+    def _on(self, topic: str, value: Any, retained: bool) -> None:
+        raise NotImplementedError
+
+
+class PlanLog(Follower):
+    """Every retained plan published (re-publications included), with its arrival time, on
+    a connection of its own: `wait_ready` unsubscribes from the plan topic on its client."""
+
+    def __init__(self, url: str, cluster: str) -> None:
+        super().__init__(url, f"plans-{cluster}", topics.PLAN, topics.PLAN.build(cluster))
+        self._seen: list[tuple[float, Plan]] = []
+
+    def _on(self, _topic: str, plan: Plan, _retained: bool) -> None:
         with self._lock:
             self._seen.append((time.monotonic(), plan))
 
