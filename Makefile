@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := $(NODE_VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup clean schemas system-packages
+.PHONY: test demo setup clean schemas system-packages lint
 
 setup: $(STAMP) $(NODE_STAMP) system-packages
 
@@ -30,8 +30,19 @@ $(NODE_STAMP): pyproject.toml
 	$(NODE_VENV)/bin/python -m pip install --quiet -e '.[node]'
 	touch $@
 
-test: setup
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff and mypy over the whole package. mypy resolves `linguamq.x` through a tree of links
+# (build/typecheck/linguamq/x -> x/): the repository's folders are the package's subpackages
+# under other names (pyproject's package-dir), which mypy cannot follow in an editable install.
+TYPECHECK := build/typecheck/linguamq
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)
+	for f in linguamq/*; do ln -s ../../../$$f $(TYPECHECK)/; done
+	for d in broker topics schemas planner node hub models tools; do ln -s ../../../$$d $(TYPECHECK)/$$d; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy -p linguamq
 
 # Regenerate the committed JSON Schema files after changing a wire type.
 schemas: $(STAMP)

@@ -9,7 +9,11 @@ password hashes, ``acl`` the rules derived from roles and topics that fill those
 
 from linguamq.broker.embedded import DEFAULT_MAX_PAYLOAD, DEFAULT_TLS_PORT, BrokerThread, EmbeddedBroker, TlsListener
 from linguamq.broker.errors import (
-    BrokerConfigError, BrokerError, BrokerNotRunningError, BrokerStartError, BrokerTimeoutError,
+    BrokerConfigError,
+    BrokerError,
+    BrokerNotRunningError,
+    BrokerStartError,
+    BrokerTimeoutError,
     PayloadTooLargeError,
 )
 from linguamq.broker.policy import Authenticate, ClientInfo, TopicPolicy, allow_all

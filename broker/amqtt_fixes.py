@@ -117,17 +117,14 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
-from amqtt.mqtt.protocol.broker_handler import (
-    BrokerProtocolHandler,
-    Subscription,
-    UnSubscription,
-)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import IncomingApplicationMessage, Session
 from amqtt.utils import gen_client_id
+
 from linguamq.broker.errors import PayloadTooLargeError
 from linguamq.broker.policy import Authenticate, ClientInfo, TopicPolicy
 

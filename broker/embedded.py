@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import structlog
+
 from linguamq.broker.amqtt_fixes import MAX_STRING_READ, FixedBroker
 from linguamq.broker.errors import (
     BrokerConfigError,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+import linguamq
 from linguamq import topics
 from linguamq.node import system
 from linguamq.node.blobs import BlobCache, BlobError
@@ -41,7 +42,6 @@ from linguamq.schemas.manifest import ModelManifest
 from linguamq.topics.client import MqttClient, MqttError, Will
 
 log = structlog.get_logger()
-VERSION = "0.1.0"
 MAX_TRACKED_STEPS = 65536  # (session, stage) pairs whose last step is remembered, least recent dropped
 
 
@@ -64,7 +64,7 @@ class NodeSettings:
 
 def status_will(cluster: str, name: str) -> Will:
     """The last will a node's MQTT connection must carry: a retained "offline" status."""
-    payload = NodeStatus(node=name, state="offline", ts=0.0, version=VERSION).to_json()
+    payload = NodeStatus(node=name, state="offline", ts=0.0, version=linguamq.__version__).to_json()
     return Will(topics.NODE_STATUS.build(cluster, node=name), payload, qos=1, retain=True)
 
 
@@ -396,7 +396,7 @@ class NodeDaemon:
 
     def _publish_status(self, state: str, wait: float | None = None) -> None:
         self._state = state
-        status = NodeStatus(node=self.name, state=state, ts=time.time(), version=VERSION,
+        status = NodeStatus(node=self.name, state=state, ts=time.time(), version=linguamq.__version__,
                             platform=system.platform_name(), threads=self.settings.threads,
                             mem_budget_mb=self.settings.mem_budget_mb, epoch=self.epoch, profile=self.profile)
         self._client.publish(topics.NODE_STATUS, topics.NODE_STATUS.build(self._cluster, node=self.name), status,

@@ -23,12 +23,7 @@ import onnxruntime as ort
 import structlog
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
-from linguamq.node.errors import (
-    ArtifactError,
-    ContextOverflowError,
-    InferenceError,
-    RuntimeInputError,
-)
+from linguamq.node.errors import ArtifactError, ContextOverflowError, InferenceError, RuntimeInputError
 from linguamq.node.kvcache import KVCache
 from linguamq.schemas.manifest import ModelManifest, PieceSpec, file_sha256
 

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+
 from linguamq.schemas.cluster import Profile
 from linguamq.schemas.manifest import ModelManifest
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from linguamq.schemas.blobs import BlobChunk, BlobRequest
 from linguamq.schemas.cluster import (
-    Assignment, ClockPing, ClockPong, LeftOut, NodeControl, NodeStatus, PieceTiming, Plan, Profile, Segment, Stage,
+    Assignment,
+    ClockPing,
+    ClockPong,
+    LeftOut,
+    NodeControl,
+    NodeStatus,
+    PieceTiming,
+    Plan,
+    Profile,
+    Segment,
+    Stage,
     Telemetry,
 )
 from linguamq.schemas.manifest import ModelManifest, PieceSpec, TensorSpec

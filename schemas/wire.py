@@ -119,8 +119,13 @@ class Message(Struct):
         return super().from_dict(data, path)
 
 
-def struct(cls: type) -> type:
-    """Decorator: make ``cls`` a frozen, keyword-only, slotted wire dataclass."""
+_C = typing.TypeVar("_C")
+
+
+@typing.dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(dataclasses.field, spec))
+def struct(cls: type[_C]) -> type[_C]:
+    """Decorator: make ``cls`` a frozen, keyword-only, slotted wire dataclass (type checkers
+    see the dataclass through ``dataclass_transform``)."""
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 

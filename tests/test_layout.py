@@ -11,17 +11,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("schemas", "topics", "broker", "planner", "node", "models", "tools")
-# What each package may import of ours (DESIGN.md: schemas <- topics <- roles <- tools).
+PACKAGES = ("schemas", "topics", "broker", "planner", "node", "hub", "models", "linguamq", "tools")
+# What each package may import of ours (schemas <- topics <- roles <- the client API <- tools).
+# `linguamq` is the top-level package (repository folder linguamq/): version and client API.
 ALLOWED = {
     "schemas": set(),
     "topics": {"schemas"},
     "broker": {"topics", "schemas"},
     "planner": {"topics", "schemas"},
     "node": {"topics", "schemas"},
+    "hub": {"topics", "schemas"},
     "models": {"topics", "schemas"},
+    "linguamq": {"topics", "schemas"},
     "tools": set(PACKAGES),
 }
+ENTRY_POINTS = {ROOT / "linguamq" / "__main__.py"}  # `python -m linguamq` runs the command (tools)
+TOOLS_TOP_LEVEL_MAX = 12  # more, and tools/ needs another subpackage
 # Never on a phone: a node runs on numpy, onnxruntime, paho-mqtt and structlog.
 HEAVY = {"torch", "pyomo", "amqtt", "transformers", "onnx", "safetensors"}
 NODE_VENV_PYTHON = ROOT / ".venv-node" / "bin" / "python"
@@ -47,20 +52,30 @@ def imported_modules(path: Path) -> set[str]:
 def test_imports_follow_the_dependency_direction(package: str) -> None:
     offenders = []
     for path in python_files(package):
+        if path in ENTRY_POINTS:
+            continue
         for module in imported_modules(path):
             parts = module.split(".")
-            if parts[0] in PACKAGES:
+            if parts[0] in PACKAGES and parts[0] != "linguamq":
                 offenders.append(f"{path.relative_to(ROOT)}: bare `import {module}`, use linguamq.{module}")
-            elif parts[0] == "linguamq" and len(parts) > 1 and parts[1] != package:
-                if parts[1] not in ALLOWED[package]:
+            elif parts[0] == "linguamq" and len(parts) > 1:
+                target = parts[1] if parts[1] in PACKAGES else "linguamq"  # linguamq.client: the top package
+                if target != package and target not in ALLOWED[package]:
                     offenders.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not offenders, "\n".join(offenders)
 
 
-def test_node_never_imports_heavy_dependencies() -> None:
-    offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in python_files("node")
+@pytest.mark.parametrize("package", ["node", "hub"])
+def test_devices_roles_never_import_heavy_dependencies(package: str) -> None:
+    offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in python_files(package)
                  for m in imported_modules(p) if m.split(".")[0] in HEAVY]
     assert not offenders, "\n".join(offenders)
+
+
+def test_tools_top_level_stays_small() -> None:
+    """tools/ holds commands, benches, chaos cases...: each kind in a subpackage of its own."""
+    modules = sorted(p.name for p in (ROOT / "tools").glob("*.py"))
+    assert len(modules) <= TOOLS_TOP_LEVEL_MAX, modules
 
 
 def test_only_topics_builds_topic_strings() -> None:

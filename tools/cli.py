@@ -1,4 +1,4 @@
-"""The `linguamq` command: one subcommand per module ``linguamq.tools.cmd_<name>``.
+"""The `linguamq` command: one subcommand per module ``linguamq.tools.commands.<name>``.
 
 Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Only the
 chosen command's module is imported: a phone running `linguamq node` must never load
@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+import linguamq
 from linguamq.tools import logs
 
 # name -> one-line help, in --help order.
@@ -35,7 +36,7 @@ COMMANDS: dict[str, str] = {
 
 
 def module_name(command: str) -> str:
-    return f"linguamq.tools.cmd_{command.replace('-', '_')}"
+    return f"linguamq.tools.commands.{command.replace('-', '_')}"
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         prog="linguamq",
         description="Run one large language model across several small devices over MQTT.",
     )
+    parser.add_argument("--version", action="version", version=f"linguamq {linguamq.__version__}")
     logs.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((word for word in argv if word in COMMANDS), None)  # global options take no command names

@@ -15,10 +15,11 @@ from tokenizers import Tokenizer
 
 from linguamq import topics
 from linguamq.broker.embedded import BrokerThread, EmbeddedBroker
+from linguamq.broker.process import BrokerOptions, BrokerProcess, broker_kwargs
 from linguamq.broker.users import HUB_USERNAME, load_users
-from linguamq.tools.broker_process import BrokerOptions, BrokerProcess, broker_kwargs
-from linguamq.node.blobs import BlobServer
-from linguamq.node.head import Head, HeadSettings
+from linguamq.hub.blobs import BlobServer
+from linguamq.hub.head import Head, HeadSettings
+from linguamq.node import system
 from linguamq.planner.service import PlannerService, PlannerSettings
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.topics.client import MqttClient
@@ -44,7 +45,7 @@ class HubSettings:
     max_tokens: int = 0  # cap on a request's max_tokens; 0: the model's context is the only cap
     rate: float = 0.0  # requests per second per client; 0: no limit
     burst: int = 10  # requests a client may send at once
-    # Security (embedded broker): a users file and a TLS listener; see tools/broker_process.py.
+    # Security (embedded broker): a users file and a TLS listener; see broker/process.py.
     broker_options: BrokerOptions = BrokerOptions()
     # How the hub's own clients log in to an external broker (a hub-role user), and the CA
     # that signed an mqtts:// broker's certificate (external, or the embedded one's TLS).
@@ -105,7 +106,7 @@ class Hub:
                                                   manifest_sha256=manifest_sha, settings=planner))
         encode, decode = tokenizer_codec(s.artifacts, self.manifest)
         self.head = self._start(Head(client=self._client(f"head-{s.cluster}"), manifest=self.manifest,
-                                     encode=encode, decode=decode,
+                                     encode=encode, decode=decode, rss_mb=system.rss_mb,
                                      settings=HeadSettings(cluster=s.cluster, max_sessions=s.max_sessions,
                                                            max_tokens=s.max_tokens, rate=s.rate, burst=s.burst)))
         planner_ = self.planner

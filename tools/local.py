@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from linguamq.hub.textstream import StopReason, TextStream, stop_reason
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
-from linguamq.node.textstream import StopReason, TextStream, stop_reason
 from linguamq.schemas.manifest import ModelManifest
 
 MANIFEST = "manifest.json"

@@ -50,6 +50,10 @@ class MqttTimeout(MqttError):
     """A network wait ran out of time."""
 
 
+class MqttNotAuthorized(MqttError):
+    """The broker refused our login (CONNACK 4 or 5): retrying with the same credentials cannot help."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BrokerUrl:
     host: str
@@ -171,7 +175,7 @@ class MqttClient:
         while not self._connected.is_set():
             if self._settled.wait(max(0.0, min(0.05, deadline - time.monotonic()))) and self._refused:
                 self._client.loop_stop()
-                raise MqttError(f"{where} refused the connection ({self._refused}): "
+                raise MqttNotAuthorized(f"{where} refused the connection ({self._refused}): "
                                 "not authorized: check --username/--password")
             if time.monotonic() >= deadline:
                 self._client.loop_stop()

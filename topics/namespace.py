@@ -164,6 +164,15 @@ def is_id(kind: str, value: str) -> bool:
     return True
 
 
+def response_topic(cluster: str, request: str, client: str | None = None) -> str:
+    """Where a request's TokenEvents and result go: `responses/{client}/{request}` for a request
+    made on `requests/{client}` (a secured cluster's ACLs let only that user read it), else the
+    open `responses/{request}`."""
+    if client is None:
+        return RESPONSES.build(cluster, request=request)
+    return CLIENT_RESPONSES.build(cluster, client=client, request=request)
+
+
 def _match(template: list[str], levels: list[str]) -> dict[str, str | int] | None:
     if len(template) != len(levels):
         return None

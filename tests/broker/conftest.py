@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from linguamq.broker import BrokerThread, EmbeddedBroker
-from linguamq.tools.mosquitto_proc import mosquitto
+from linguamq.tools.testing.mosquitto import mosquitto
 
 WAIT = 5.0  # seconds: every wait in these tests is bounded by this
 PROBE = "probe"  # root of the topics Peer.sync() uses

@@ -19,13 +19,14 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 import structlog
+
 from linguamq import topics as T
 from linguamq.broker import BrokerThread, EmbeddedBroker, TlsListener
 from linguamq.broker.acl import secured
+from linguamq.broker.tls import write_certificates
 from linguamq.broker.users import HUB_USERNAME, Credentials, User, hash_password
-from linguamq.tools import chaos_security as S
-from linguamq.tools.chaos import ChaosContext
-from linguamq.tools.cmd_tls import write_certificates
+from linguamq.tools.chaos import security as S
+from linguamq.tools.chaos.case import ChaosContext
 from linguamq.topics.client import MqttClient, MqttError, MqttTimeout
 
 CLUSTER = "home"
@@ -119,7 +120,7 @@ def _connect_with_will(port: int, name: str, will_topic: str) -> int:
         client.loop_stop()
 
 
-# --- one scenario, two brokers (tools/chaos_security.py) ----------------------------------------
+# --- one scenario, two brokers (tools/chaos/security.py) ----------------------------------------
 
 
 @pytest.fixture

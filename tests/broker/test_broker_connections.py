@@ -8,9 +8,7 @@ import socket
 import pytest
 
 from linguamq import topics as T
-from linguamq.broker import (
-    BrokerNotRunningError, BrokerStartError, BrokerThread, ClientInfo, EmbeddedBroker,
-)
+from linguamq.broker import BrokerNotRunningError, BrokerStartError, BrokerThread, ClientInfo, EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 from linguamq.models.export import ExportOptions, export_model
 from linguamq.models.tiny import TinySpec, make_tiny
 from linguamq.tools.local import open_local
-from linguamq.tools.mosquitto_proc import mosquitto as run_mosquitto
+from linguamq.tools.testing.mosquitto import mosquitto as run_mosquitto
 
 FAMILIES = ("llama", "qwen2", "bloom")
 

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
+from linguamq.client import generate_remote, new_request_id
 from linguamq.schemas.requests import GenerateRequest
-from linguamq.tools.cluster import LocalCluster, NodeSpec
-from linguamq.tools.remote import generate_remote, new_request_id
+from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
 from linguamq.topics.client import MqttClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

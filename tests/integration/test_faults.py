@@ -1,4 +1,4 @@
-"""Node and hub faults and duplicated deliveries on a real cluster (tools/chaos_faults.py):
+"""Node and hub faults and duplicated deliveries on a real cluster (tools/chaos/faults.py):
 the fast variants of the `linguamq bench chaos` cases, fewer requests, a 4 s freeze.
 
 Each case compares every request with run-local's greedy tokens itself; these tests
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from linguamq.tools import chaos_faults
-from linguamq.tools.chaos import ChaosContext, Outcome
+from linguamq.tools.chaos import faults as chaos_faults
+from linguamq.tools.chaos.case import ChaosContext, Outcome
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

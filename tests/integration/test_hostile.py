@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from linguamq.tools.chaos import ChaosContext
-from linguamq.tools.chaos_input import hostile_input
+from linguamq.tools.chaos.case import ChaosContext
+from linguamq.tools.chaos.inputs import hostile_input
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

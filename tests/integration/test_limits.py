@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from linguamq.tools.chaos import ChaosContext
-from linguamq.tools.chaos_input import limits
+from linguamq.tools.chaos.case import ChaosContext
+from linguamq.tools.chaos.inputs import limits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 
 from linguamq import topics
-from linguamq.schemas.manifest import file_sha256
+from linguamq.client import generate_remote, new_request_id
 from linguamq.schemas import envelope
 from linguamq.schemas.envelope import ActHeader
-from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.manifest import ModelManifest, file_sha256
 from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult
-from linguamq.tools.cluster import LocalCluster, NodeSpec
-from linguamq.tools.remote import generate_remote, new_request_id
+from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
 from linguamq.topics.client import MqttClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -16,15 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from linguamq import topics
+from linguamq.client import generate_remote, new_request_id
 from linguamq.models.export import ExportOptions, export_model
 from linguamq.models.tiny import TinySpec, make_tiny
 from linguamq.planner import cost
 from linguamq.schemas.cluster import NodeControl, Plan
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import GenerateRequest, GenerateResult
-from linguamq.tools.cluster import LocalCluster, NodeSpec, PlanLog
-from linguamq.tools.remote import generate_remote, new_request_id
+from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
+from linguamq.tools.testing.followers import PlanLog
 from linguamq.topics.client import MqttClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

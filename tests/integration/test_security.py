@@ -21,14 +21,16 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 import structlog
+
 from linguamq import topics
+from linguamq.broker.tls import write_certificates
 from linguamq.broker.users import User, hash_password, save_users
-from linguamq.node.blobs import BlobCache, BlobError, BlobServer
+from linguamq.client import generate_remote, new_request_id
+from linguamq.hub.blobs import BlobServer
+from linguamq.node.blobs import BlobCache, BlobError
 from linguamq.schemas.cluster import NodeStatus
 from linguamq.schemas.requests import ErrorReport, GenerateRequest
-from linguamq.tools.cluster import LocalCluster, NodeSpec, linguamq_argv
-from linguamq.tools.cmd_tls import write_certificates
-from linguamq.tools.remote import generate_remote, new_request_id
+from linguamq.tools.testing.cluster import LocalCluster, NodeSpec, linguamq_argv
 from linguamq.topics.client import MqttClient, MqttError, MqttTimeout
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -218,8 +220,8 @@ def test_a_downloaded_piece_that_does_not_match_the_manifest_is_refused(tmp_path
 
 
 def test_the_secured_cluster_case_blocks_every_attack(artifacts, tmp_path: Path) -> None:
-    from linguamq.tools import chaos_security
-    from linguamq.tools.chaos import ChaosContext
+    from linguamq.tools.chaos import security as chaos_security
+    from linguamq.tools.chaos.case import ChaosContext
     outcome = chaos_security.secured_cluster(ChaosContext(artifacts=artifacts["llama"], workdir=tmp_path))
     assert outcome.ok, outcome
     assert outcome.observed.startswith("8/8 attacks got nothing through")

@@ -11,12 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from linguamq.models.errors import (
-    MissingFileError,
-    UnsupportedArchitectureError,
-    UnsupportedDtypeError,
-    WeightsError,
-)
+from linguamq.models.errors import MissingFileError, UnsupportedArchitectureError, UnsupportedDtypeError, WeightsError
 from linguamq.models.hf import load_model, open_model_dir
 
 

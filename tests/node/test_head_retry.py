@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from linguamq import topics
-from linguamq.node.head import Head, HeadSettings
+from linguamq.hub.head import Head, HeadSettings
 from linguamq.schemas import envelope
 from linguamq.schemas.cluster import NodeStatus, Plan, Stage
 from linguamq.schemas.envelope import ActHeader

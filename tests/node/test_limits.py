@@ -7,7 +7,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from linguamq import topics
-from linguamq.node.head import Head, HeadSettings
+from linguamq.hub.head import Head, HeadSettings
 from linguamq.schemas.examples import MANIFEST
 from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult
 from linguamq.topics.client import MqttClient, PayloadTooLarge

@@ -17,7 +17,7 @@ from linguamq.planner.milp import solve
 from linguamq.planner.placement import Candidate, PlacementError, planned
 from linguamq.schemas.cluster import Plan, Profile
 from linguamq.schemas.examples import MANIFEST
-from linguamq.tools.bench_planner import problem as bench_problem
+from linguamq.tools.bench.planner import problem as bench_problem
 
 LEAN = CostSettings(max_context=64, overhead_factor=1.0, overhead_mb=0.0)  # memory = weights
 

@@ -1,4 +1,4 @@
-"""tools/fuzz.py: every payload it makes is refused by its decoder (the hostile-input case
+"""schemas/fuzz.py: every payload it makes is refused by its decoder (the hostile-input case
 counts one ErrorReport per payload: one that decoded would be a false alarm, and would act
 on the cluster), and a stream is the same for the same seed."""
 
@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from linguamq.schemas import blobs, envelope, examples
+from linguamq.schemas import blobs, envelope, examples, fuzz
 from linguamq.schemas.errors import SchemaError
-from linguamq.tools import fuzz
 
 N = 140  # ten rounds of every kind
 

@@ -10,10 +10,10 @@ import pytest
 from linguamq.schemas import blobs
 from linguamq.schemas.cluster import Assignment, NodeStatus, Plan, Segment, Telemetry
 from linguamq.schemas.errors import SchemaError
-from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, Sampling, TokenEvent
 from linguamq.schemas.examples import EXAMPLES
 from linguamq.schemas.jsonschema import all_messages, path_for, render, schema_for
 from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, Sampling, TokenEvent
 
 MESSAGES = sorted(EXAMPLES, key=lambda c: c.TYPE)
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from linguamq.tools.chaos import TABLE_HEADER
+from linguamq.tools.chaos.case import TABLE_HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from linguamq.tools.bench_hetero import busy_share, cpu_ticks
+from linguamq.tools.bench.hetero import busy_share, cpu_ticks
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")

@@ -6,7 +6,7 @@ their stderr and their exit codes must be the same. Timing never relies on sleep
 subscriber is known to be ready when it prints a retained marker, and "live" messages
 are published again and again until the subscribers exit (each wait is bounded).
 
-Our commands run as ``python -m linguamq.tools.cmd_{pub,sub}`` (the `linguamq` entry
+Our commands run as ``python -m linguamq.tools.commands.{pub,sub}`` (the `linguamq` entry
 point imports every command, torch included, which costs seconds per run); a few tests
 go through ``linguamq.tools.cli`` to check that the words reach mosquitto's parser.
 """
@@ -43,8 +43,12 @@ from linguamq.schemas.cluster import NodeStatus
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.examples import EXAMPLES
 from linguamq.schemas.requests import TokenEvent
-from linguamq.tools import cli, cmd_pub, cmd_sub, mosquitto_args, render
-from linguamq.tools.mosquitto_format import Clock, Received, parse_cjson, print_cjson, print_message
+from linguamq.tools import cli
+from linguamq.tools.commands import pub as cmd_pub
+from linguamq.tools.commands import sub as cmd_sub
+from linguamq.tools.mosquitto import args as mosquitto_args
+from linguamq.tools.mosquitto import render
+from linguamq.tools.mosquitto.format import Clock, Received, parse_cjson, print_cjson, print_message
 
 TOOLS = ("mosquitto", "mosquitto_pub", "mosquitto_sub", "mosquitto_passwd", "openssl")
 pytestmark = [
@@ -53,7 +57,7 @@ pytestmark = [
                        reason="needs mosquitto, mosquitto-clients and openssl (make setup installs them)"),
 ]
 
-OURS = {"pub": [sys.executable, "-m", "linguamq.tools.cmd_pub"], "sub": [sys.executable, "-m", "linguamq.tools.cmd_sub"]}
+OURS = {"pub": [sys.executable, "-m", "linguamq.tools.commands.pub"], "sub": [sys.executable, "-m", "linguamq.tools.commands.sub"]}
 THEIRS = {"pub": ["mosquitto_pub"], "sub": ["mosquitto_sub"]}
 RUN_TIMEOUT = 20.0  # seconds, any single command
 USER, PASSWORD = "alice", "s3cret"

@@ -26,22 +26,12 @@ from linguamq.schemas.cluster import ClockPing, ClockPong, Plan, Stage
 from linguamq.schemas.envelope import ActHeader, Hop
 from linguamq.schemas.requests import GenerateRequest, GenerateResult
 from linguamq.tools import cli
-from linguamq.tools.trace import (
-    ClockEstimate,
-    ClockEstimator,
-    ClockSample,
-    TraceError,
-    TraceModel,
-    Tracer,
-    TracerSettings,
-    accounting,
-    decode_event,
-    encode_event,
-    load,
-    replay,
-)
-from linguamq.tools.trace_export import perfetto, write_perfetto, write_png
-from linguamq.tools.trace_view import LiveView, render
+from linguamq.tools.trace.clock import ClockEstimate, ClockEstimator, ClockSample
+from linguamq.tools.trace.export import perfetto, write_perfetto, write_png
+from linguamq.tools.trace.model import TraceError, TraceModel, accounting, replay
+from linguamq.tools.trace.records import decode_event, encode_event, load
+from linguamq.tools.trace.tracer import Tracer, TracerSettings
+from linguamq.tools.trace.view import LiveView, render
 
 SKEW_S = 7.5  # the tracer's clock runs this far ahead of the nodes' in the integration test
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -282,10 +272,10 @@ class Recorded:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorded]:
+    from linguamq.client import generate_remote, new_request_id
     from linguamq.models.export import ExportOptions, export_model
     from linguamq.models.tiny import TinySpec, make_tiny
-    from linguamq.tools.cluster import LocalCluster, NodeSpec
-    from linguamq.tools.remote import generate_remote, new_request_id
+    from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
     from linguamq.topics.client import MqttClient, wait_for
 
     tmp = tmp_path_factory.mktemp("trace")
@@ -359,7 +349,7 @@ def test_recorded_generation_exports_valid_perfetto_and_png(recorded: Recorded, 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_live_command_follows_one_request_and_records_it(recorded: Recorded, capsys) -> None:
-    from linguamq.tools.remote import generate_remote
+    from linguamq.client import generate_remote
     from linguamq.topics.client import MqttClient
 
     record = recorded.tmp / "live.jsonl"

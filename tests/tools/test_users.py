@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+
 from linguamq import topics as T
 from linguamq.broker.users import UsersError, load_users, parse_users, verify_password
 from linguamq.tools.cli import main

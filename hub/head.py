@@ -1,0 +1,473 @@
+"""The head: the hub role that turns requests into pipelined generation steps.
+
+It takes GenerateRequest JSON on `requests` (``mosquitto_pub`` works), tokenizes,
+keeps every session's token history, publishes each step's input on `act/0`, reads the
+sampled token from `sessions/{s}/out`, streams TokenEvents on `responses/{id}` and ends
+with a GenerateResult. Many sessions are in flight at once: while one waits for its
+token, the stages work on others.
+
+Because the head keeps the history, a session whose KV cache was lost (a new epoch, a
+node that restarted) is re-prefilled from position 0: no request is lost to a replan.
+The same re-prefill is the step retry: a session that makes no progress for much longer
+than its own measured step time (a message lost to a frozen or reconnecting node: QoS 1
+gives up after 5 s, clean sessions drop what was queued) is re-sent, with backoff; the
+nodes' KV alignment rule makes that idempotent, and outputs are accepted once per
+(epoch, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+import structlog
+
+from linguamq import topics
+from linguamq.hub.textstream import TextStream, stop_reason
+from linguamq.schemas import envelope
+from linguamq.schemas.cluster import NodeStatus, Plan, Telemetry
+from linguamq.schemas.envelope import ActHeader
+from linguamq.schemas.errors import SchemaError
+from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, TokenEvent
+from linguamq.schemas.wire import parse_json
+from linguamq.topics.client import MqttClient, MqttError
+
+log = structlog.get_logger()
+MAX_REPREFILLS = 3  # per session, after nodes lost its KV; then the request fails
+STEP_HISTORY = 32  # step times kept per session (and for the head), for the retry bound
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadSettings:
+    name: str = "head"
+    cluster: str = "home"
+    max_sessions: int = 64  # in flight at once; more wait in the queue
+    max_queued: int = 1024  # waiting requests; more are refused
+    step_timeout_s: float = 60.0  # no token for this long: the request fails
+    retry_min_s: float = 3.0  # a step is re-sent after max(retry_min_s, retry_factor x median step) ...
+    retry_factor: float = 10.0
+    max_retries: int = 4  # ... doubling each time; a step that still gets no token after this many fails
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 0  # cap on a request's max_tokens (0: the schema's cap and the model's context)
+    rate: float = 0.0  # requests per second per client (its `client` field); 0: no limit
+    burst: int = 10  # requests a client may send at once before the rate applies
+    telemetry_interval_s: float = 1.0  # the hub's Telemetry (rejections) on hub/telemetry
+
+
+@dataclasses.dataclass
+class _Session:
+    request: GenerateRequest
+    prompt: list[int]
+    stream: TextStream | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+    t_start: float = 0.0
+    t_first: float = 0.0
+    t_last: float = 0.0  # last progress, for the step timeout
+    t_sent: float = 0.0  # the current step (or its last retry) was sent, for the retry bound
+    inputs: int = 0  # tokens in the step in flight: 1 decoding, more for a (re-)prefill
+    step_times: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=STEP_HISTORY))
+    retries: int = 0  # re-sends of the current step; reset by a token
+    reprefills: int = 0  # after a node lost the session's KV (evicted, expired, restarted)
+
+
+class Head:
+    def __init__(self, *, client: MqttClient, manifest: ModelManifest, encode: Callable[[str], list[int]],
+                 decode: Callable[[list[int]], str], settings: HeadSettings = HeadSettings(),
+                 rss_mb: Callable[[], float] = lambda: 0.0) -> None:
+        self._client, self._manifest, self.settings = client, manifest, settings
+        self._rss_mb = rss_mb  # this process's memory, for its telemetry (the hub passes node.system's)
+        self._eos = frozenset(manifest.eos_token_ids)
+        self._encode, self._decode = encode, decode
+        self._cluster = settings.cluster
+        self._lock = threading.RLock()
+        self._sessions: dict[str, _Session] = {}
+        self._reply_to: dict[str, str] = {}  # request id -> client, for requests on `requests/{client}`
+        self._queue: deque[tuple[GenerateRequest, list[int]]] = deque()  # waiting: (request, prompt ids)
+        self._plan: Plan | None = None
+        self._status: dict[str, NodeStatus] = {}
+        self._ready_epoch = 0  # the epoch whose stages all reported ready
+        self._step_times: deque[float] = deque(maxlen=STEP_HISTORY)  # every session's, for a first step
+        self._prefill_rates: deque[float] = deque(maxlen=STEP_HISTORY)  # seconds per prompt token of prefills
+        self.retries = 0  # steps re-sent, all sessions (tests and the chaos bench read it)
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.rejected = 0  # messages refused (bad payloads, refused requests), reported in its telemetry
+        self.also_rejected: Callable[[], int] = lambda: 0  # the hub adds its planner's count
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
+        self._seq, self._t_telemetry = 0, 0.0
+
+    def start(self) -> None:
+        c, cl = self._client, self._cluster
+        # plan and status are followed by the planner too, which reports what does not decode
+        c.subscribe(topics.PLAN, topics.PLAN.build(cl), self._on_plan, on_reject=_planner_reports)
+        c.subscribe(topics.NODE_STATUS, topics.NODE_STATUS.filter(cl), self._on_status, on_reject=_planner_reports)
+        c.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.filter(cl), self._on_out, on_reject=self._reject)
+        c.subscribe(topics.ERRORS, topics.ERRORS.filter(cl), self._on_error, on_reject=self._reject)
+        c.subscribe(topics.REQUESTS, topics.REQUESTS.build(cl), self._on_request, on_reject=self._reject_request)
+        c.subscribe(topics.REQUESTS_FROM, topics.REQUESTS_FROM.filter(cl), self._on_client_request,
+                    on_reject=self._reject_request)
+        self._watchdog = threading.Thread(target=self._watch, name="head-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5)
+
+    @property
+    def ready(self) -> bool:
+        """Every stage of the current plan has loaded its pieces."""
+        return self._plan is not None and self._ready_epoch == self._plan.epoch
+
+    # --- requests ------------------------------------------------------------------
+
+    def _on_client_request(self, topic: str, request: GenerateRequest, retained: bool) -> None:
+        """A request on `requests/{c}` (a secured cluster's ACL lets only user c publish there):
+        its client is c, and everything about it goes to `responses/{c}/{id}` and `errors/{c}`."""
+        client = str(topics.parse(topic)["client"])
+        if request.client is not None and request.client != client:
+            with self._lock:
+                self._reply_to[request.id] = client
+                return self._fail(dataclasses.replace(request, client=client), f"the request says client "
+                                  f"{request.client!r} but came on the topic of {client!r}", code="bad_request")
+        self._on_request(topic, dataclasses.replace(request, client=client), retained, reply_to=client)
+
+    def _response_name(self, request: str) -> str:
+        """Where a request's TokenEvents and result go: `responses/{c}/{id}` if it came on
+        `requests/{c}`, else `responses/{id}`."""
+        return topics.response_topic(self._cluster, request, self._reply_to.get(request))
+
+    def _on_request(self, topic: str, request: GenerateRequest, retained: bool, reply_to: str | None = None) -> None:
+        with self._lock:
+            if request.id in self._sessions or any(q.id == request.id for q, _ in self._queue):
+                # A client that reconnected re-sends its request (linguamq/client.py): the original
+                # goes on; the duplicate is only reported, never answered on its response topic.
+                self.rejected += 1
+                return self._client.report_error(
+                    self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
+                    topic=topic, code="bad_request", message=f"request id {request.id!r} is already in flight",
+                    ref=request.id)
+            if reply_to is not None:
+                self._reply_to[request.id] = reply_to
+            if not self._take_token(request.client or "anonymous"):
+                return self._fail(request, f"rate limited: client {request.client or 'anonymous'} sent more than "
+                                  f"{self.settings.rate:g} requests/s (burst {self.settings.burst})", code="rate_limited")
+            if self.settings.max_tokens and request.max_tokens > self.settings.max_tokens:
+                return self._fail(request, f"max_tokens {request.max_tokens} exceeds this hub's cap of "
+                                  f"{self.settings.max_tokens} (--max-tokens)", code="too_large")
+            if self._plan is not None and not self._plan.stages:
+                return self._fail(request, f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
+            try:
+                prompt = self._encode(request.prompt)
+            except Exception as exc:  # a tokenizer may raise anything on odd input
+                return self._fail(request, f"cannot tokenize the prompt: {exc}", code="bad_request")
+            if not prompt or len(prompt) > self.settings.max_prompt_tokens:
+                return self._fail(request, f"prompt has {len(prompt)} tokens; 1..{self.settings.max_prompt_tokens} "
+                                  "accepted", code="too_large")
+            if len(prompt) + request.max_tokens > self._manifest.max_context:
+                return self._fail(request, f"prompt ({len(prompt)}) + max_tokens ({request.max_tokens}) exceeds the "
+                                  f"model's context of {self._manifest.max_context}", code="too_large")
+            if len(self._queue) >= self.settings.max_queued:
+                return self._fail(request, "too many requests waiting", code="overloaded")
+            self._queue.append((request, prompt))
+            self._admit()
+
+    def _admit(self) -> None:
+        """Start queued requests while there is room and a ready pipeline."""
+        while self.ready and self._queue and len(self._sessions) < self.settings.max_sessions:
+            request, prompt = self._queue.popleft()
+            session = _Session(request=request, prompt=prompt)
+            session.stream = TextStream(self._decode, request.stop, lambda text, s=session: self._stream(s, text))
+            self._sessions[request.id] = session
+            session.t_start = time.perf_counter()
+            self._prefill(session)
+
+    def _prefill(self, session: _Session) -> None:
+        """Send the whole history from position 0 under the ready epoch.
+
+        At step k the session waits for token k+1; prompt + its k tokens are exactly the
+        inputs that lead there, so a re-prefill at the same step yields the same token
+        (sampling is seeded per step)."""
+        session.epoch, session.t_last = self._ready_epoch, time.perf_counter()
+        self._send(session, np.asarray([session.prompt + session.tokens], dtype=np.int64), start_pos=0)
+
+    def _expected_s(self, session: _Session) -> float:
+        """What the step in flight should take: the session's median decode step (the
+        head's, before its first token); for a (re-)prefill at least its prompt times the
+        median seconds per token of the prefills seen (a long prompt on a slow pipeline
+        takes long, and is no loss)."""
+        times = session.step_times or self._step_times
+        median = float(np.median(times)) if times else 0.0
+        if session.inputs > 1 and self._prefill_rates:
+            median = max(median, session.inputs * float(np.median(self._prefill_rates)))
+        return median
+
+    def _retry_after(self, session: _Session) -> float:
+        """Seconds without a token before the current step is re-sent: many times what it
+        should take, doubling per retry."""
+        s = self.settings
+        return max(s.retry_min_s, s.retry_factor * self._expected_s(session)) * 2 ** session.retries
+
+    def _step_timeout(self, session: _Session) -> float:
+        """Seconds without progress before the request fails: ``step_timeout_s``, or for a
+        step expected to be long (a long prompt) room for its first retry to complete."""
+        s = self.settings
+        return max(s.step_timeout_s, (s.retry_factor + 1) * self._expected_s(session) * 2)
+
+    def _send(self, session: _Session, ids: np.ndarray, *, start_pos: int) -> None:
+        request = session.request
+        header = ActHeader.for_tensor(ids, session=request.id, request=request.id, step=session.step,
+                                      epoch=session.epoch, piece=0, start_pos=start_pos, sampling=request.sampling)
+        self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, ids))
+        session.t_sent, session.inputs = time.perf_counter(), int(ids.shape[-1])
+
+    # --- tokens --------------------------------------------------------------------
+
+    def _on_out(self, topic: str, value: tuple[ActHeader, np.ndarray], retained: bool) -> None:
+        header, token_array = value
+        with self._lock:
+            session = self._sessions.get(header.session)
+            if session is None or header.epoch != session.epoch or header.step != session.step:
+                return  # finished, re-prefilled under a newer epoch, or a redelivered duplicate
+            if token_array.shape != (1, 1) or token_array.dtype.kind not in "iu":
+                return self._finish(session, "error", f"tail sent a {token_array.dtype} {token_array.shape} token")
+            self._advance(session, int(token_array[0, 0]))
+
+    def _advance(self, session: _Session, token: int) -> None:
+        now = time.perf_counter()
+        if session.inputs > 1:
+            self._prefill_rates.append((now - session.t_sent) / session.inputs)
+        else:
+            session.step_times.append(now - session.t_sent)
+            self._step_times.append(now - session.t_sent)
+        session.tokens.append(token)
+        session.t_last, session.retries = now, 0
+        if len(session.tokens) == 1:
+            session.t_first = now
+        if token not in self._eos and len(session.tokens) < session.request.max_tokens:
+            # The next step goes out before the text work (decoding, TokenEvent): the pipeline
+            # computes while the head streams. If the text then holds a stop string, the
+            # session ends and that step's token is dropped (its session is gone).
+            session.step += 1
+            start = len(session.prompt) + len(session.tokens) - 1
+            self._send(session, np.asarray([[token]], dtype=np.int64), start_pos=start)
+        reason = stop_reason(token, self._eos, session.stream, session.tokens, session.request.max_tokens)
+        if reason is not None:
+            return self._finish(session, reason)
+
+    def _stream(self, session: _Session, text: str) -> None:
+        """Publish newly final text; long text (a held-back stop-string prefix) goes in pieces."""
+        request = session.request.id
+        name = self._response_name(request)
+        for i in range(0, len(text), 1024):
+            event = TokenEvent(request=request, index=len(session.tokens) - 1, token=session.tokens[-1],
+                               text=text[i:i + 1024])
+            self._client.publish(topics.RESPONSES, name, event)
+
+    def _finish(self, session: _Session, reason: str, error: str | None = None) -> None:
+        self._sessions.pop(session.request.id, None)
+        text = session.stream.finish(session.tokens) if reason != "error" else ""
+        n = len(session.tokens)
+        result = GenerateResult(
+            request=session.request.id, text=text, tokens=tuple(session.tokens), prompt_tokens=len(session.prompt),
+            ttft_ms=(session.t_first - session.t_start) * 1e3 if n else 0.0,
+            ms_per_token=(session.t_last - session.t_first) * 1e3 / (n - 1) if n > 1 else 0.0,
+            stop_reason=reason, error=error)
+        self._client.publish(topics.RESPONSES, self._response_name(session.request.id), result)
+        self._reply_to.pop(session.request.id, None)
+        self._end_session(session)
+        log.info("request done", request=session.request.id, tokens=n, reason=reason, error=error)
+        self._admit()
+
+    def _end_session(self, session: _Session) -> None:
+        """Tell every stage to free the session's KV cache (an empty envelope marked end)."""
+        empty = np.zeros((1, 0), dtype=np.int64)
+        header = ActHeader.for_tensor(empty, session=session.request.id, request=session.request.id,
+                                      step=session.step, epoch=session.epoch, piece=0, start_pos=0, end=True)
+        self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, empty))
+
+    # --- cluster state ---------------------------------------------------------------
+
+    def _on_plan(self, topic: str, plan: Plan, retained: bool) -> None:
+        with self._lock:
+            self._plan = plan
+            if not plan.stages:  # the planner found no placement for the nodes left: say so, do not hang
+                message = f"no plan fits the nodes online: {plan.reason}"
+                for session in list(self._sessions.values()):
+                    self._finish(session, "error", message)
+                while self._queue:
+                    self._fail(self._queue.popleft()[0], message, code="overloaded")
+                return
+            self._check_ready()
+
+    def _on_status(self, topic: str, status: NodeStatus, retained: bool) -> None:
+        try:
+            if topics.parse(topic)["node"] != status.node:
+                return  # one node speaking for another (the planner reports it)
+        except topics.TopicError:
+            return  # a topic that breaks the id rules (the planner reports it)
+        with self._lock:
+            self._status[status.node] = status
+            self._check_ready()
+
+    def _check_ready(self) -> None:
+        plan = self._plan
+        if plan is None or plan.epoch == self._ready_epoch or not plan.stages:
+            return
+        if all((s := self._status.get(stage.node)) is not None and s.state == "ready" and s.epoch == plan.epoch
+               for stage in plan.stages):
+            self._ready_epoch = plan.epoch
+            log.info("pipeline ready", epoch=plan.epoch, stages=len(plan.stages))
+            for session in list(self._sessions.values()):  # their KV is gone: re-prefill
+                self._prefill(session)
+            self._admit()
+
+    def _on_error(self, topic: str, report: ErrorReport, retained: bool) -> None:
+        with self._lock:
+            session = self._sessions.get(report.ref or "")
+            if session is None or report.reporter == self.settings.name:
+                return
+            if report.code == "stale_epoch":
+                # A replan is under way: a node switched before the head, which re-prefills every
+                # session once the new epoch is ready (the step watchdog ends one that never is).
+                return
+            if report.code == "unknown_session" and self._ready_epoch > session.epoch:
+                return  # the re-prefill under the new epoch is already on its way
+            if report.code == "unknown_session" and session.reprefills < MAX_REPREFILLS:
+                session.reprefills += 1  # a node dropped its KV (bounds, expiry): rebuild it
+                return self._prefill(session)
+            self._finish(session, "error", f"{report.reporter}: {report.message}")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            with self._lock:
+                self._check_progress(time.perf_counter())
+            self._publish_telemetry()
+
+    def _check_progress(self, now: float) -> None:
+        """Fail sessions past the step timeout; re-send the step of those stuck for long.
+
+        A retry is the re-prefill of the session's whole history under the ready epoch: the
+        nodes' alignment rule makes it idempotent, whether the step was lost (frozen node,
+        QoS 1 given up, a reconnect) or only late. No retry while a replan is under way:
+        the new epoch re-prefills every session anyway."""
+        s = self.settings
+        for session in list(self._sessions.values()):
+            if now - session.t_last > (timeout := self._step_timeout(session)):
+                self._finish(session, "error", f"no token for {timeout:.0f} s (step {session.step}, "
+                             f"{session.retries} retries)")
+            elif (self.ready and session.epoch == self._ready_epoch
+                  and now - session.t_sent > self._retry_after(session)):
+                if session.retries >= s.max_retries:
+                    self._finish(session, "error", f"no token for step {session.step} after {session.retries} "
+                                 f"retries ({now - session.t_last:.1f} s)")
+                    continue
+                session.retries += 1
+                self.retries += 1
+                log.info("step retried", request=session.request.id, step=session.step, retry=session.retries,
+                         waited_s=round(now - session.t_sent, 2))
+                t_last = session.t_last
+                self._prefill(session)
+                session.t_last = t_last  # a retry is not progress: the step timeout still counts
+
+    # --- rejects -----------------------------------------------------------------------
+
+    def _fail(self, request: GenerateRequest, message: str, *, code: str) -> None:
+        self.rejected += 1
+        result = GenerateResult(request=request.id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
+                                ms_per_token=0.0, stop_reason="error", error=message)
+        self._client.publish(topics.RESPONSES, self._response_name(request.id), result)
+        self._reply_to.pop(request.id, None)
+        self._client.report_error(self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
+                                  topic=topics.REQUESTS.build(self._cluster), code=code, message=message,
+                                  ref=request.id)
+
+    def _reject_request(self, topic: str, payload: bytes, exc: Exception) -> None:
+        """A request that does not decode: an error report, and a final error response if it has an id."""
+        self.rejected += 1
+        request_id, client = _salvage_ids(payload)
+        private = _topic_client(topic)  # on `requests/{c}`: c, whatever the payload claims
+        client = private or client
+        code = "too_large" if "exceeds" in str(exc) else "bad_payload"
+        if request_id is not None:
+            result = GenerateResult(request=request_id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
+                                    ms_per_token=0.0, stop_reason="error", error=str(exc)[:1024])
+            self._client.publish(topics.RESPONSES, topics.response_topic(self._cluster, request_id, private), result)
+        self._client.report_error(self._cluster, reporter=self.settings.name, to=client or self.settings.name,
+                                  topic=topic, code=code, message=str(exc), ref=request_id)
+
+    def _take_token(self, client: str) -> bool:
+        """Token bucket per client: ``burst`` at once, then ``rate`` per second."""
+        rate, burst = self.settings.rate, self.settings.burst
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, then = self._buckets.get(client, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - then) * rate)
+        if len(self._buckets) > 10_000:  # forget full buckets: a stream of invented client ids is bounded
+            self._buckets = {c: (t, w) for c, (t, w) in self._buckets.items() if t + (now - w) * rate < burst}
+        self._buckets[client] = (tokens - 1 if tokens >= 1 else tokens, now)
+        return tokens >= 1
+
+    def _publish_telemetry(self) -> None:
+        """The hub's Telemetry on `hub/telemetry`: the head's (and the planner's) rejections,
+        sessions in flight and queued, RSS. Not under `nodes/`: the head is no stage."""
+        now = time.monotonic()
+        if now - self._t_telemetry < self.settings.telemetry_interval_s:
+            return
+        self._t_telemetry, self._seq = now, self._seq + 1
+        with self._lock:
+            sessions, queued = len(self._sessions), len(self._queue)
+        report = Telemetry(node=self.settings.name, ts=time.time(), seq=self._seq, epoch=self._ready_epoch,
+                           queue_depth=queued, sessions=sessions, rss_mb=self._rss_mb(),
+                           rejected=self.rejected + self.also_rejected())
+        try:
+            self._client.publish(topics.HUB_TELEMETRY, topics.HUB_TELEMETRY.build(self._cluster), report)
+        except MqttError as exc:
+            log.debug("head telemetry not sent", error=str(exc))
+
+    def _reject(self, topic: str, payload: bytes, exc: Exception) -> None:
+        self.rejected += 1
+        self._client.report_error(self._cluster, reporter=self.settings.name, to=self.settings.name, topic=topic,
+                                  code="bad_payload", message=str(exc))
+
+
+def _planner_reports(topic: str, payload: bytes, exc: Exception) -> None:
+    """A plan or status that does not decode: the planner, which follows the same topics in
+    the same hub, counts and reports it (once per message, not once per follower)."""
+
+
+_SALVAGE = {key: re.compile(rb'"%s"\s*:\s*"([A-Za-z0-9_-]{1,64})"' % key.encode()) for key in ("id", "client")}
+
+
+def _topic_client(topic: str) -> str | None:
+    """The client of a `requests/{client}` topic; None for the open `requests` topic."""
+    try:
+        parsed = topics.parse(topic)
+    except topics.TopicError:
+        return None
+    return str(parsed["client"]) if parsed.topic is topics.REQUESTS_FROM else None
+
+
+def _salvage_ids(payload: bytes) -> tuple[str | None, str | None]:
+    """The request and client ids of a rejected request, so its sender still gets a final
+    answer: parsed if the JSON is readable, else looked for in its first 4 KiB (an
+    oversized prompt usually comes after them)."""
+    try:
+        doc = parse_json(payload, max_bytes=GenerateRequest.MAX_BYTES)
+    except SchemaError:
+        doc = None
+    if isinstance(doc, dict):
+        return tuple(v if isinstance(v, str) and topics.is_id("request", v) else None  # type: ignore[return-value]
+                     for v in (doc.get("id"), doc.get("client")))
+    head = bytes(payload[:4096])
+    found = [m.group(1).decode() if (m := _SALVAGE[key].search(head)) else None for key in ("id", "client")]
+    return found[0], found[1]

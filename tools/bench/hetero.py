@@ -1,0 +1,309 @@
+"""`linguamq bench hetero`: four emulated heterogeneous devices on the ~100M model.
+
+The devices are node processes with `--slowdown` 1, 1.5, 3 and 4 (each compute is
+followed by a sleep of (X-1) times its length) and a memory budget that holds only
+``--mem-share`` of the model as the planner counts memory, so that no device holds it
+all and the model must be split. Parts (each on a fresh cluster, same node caches):
+
+- (a) planned (``--objective latency``) vs LinguaLinked's even split, one stream:
+  decode tokens/s and their ratio;
+- (b) a throughput plan (the planner told of 4 sessions in flight): 4 concurrent
+  requests vs 1, aggregate tokens/s (tokens over wall time, prefill included);
+- (c) under load, the fastest device (the planned pipeline's busiest) throttled 3x
+  (NodeControl) with rebalancing vs without (the same planner with
+  ``--drift-ratio inf``): tokens/s from the throttle to the end of the window;
+- (d) the planned plan's predicted ms/token vs the head's measured ms/token and the
+  retained plan's own measured figure.
+
+On this machine all node processes share its cores; with ``--threads 1`` and one stream
+only one node computes at a time and the emulated slowness is sleep, which uses no
+CPU, so the ratios follow the emulated speeds; with 4 streams the nodes whose work is
+mostly sleep pipeline for free while the 1x node's real compute competes for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from linguamq import topics
+from linguamq.client import generate_remote, new_request_id
+from linguamq.planner import cost
+from linguamq.schemas.cluster import NodeControl, Plan
+from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.requests import GenerateRequest, GenerateResult
+from linguamq.tools.bench.pipeline import PROMPT, add_model_arguments, model_from_args
+from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
+from linguamq.tools.testing.followers import PlanLog
+from linguamq.topics.client import MqttClient
+
+PARTS = ("a", "b", "c", "d")
+TARGETS = {"planned_over_even": 1.6, "pipelined_over_single": 2.65, "rebalanced_over_static": 1.3,
+           "prediction_error": 0.15}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--slowdowns", default="1,1.5,3,4", help="one emulated device per value (default 1,1.5,3,4)")
+    parser.add_argument("--mem-share", type=float, default=0.6,
+                        help="each device's memory budget holds this share of the model (default 0.6)")
+    parser.add_argument("--threads", type=int, default=1, help="ORT threads per node (default 1)")
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens per request")
+    parser.add_argument("--reps", type=int, default=3, help="single-stream requests measured per plan")
+    parser.add_argument("--streams", type=int, default=4, help="concurrent requests in (b) (default 4)")
+    parser.add_argument("--warmup", type=float, default=8.0, metavar="S",
+                        help="seconds of load before measuring, so the planner has measured every stage")
+    parser.add_argument("--throttle", type=float, default=3.0, help="(c): the throttled node's slowdown factor")
+    parser.add_argument("--victim", default="", metavar="NAME",
+                        help="(c): the device throttled (default: the fastest, which the plan gives the most work)")
+    parser.add_argument("--window", type=float, default=30.0, metavar="S", help="(c): seconds measured after it")
+    parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run (default a,b,c,d)")
+
+
+def run(args: argparse.Namespace) -> int:
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts <= set(PARTS):
+        print(f"linguamq bench hetero: error: --parts takes {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    art = model_from_args(args)
+    report = measure(args, art, parts)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0
+
+
+def say(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# --- clusters --------------------------------------------------------------------------
+
+
+def node_specs(args: argparse.Namespace, manifest: ModelManifest, sessions: int = 1) -> list[NodeSpec]:
+    budget = cost.share_mb(manifest, args.mem_share, sessions)
+    return [NodeSpec(f"d{i + 1}", slowdown=float(x), threads=args.threads, mem_budget_mb=budget)
+            for i, x in enumerate(args.slowdowns.split(","))]
+
+
+def one(client: MqttClient, cluster: str, max_tokens: int) -> GenerateResult:
+    result = generate_remote(client, cluster, GenerateRequest(id=new_request_id(), prompt=PROMPT,
+                                                              max_tokens=max_tokens), timeout=300)
+    if result.error is not None:
+        raise RuntimeError(f"request failed: {result.error}")
+    return result
+
+
+def warm_up(cluster: LocalCluster, client: MqttClient, seconds: float, max_tokens: int) -> Plan:
+    """Load for ``seconds`` (the planner measures every stage and may correct its
+    profiles), then the plan in force once all its stages are ready."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        one(client, cluster.cluster, max_tokens)
+    return cluster.wait_ready(client, timeout=120)
+
+
+def stages(plan: Plan) -> list[str]:
+    return [f"{s.node}:{s.first}-{s.last}" for s in plan.stages]
+
+
+def start(args: argparse.Namespace, art: Path, name: str, nodes: list[NodeSpec], objective: str,
+          hub_args: tuple[str, ...] = ()) -> LocalCluster:
+    return LocalCluster(artifacts=art, nodes=nodes, workdir=args.workdir / "hetero-run", cluster=f"hetero-{name}",
+                        objective=objective, hub_args=hub_args, log_level="info")
+
+
+# --- parts -----------------------------------------------------------------------------
+
+
+def single_stream(args: argparse.Namespace, art: Path, name: str, nodes: list[NodeSpec],
+                  objective: str) -> dict[str, Any]:
+    """Median decode ms/token of --reps single-stream requests, after a warm-up."""
+    with start(args, art, name, nodes, objective) as cluster, \
+            MqttClient(url=cluster.url, client_id=f"bench-{name}") as client, \
+            PlanLog(cluster.url, cluster.cluster) as watch:
+        cluster.wait_ready(client, timeout=180)
+        plan = warm_up(cluster, client, args.warmup, args.new_tokens)
+        runs = [one(client, cluster.cluster, args.new_tokens).ms_per_token for _ in range(args.reps)]
+        time.sleep(0.5)
+        retained = watch.latest
+    ms = statistics.median(runs)
+    out = {"objective": objective, "epoch": plan.epoch, "stages": stages(plan), "ms_per_token": ms,
+           "ms_per_token_all": runs, "tokens_per_s": 1000.0 / ms}
+    if objective != "even":
+        same = retained is not None and retained.epoch == plan.epoch
+        out.update(predicted_ms_per_token=plan.predicted_ms_per_token,
+                   plan_measured_ms_per_token=retained.measured_ms_per_token if same else None)
+    say(f"{name}: {out['stages']} {ms:.2f} ms/token")
+    return out
+
+
+def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> dict[str, Any]:
+    """One request, then --streams at once, on a throughput plan for --streams sessions."""
+    nodes = node_specs(args, manifest, sessions=args.streams)
+    with start(args, art, "b", nodes, "throughput", ("--plan-sessions", str(args.streams))) as cluster, \
+            MqttClient(url=cluster.url, client_id="bench-b") as client:
+        cluster.wait_ready(client, timeout=180)
+        plan = warm_up(cluster, client, args.warmup, args.new_tokens)
+        singles, multis, busy = [], [], []
+        with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
+            for _ in range(max(1, args.reps // 2 + 1)):
+                started = time.perf_counter()
+                tokens = len(one(client, cluster.cluster, args.new_tokens).tokens)
+                singles.append(tokens / (time.perf_counter() - started))
+                started, cpu = time.perf_counter(), cpu_ticks()
+                results = list(pool.map(lambda _i: one(client, cluster.cluster, args.new_tokens),
+                                        range(args.streams)))
+                multis.append(sum(len(r.tokens) for r in results) / (time.perf_counter() - started))
+                busy.append(busy_share(cpu, cpu_ticks()))
+    single, multi = statistics.median(singles), statistics.median(multis)
+    cpu_busy = statistics.median(busy) if None not in busy else None
+    say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s"
+        + (f", the machine's CPUs {cpu_busy:.0%} busy meanwhile" if cpu_busy is not None else ""))
+    return {"objective": "throughput", "plan_sessions": args.streams, "epoch": plan.epoch, "stages": stages(plan),
+            "predicted_ms_per_token": plan.predicted_ms_per_token, "single_tokens_per_s": single,
+            "multi_tokens_per_s": multi, "single_all": singles, "multi_all": multis,
+            "pipelined_over_single": multi / single, "cpu_busy_multi": cpu_busy, "cpus": os.cpu_count()}
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine since boot (Linux /proc/stat), else None.
+    (b) compares against this: emulated devices sleep, but their real compute, the broker's
+    and the MQTT threads' all share this machine's cores."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def throttled(args: argparse.Namespace, art: Path, nodes: list[NodeSpec], rebalance: bool) -> dict[str, Any]:
+    """Back-to-back requests; --victim (default the fastest device) is throttled, then
+    --window seconds more. tokens/s: tokens of requests started after the throttle over
+    the time from the first such start to the last such end."""
+    name = "c-rebalanced" if rebalance else "c-static"
+    hub_args = () if rebalance else ("--drift-ratio", "inf")
+    done: list[tuple[float, float, int, float]] = []  # (start, end, tokens, ms_per_token)
+    with start(args, art, name, nodes, "latency", hub_args) as cluster, \
+            MqttClient(url=cluster.url, client_id=f"bench-{name}") as client, \
+            PlanLog(cluster.url, cluster.cluster) as watch:
+        cluster.wait_ready(client, timeout=180)
+        before = warm_up(cluster, client, args.warmup, args.new_tokens)
+        victim = args.victim or min(nodes, key=lambda n: n.slowdown).name
+        slowdown = next(n.slowdown for n in nodes if n.name == victim) * args.throttle
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                result = one(client, cluster.cluster, args.new_tokens)
+                done.append((started, time.monotonic(), len(result.tokens), result.ms_per_token))
+
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        client.publish(topics.NODE_CONTROL, topics.NODE_CONTROL.build(cluster.cluster, node=victim),
+                       NodeControl(node=victim, slowdown=slowdown), wait=5.0)
+        time.sleep(args.window)
+        stop.set()
+        worker.join(timeout=300)
+        after = watch.latest
+        new_epochs = [(round(t - t0, 2), e) for t, e in watch.epochs() if t > t0]
+    measured = [d for d in done if d[0] >= t0]
+    if not measured:
+        raise RuntimeError(f"{name}: no request started after the throttle")
+    span = max(d[1] for d in measured) - min(d[0] for d in measured)
+    late = [d[3] for d in measured if d[0] >= t0 + args.window / 2]
+    out = {"victim": victim, "throttled_to": slowdown, "before": stages(before),
+           "after": stages(after) if after else [], "new_epochs_s_after_throttle": new_epochs,
+           "requests": len(measured), "tokens_per_s": sum(d[2] for d in measured) / span,
+           "late_ms_per_token": statistics.median(late) if late else None}
+    say(f"{name}: {victim} x{slowdown:g}; {out['before']} -> {out['after']}, {out['tokens_per_s']:.1f} tokens/s")
+    return out
+
+
+def measure(args: argparse.Namespace, art: Path, parts: set[str]) -> dict[str, Any]:
+    manifest = ModelManifest.from_json((art / "manifest.json").read_bytes())
+    nodes = node_specs(args, manifest)
+    report: dict[str, Any] = {
+        "model": art.parent.name, "params": sum(p.params for p in manifest.pieces), "pieces": len(manifest.pieces),
+        "devices": [{"name": n.name, "slowdown": n.slowdown, "mem_budget_mb": round(n.mem_budget_mb, 1)}
+                    for n in nodes],
+        "mem_share": args.mem_share, "threads": args.threads, "new_tokens": args.new_tokens, "reps": args.reps,
+        "targets": TARGETS}
+    if parts & {"a", "d"}:
+        planned = single_stream(args, art, "a-planned", nodes, "latency")
+        report["planned"] = planned
+        if "a" in parts:
+            even = single_stream(args, art, "a-even", nodes, "even")
+            report["even"] = even
+            report["planned_over_even"] = planned["tokens_per_s"] / even["tokens_per_s"]
+        if "d" in parts:
+            predicted = planned["predicted_ms_per_token"]
+            report["prediction"] = {
+                "predicted_ms_per_token": predicted, "head_ms_per_token": planned["ms_per_token"],
+                "plan_measured_ms_per_token": planned["plan_measured_ms_per_token"],
+                "head_over_predicted": planned["ms_per_token"] / predicted if predicted else None,
+                "within_target": bool(predicted) and abs(planned["ms_per_token"] / predicted - 1)
+                <= TARGETS["prediction_error"]}
+    if "b" in parts:
+        report["pipelined"] = pipelined(args, art, manifest)
+        report["pipelined_over_single"] = report["pipelined"]["pipelined_over_single"]
+    if "c" in parts:
+        rebalanced = throttled(args, art, nodes, rebalance=True)
+        static = throttled(args, art, nodes, rebalance=False)
+        report["throttle"] = {"window_s": args.window, "factor": args.throttle, "rebalanced": rebalanced,
+                              "static": static}
+        report["rebalanced_over_static"] = rebalanced["tokens_per_s"] / static["tokens_per_s"]
+    return report
+
+
+def table(r: dict[str, Any]) -> str:
+    devices = ", ".join(f"{d['name']} x{d['slowdown']:g}" for d in r["devices"])
+    lines = [(f"model {r['model']} ({r['params'] / 1e6:.0f}M params, {r['pieces']} pieces); devices {devices}, "
+              f"each with room for {r['mem_share']:.0%} of the model; {r['threads']} thread(s) per node")]
+    for key in ("planned", "even"):  # the single-stream runs
+        if key in r:
+            x = r[key]
+            lines.append(f"  {key:8}: {' '.join(x['stages'])}: {x['ms_per_token']:.2f} ms/token "
+                         f"({x['tokens_per_s']:.1f} tokens/s)")
+    if "even" in r:
+        lines.append(f"  (a) planned / even = {r['planned_over_even']:.2f}x "
+                     f"(target >= {TARGETS['planned_over_even']})")
+    if "pipelined" in r:
+        b = r["pipelined"]
+        lines.append(f"  (b) throughput plan {' '.join(b['stages'])}: 1 stream {b['single_tokens_per_s']:.1f} "
+                     f"tokens/s, {b['plan_sessions']} streams {b['multi_tokens_per_s']:.1f} tokens/s = "
+                     f"{b['pipelined_over_single']:.2f}x (target >= {TARGETS['pipelined_over_single']})"
+                     + (f"; {b['cpus']} CPUs {b['cpu_busy_multi']:.0%} busy with {b['plan_sessions']} streams"
+                        if b.get("cpu_busy_multi") is not None else ""))
+    if "throttle" in r:
+        t = r["throttle"]
+        for key in ("rebalanced", "static"):
+            c = t[key]
+            lines.append(f"  (c) {key:10}: {c['victim']} -> x{c['throttled_to']:g}; {' '.join(c['before'])} -> "
+                         f"{' '.join(c['after'])}; {c['tokens_per_s']:.1f} tokens/s over {t['window_s']:g} s")
+        lines.append(f"  (c) rebalanced / static = {r['rebalanced_over_static']:.2f}x "
+                     f"(target >= {TARGETS['rebalanced_over_static']})")
+    if "prediction" in r:
+        d = r["prediction"]
+        plan_measured = d["plan_measured_ms_per_token"]
+        lines.append(f"  (d) predicted {d['predicted_ms_per_token']:.2f} ms/token, head measured "
+                     f"{d['head_ms_per_token']:.2f} ({d['head_over_predicted']:.2f}x), plan's own measured "
+                     + (f"{plan_measured:.2f}" if plan_measured is not None else "n/a")
+                     + f"; within {TARGETS['prediction_error']:.0%}: {'yes' if d['within_target'] else 'no'}")
+    return "\n".join(lines)

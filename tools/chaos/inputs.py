@@ -1,0 +1,520 @@
+"""Hostile input, limits and soak: the cases of issue 7 points 3, 4 and 6.
+
+- ``hostile_input``: a 2-node cluster; for every topic a node, the head or the planner
+  follows, malformed payloads (schemas/fuzz.py) while valid requests keep flowing. Checked:
+  every process alive, every valid request token-identical to run-local, RSS bounded, each
+  payload answered by exactly one ErrorReport per follower that must refuse it, and every
+  rejection counted in its reporter's telemetry (`Telemetry.rejected`; the hub's head
+  publishes its own, planner included, on `hub/telemetry`).
+- ``limits``: payload size (client and broker), sessions per node, KV cap, max_tokens,
+  per-client rate: each refused with a clear error, other requests unaffected.
+- ``soak`` (slow): 500 requests over 10 minutes on 3 nodes: none lost, none wrong, RSS of
+  every node and of the broker within 10% between warm-up and the end.
+
+Nothing here publishes retained: a retained payload on `model` or `plan` would replace
+the cluster's own.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from linguamq import topics
+from linguamq.client import generate_remote, new_request_id
+from linguamq.schemas import examples, fuzz
+from linguamq.schemas.cluster import Assignment, ClockPing, NodeControl, NodeStatus, Plan, Telemetry
+from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult
+from linguamq.tools.chaos.case import Case, ChaosContext, Outcome
+from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
+from linguamq.topics.client import MqttClient, MqttError, PayloadTooLarge
+
+PROMPTS = ("Hello world", "The quick brown fox", "MQTT carries tensors", "Once upon a time")
+NEW_TOKENS = 8
+NODE_LIMIT_MB = 1.0  # the nodes' --max-envelope-mb in hostile_input: "oversized" items sit just over it
+HEAD = "head"
+
+
+# --- shared helpers ----------------------------------------------------------------------
+
+
+def reference_tokens(art: Path, prompts: tuple[str, ...], max_tokens: int) -> dict[str, tuple[int, ...]]:
+    """run-local's greedy tokens for each prompt (the truth every distributed answer must equal)."""
+    from linguamq.tools.local import generate_local, open_local
+    local = open_local(art)
+    return {p: generate_local(local.runtime, prompt_ids=local.tokenizer.encode(p).ids, max_tokens=max_tokens,
+                              eos_token_ids=local.manifest.eos_token_ids).tokens for p in prompts}
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a live process, from /proc (0.0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    """Child pids of ``pid`` (the hub's broker process is one)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def processes(cluster: LocalCluster) -> dict[str, int]:
+    """name -> pid of every process of a local cluster: nodes, the hub and its broker."""
+    procs = {name: p.pid for name, p in cluster.node_procs.items()}
+    procs["hub"] = cluster.hub.pid
+    for i, pid in enumerate(children(cluster.hub.pid)):
+        procs["broker" if i == 0 else f"hub-child{i}"] = pid
+    return procs
+
+
+def alive(cluster: LocalCluster) -> dict[str, bool]:
+    state = {name: p.poll() is None for name, p in cluster.node_procs.items()}
+    state["hub"] = cluster.hub.poll() is None
+    return state
+
+
+class Watcher:
+    """Follows `errors/+`, `nodes/+/telemetry` and `hub/telemetry` of a cluster: reports counted by
+    (reporter, topic), the latest `rejected` of each telemetry sender."""
+
+    def __init__(self, client: MqttClient, cluster: str) -> None:
+        self.reports: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.by_reporter: collections.Counter[str] = collections.Counter()
+        self.codes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.rejected: dict[str, int] = {}
+        self.samples: list[ErrorReport] = []
+        self._lock = threading.Lock()
+        ignore = lambda *_: None  # noqa: E731 - malformed payloads on errors/+ are the fuzzer's own
+        client.subscribe(topics.ERRORS, topics.ERRORS.filter(cluster), self._on_report, on_reject=ignore, wait=10)
+        for topic in (topics.NODE_TELEMETRY, topics.HUB_TELEMETRY):
+            client.subscribe(topic, topic.filter(cluster), self._on_telemetry, on_reject=ignore, wait=10)
+
+    def _on_report(self, _topic: str, report: ErrorReport, _retained: bool) -> None:
+        with self._lock:
+            self.reports[(report.reporter, report.topic)] += 1
+            self.by_reporter[report.reporter] += 1
+            self.codes[(report.reporter, report.code)] += 1
+            if len(self.samples) < 2000:
+                self.samples.append(report)
+
+    def _on_telemetry(self, _topic: str, report: Telemetry, _retained: bool) -> None:
+        with self._lock:
+            self.rejected[report.node] = report.rejected
+
+    def count(self, reporter: str, topic: str) -> int:
+        with self._lock:
+            return self.reports[(reporter, topic)]
+
+
+class Traffic:
+    """Valid requests in a loop on its own connection, until stopped; each result checked
+    against run-local."""
+
+    def __init__(self, url: str, cluster: str, expected: dict[str, tuple[int, ...]], *, name: str,
+                 concurrency: int = 2, pause_s: float = 0.0, limit: int | None = None) -> None:
+        self._url, self._cluster, self._expected, self._name = url, cluster, expected, name
+        self._concurrency, self._pause, self._limit = concurrency, pause_s, limit
+        self.ok = self.wrong = self.failed = 0
+        self.errors: list[str] = []
+        self._sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._client: MqttClient | None = None
+
+    def __enter__(self) -> Traffic:
+        self._client = MqttClient(url=self._url, client_id=f"traffic-{self._name}").start()
+        for i in range(self._concurrency):
+            thread = threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"traffic-{i}")
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 120.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        if self._client is not None:
+            self._client.stop()
+            self._client = None
+
+    def wait(self, timeout: float) -> None:
+        """Until ``limit`` requests are done (or ``timeout``)."""
+        for thread in self._threads:
+            thread.join(timeout)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.wrong + self.failed
+
+    def _loop(self, i: int) -> None:
+        prompts = list(self._expected)
+        while not self._stop.is_set():
+            with self._lock:
+                if self._limit is not None and self._sent >= self._limit:
+                    return
+                self._sent += 1
+                prompt = prompts[(self._sent + i) % len(prompts)]
+            request = GenerateRequest(id=new_request_id(), prompt=prompt, max_tokens=NEW_TOKENS, client=self._name)
+            try:
+                result = generate_remote(self._client, self._cluster, request, timeout=120)
+            except MqttError as exc:
+                result = None
+                error = f"{request.id}: {exc}"
+            with self._lock:
+                if result is None:
+                    self.failed += 1
+                    self.errors.append(error)
+                elif result.error is not None:
+                    self.failed += 1
+                    self.errors.append(f"{request.id}: {result.error}")
+                elif result.tokens != self._expected[prompt]:
+                    self.wrong += 1
+                    self.errors.append(f"{request.id}: tokens {result.tokens} != run-local {self._expected[prompt]}")
+                else:
+                    self.ok += 1
+            if self._pause:
+                self._stop.wait(self._pause)
+
+
+@contextlib.contextmanager
+def running(ctx: ChaosContext, name: str, nodes: list[NodeSpec], hub_args: tuple[str, ...] = ()
+            ) -> Iterator[tuple[LocalCluster, MqttClient, Plan]]:
+    workdir = ctx.workdir / name
+    with LocalCluster(artifacts=ctx.artifacts, nodes=nodes, workdir=workdir, cluster=name, objective="even",
+                      hub_args=hub_args) as cluster, \
+            MqttClient(url=cluster.url, client_id=f"chaos-{name}") as client:
+        plan = cluster.wait_ready(client, nodes=len(nodes), timeout=120)
+        yield cluster, client, plan
+
+
+# --- hostile input -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Target:
+    topic: str
+    payloads: Callable[[int], Iterator[fuzz.Fuzz]]  # n -> that many malformed payloads
+    reporters: tuple[str, ...]  # who must answer each with exactly one ErrorReport (none: nobody follows it)
+
+
+def targets(cluster: str, plan: Plan, manifest: ModelManifest, nodes: list[str], seed: int) -> list[Target]:
+    """Every topic a node, the head or the planner follows, with its malformed payloads."""
+    limit = int(NODE_LIMIT_MB * 2**20)
+    sha = manifest.pieces[0].sha256
+    out = [Target(topics.MODEL.build(cluster), lambda n: fuzz.json_payloads(ModelManifest, n, seed=seed),
+                  tuple(nodes))]
+    for node in nodes:
+        out += [
+            Target(topics.NODE_ASSIGN.build(cluster, node=node),
+                   lambda n: fuzz.json_payloads(Assignment, n, seed=seed), (node,)),
+            Target(topics.NODE_CONTROL.build(cluster, node=node),
+                   lambda n: fuzz.json_payloads(NodeControl, n, seed=seed), (node,)),
+            Target(topics.PING.build(cluster, node=node), lambda n: fuzz.json_payloads(ClockPing, n, seed=seed),
+                   (node,)),
+            # followed only while a node profiles its link / fetches a piece: nobody answers now
+            Target(topics.NODE_PROBE.build(cluster, node=node),
+                   lambda n: fuzz.frame_payloads("envelope", n, seed=seed, limit=limit), ()),
+            Target(topics.BLOB_CHUNK.build(cluster, sha256=sha, node=node),
+                   lambda n: fuzz.frame_payloads("blob_chunk", n, seed=seed), ()),
+        ]
+    for stage in plan.stages:
+        def act(n: int, first: int = stage.first) -> Iterator[fuzz.Fuzz]:
+            framed = fuzz.frame_payloads("envelope", n - n // 2, seed=seed, limit=limit)
+            semantic = fuzz.act_payloads(n // 2, seed=seed, epoch=plan.epoch, piece=first, takes_ids=first == 0,
+                                         hidden=manifest.hidden_size)
+            for a, b in zip(framed, semantic):
+                yield a
+                yield b
+            yield from framed
+        out.append(Target(topics.ACT.build(cluster, piece=stage.first), act, (stage.node,)))
+    out += [
+        Target(topics.REQUESTS.build(cluster), lambda n: fuzz.json_payloads(GenerateRequest, n, seed=seed), (HEAD,)),
+        Target(topics.SESSION_OUT.build(cluster, session="fz-out"),
+               lambda n: fuzz.frame_payloads("envelope", n, seed=seed), (HEAD,)),
+        Target(topics.ERRORS.build(cluster, client="fz-err"), lambda n: fuzz.json_payloads(ErrorReport, n, seed=seed),
+               (HEAD,)),
+        Target(topics.PLAN.build(cluster), lambda n: fuzz.json_payloads(Plan, n, seed=seed), ("planner",)),
+        Target(topics.NODE_STATUS.build(cluster, node="fz-node"),
+               lambda n: fuzz.json_payloads(NodeStatus, n, seed=seed), ("planner",)),
+        Target(topics.NODE_TELEMETRY.build(cluster, node="fz-node"),
+               lambda n: fuzz.json_payloads(Telemetry, n, seed=seed), ("planner",)),
+    ]
+    for topic, cls in ((topics.NODE_STATUS, NodeStatus), (topics.NODE_TELEMETRY, Telemetry)):
+        # a node id that breaks the topic rules: valid payloads too are refused (they cannot be its)
+        out.append(Target(topic.filter(cluster).replace("+", "bad id!"),
+                          lambda n, cls=cls: _valid_and_malformed(cls, n, seed), ("planner",)))
+    return out
+
+
+def _valid_and_malformed(cls: type, n: int, seed: int) -> Iterator[fuzz.Fuzz]:
+    valid = fuzz.Fuzz(f"valid {cls.TYPE}", examples.EXAMPLES[cls].to_json())
+    for i, item in enumerate(fuzz.json_payloads(cls, n - n // 2, seed=seed)):
+        yield item
+        if i < n // 2:
+            yield valid
+
+
+def hostile_input(ctx: ChaosContext) -> Outcome:
+    n = 10_000 if ctx.full else 200
+    expected = reference_tokens(ctx.artifacts, PROMPTS, NEW_TOKENS)
+    manifest = ModelManifest.from_json((ctx.artifacts / "manifest.json").read_bytes())
+    names = ["n1", "n2"]
+    specs = [NodeSpec(name, args=("--max-envelope-mb", str(NODE_LIMIT_MB))) for name in names]
+    problems: list[str] = []
+    with running(ctx, "hostile", specs) as (cluster, client, plan):
+        watcher = Watcher(client, cluster.cluster)
+        fuzzer = MqttClient(url=cluster.url, client_id="fuzzer").start()
+        try:
+            with Traffic(cluster.url, cluster.cluster, expected, name="warmup", concurrency=1, limit=2) as warm:
+                warm.wait(120)
+            time.sleep(1.5)  # a telemetry round after the warm-up
+            procs = processes(cluster)
+            rss_before = {name: rss_mb(pid) for name, pid in procs.items()}
+            base = {who: watcher.rejected.get(who, 0) for who in [*names, HEAD]}
+            base_reports = collections.Counter(watcher.by_reporter)
+            sent = 0
+            with Traffic(cluster.url, cluster.cluster, expected, name="valid") as traffic:
+                for target in targets(cluster.cluster, plan, manifest, names, seed=7):
+                    ctx.log(f"hostile input: {n} payloads on {target.topic}")
+                    sent += _inject(fuzzer, watcher, target, n, problems)
+                traffic.stop()
+            dead = [name for name, up in alive(cluster).items() if not up]
+            time.sleep(2.5)  # the last telemetry carries the last rejections
+            rss_after = {name: rss_mb(pid) for name, pid in procs.items()}
+        finally:
+            fuzzer.stop()
+    reports = collections.Counter(watcher.by_reporter) - base_reports
+    codes = collections.Counter()
+    for (_, code), count in watcher.codes.items():
+        codes[code] += count
+    answered = sum(reports.values())
+    reports[HEAD] += reports.pop("planner", 0)  # the head's telemetry counts the planner's too
+    uncounted = {who: (reports[who], watcher.rejected.get(who, 0) - base[who]) for who in base
+                 if reports[who] != watcher.rejected.get(who, 0) - base[who]}
+    growth = {name: rss_after[name] - rss_before[name] for name in rss_before}
+    bounded = all(rss_after[k] <= 1.25 * rss_before[k] + 32 for k in rss_before)
+    problems += [f"dead: {dead}"] if dead else []
+    internal = [r.message for r in watcher.samples if r.code == "internal"]
+    problems += [f"internal errors (a handler failed): {internal[:3]}"] if internal else []
+    problems += [f"telemetry vs reports (reports, counted): {uncounted}"] if uncounted else []
+    problems += [] if bounded else [f"RSS grew: {({k: round(v) for k, v in growth.items()})}"]
+    problems += [f"valid requests: {traffic.errors[:3]}"] if traffic.wrong or traffic.failed else []
+    ok = not problems and traffic.ok > 0
+    return Outcome(
+        case="hostile input",
+        injected=f"{sent:,} malformed payloads ({n:,} on each of {len(targets(cluster.cluster, plan, manifest, names, 7))}"
+                 f" topics: random bytes, truncated frames, gigabyte shapes, bad dtypes, deep/huge JSON, NaN/inf, "
+                 f"unknown versions, other messages, bad ids, stale epochs) while valid requests ran",
+        observed=(f"processes alive; {traffic.ok} valid requests token-identical to run-local, {traffic.wrong} wrong, "
+                  f"{traffic.failed} failed; {answered:,} ErrorReports, exactly one per refusal and follower "
+                  f"({', '.join(f'{c} {k:,}' for c, k in codes.most_common())}), all counted in telemetry"
+                  if ok else "; ".join(problems)[:600]),
+        figure="RSS MB before -> after: " + ", ".join(f"{k} {rss_before[k]:.0f} -> {rss_after[k]:.0f}"
+                                                      for k in rss_before),
+        ok=ok)
+
+
+def _inject(fuzzer: MqttClient, watcher: Watcher, target: Target, n: int, problems: list[str]) -> int:
+    """Publish ``n`` payloads in batches, each batch waited for (one report per payload and
+    reporter), so that no queue overflows and a missing report is seen where it happened."""
+    before = {who: watcher.count(who, target.topic) for who in target.reporters}
+    labels: list[str] = []
+    batch = 100
+    for item in target.payloads(n):
+        fuzzer.publish_raw(target.topic, item.payload, qos=1, retain=False)
+        labels.append(item.label)
+        if len(labels) % batch == 0:
+            _settle(watcher, target, before, len(labels), timeout=60)
+    got = _settle(watcher, target, before, len(labels), timeout=60)
+    for who, count in got.items():
+        if count != len(labels):
+            problems.append(f"{who} answered {count} of {len(labels)} payloads on {target.topic}")
+    if not target.reporters:
+        time.sleep(0.2)
+    return len(labels)
+
+
+def _settle(watcher: Watcher, target: Target, before: dict[str, int], want: int, timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {who: watcher.count(who, target.topic) - before[who] for who in target.reporters}
+        if all(v >= want for v in got.values()) or time.monotonic() > deadline:
+            if all(v == want for v in got.values()):
+                time.sleep(0.05)  # a duplicate would arrive right behind
+                got = {who: watcher.count(who, target.topic) - before[who] for who in target.reporters}
+            return got
+        time.sleep(0.02)
+
+
+# --- limits ------------------------------------------------------------------------------
+
+
+def limits(ctx: ChaosContext) -> Outcome:
+    """Each limit refused with a clear error while the requests within limits are served."""
+    expected = reference_tokens(ctx.artifacts, PROMPTS[:2], NEW_TOKENS)
+    manifest = ModelManifest.from_json((ctx.artifacts / "manifest.json").read_bytes())
+    # a cap that holds 40 positions even on a node running every layer; the long prompt needs
+    # more than 80 on a node running half of them (there are 2 nodes)
+    kv_mb = sum(p.kv_bytes_per_token for p in manifest.pieces) * 40 / 2**20
+    long_prompt = _prompt_of_tokens(ctx.artifacts, 120)
+    specs = [NodeSpec(name, args=("--max-sessions", "1", "--kv-max-mb", f"{kv_mb:.6f}")) for name in ("n1", "n2")]
+    seen: dict[str, str] = {}
+    problems: list[str] = []
+    with running(ctx, "limits", specs, hub_args=("--max-tokens", "12", "--rate", "0.2", "--burst", "3")) as \
+            (cluster, client, plan):
+        def gen(prompt: str, max_tokens: int = NEW_TOKENS, client_id: str = "limits") -> GenerateResult:
+            return generate_remote(client, cluster.cluster, GenerateRequest(
+                id=new_request_id(), prompt=prompt, max_tokens=max_tokens, client=client_id), timeout=60)
+
+        # payload size: refused by the sender's client before it reaches the broker
+        try:
+            client.publish_raw(topics.REQUESTS.build(cluster.cluster), b"x" * (client.max_payload + 1), qos=1)
+            problems.append("an oversized publish was sent")
+        except PayloadTooLarge as exc:
+            seen["payload"] = str(exc)
+        # ... and over the broker's cap from a client that does not check: that connection closed, others fine
+        seen["broker"] = _broker_drops_oversized(cluster.url, client.max_payload + 1)
+        # max_tokens cap
+        r = gen(PROMPTS[0], max_tokens=100, client_id="wants-many")
+        seen["max_tokens"] = r.error or "served"
+        # KV cap: a prompt whose KV alone exceeds --kv-max-mb
+        r = gen(long_prompt, max_tokens=2, client_id="long-prompt")
+        seen["kv"] = r.error or "served"
+        # sessions per node: two at once, one node session each -> one refused, the other exact
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            pair = list(pool.map(lambda p: gen(p, client_id=f"c{PROMPTS.index(p)}"), PROMPTS[:2]))
+        refused = [r for r in pair if r.error]
+        served = [(p, r) for p, r in zip(PROMPTS[:2], pair) if not r.error]
+        seen["sessions"] = refused[0].error if refused else "both served"
+        if len(refused) != 1 or any(r.tokens != expected[p] for p, r in served):
+            problems.append(f"max-sessions: {[(r.error, r.tokens) for r in pair]}")
+        # per-client rate: a burst beyond --burst is answered rate_limited; another client unaffected
+        burst = [gen(PROMPTS[0], max_tokens=1, client_id="greedy") for _ in range(8)]
+        limited = [r for r in burst if r.error and "rate limited" in r.error]
+        seen["rate"] = limited[0].error if limited else "not limited"
+        other = gen(PROMPTS[1], client_id="polite")
+        if other.error or other.tokens != expected[PROMPTS[1]]:
+            problems.append(f"another client was affected: {other.error}")
+        if not limited:
+            problems.append("no request was rate limited")
+        dead = [name for name, up in alive(cluster).items() if not up]
+    checks = {"payload": "exceeds max_payload", "broker": "closed", "max_tokens": "exceeds this hub's cap",
+              "kv": "more than the cap", "sessions": "--max-sessions", "rate": "rate limited"}
+    problems += [f"{k}: {seen.get(k)!r}" for k, want in checks.items() if want not in seen.get(k, "")]
+    problems += [f"dead: {dead}"] if dead else []
+    ok = not problems
+    return Outcome(
+        case="limits",
+        injected=f"a payload over max_payload (our client, then a raw one), max_tokens 100 over --max-tokens 12, a "
+                 f"120-token prompt whose KV exceeds --kv-max-mb {kv_mb:.3f} (40 positions), 2 sessions on nodes with --max-sessions 1, 8 requests "
+                 "in a row from one client (--rate 0.2 --burst 3)",
+        observed=("each refused with a clear error (too_large, overloaded, rate_limited), the others served "
+                  "token-identical" if ok else "; ".join(problems)[:600]),
+        figure=f"rate: {len(limited)}/8 limited; sessions: {len(refused)}/2 refused",
+        ok=ok)
+
+
+def _prompt_of_tokens(art: Path, tokens: int) -> str:
+    from linguamq.tools.local import open_local
+    tokenizer = open_local(art).tokenizer
+    words: list[str] = []
+    while len(tokenizer.encode(" ".join(words)).ids) < tokens:
+        words.append("tensor")
+    return " ".join(words)
+
+
+def _broker_drops_oversized(url: str, size: int) -> str:
+    """Send one PUBLISH of ``size`` bytes with a bare socket; "closed" if the broker hangs up."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        client_id = b"oversized"
+        var = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+        sock.sendall(b"\x10" + _remaining(len(var)) + var)
+        if sock.recv(4)[:1] != b"\x20":
+            return "no CONNACK"
+        topic = b"lmq-oversized"
+        body = len(topic).to_bytes(2, "big") + topic
+        sock.sendall(b"\x30" + _remaining(len(body) + size) + body)
+        try:
+            chunk = b"\x00" * (1 << 20)
+            for _ in range(size // len(chunk) + 1):
+                sock.sendall(chunk)
+            sock.settimeout(10)
+            return "closed" if sock.recv(1) == b"" else "still open"
+        except (ConnectionResetError, BrokenPipeError):
+            return "closed"
+        except TimeoutError:
+            return "still open"
+
+
+def _remaining(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+# --- soak --------------------------------------------------------------------------------
+
+
+def soak(ctx: ChaosContext) -> Outcome:
+    total, minutes = (500, 10.0) if ctx.full else (30, 1.0)
+    expected = reference_tokens(ctx.artifacts, PROMPTS, NEW_TOKENS)
+    specs = [NodeSpec(f"n{i}") for i in (1, 2, 3)]
+    concurrency = 4
+    pause = max(0.0, minutes * 60 * concurrency / total - 0.3)  # spreads the requests over the duration
+    with running(ctx, "soak", specs) as (cluster, client, plan):
+        procs = processes(cluster)
+        with Traffic(cluster.url, cluster.cluster, expected, name="soak", concurrency=concurrency, pause_s=pause,
+                     limit=total) as traffic:
+            warm = min(50, total // 10)
+            t0 = time.monotonic()
+            while traffic.done < warm and time.monotonic() - t0 < 300:
+                time.sleep(0.5)
+            rss_start = {name: rss_mb(pid) for name, pid in procs.items()}
+            ctx.log(f"soak: warmed up after {warm} requests; RSS {({k: round(v) for k, v in rss_start.items()})}")
+            while traffic.done < total and time.monotonic() - t0 < minutes * 60 * 2 + 120:
+                time.sleep(2)
+                ctx.log(f"soak: {traffic.done}/{total} done")
+            traffic.wait(120)
+        elapsed = time.monotonic() - t0
+        rss_end = {name: rss_mb(pid) for name, pid in procs.items()}
+        dead = [name for name, up in alive(cluster).items() if not up]
+    growth = {k: (rss_end[k] - rss_start[k]) / rss_start[k] for k in rss_start if k != "hub" and rss_start[k]}
+    worst = max(growth, key=growth.get)
+    lost = total - traffic.done + traffic.failed
+    ok = lost == 0 and traffic.wrong == 0 and not dead and all(g < 0.10 for g in growth.values())
+    return Outcome(
+        case="soak",
+        injected=f"{total} requests ({NEW_TOKENS} tokens each, {concurrency} clients) over {elapsed / 60:.1f} min on "
+                 f"3 nodes",
+        observed=f"{traffic.ok} token-identical to run-local, {traffic.wrong} wrong, {lost} lost; "
+                 f"RSS growth after warm-up: " + ", ".join(f"{k} {g:+.1%}" for k, g in sorted(growth.items()))
+                 + (f"; dead: {dead}" if dead else "") + (f"; {traffic.errors[:2]}" if traffic.errors else ""),
+        figure=f"worst RSS growth {worst} {growth[worst]:+.1%} ({rss_start[worst]:.0f} -> {rss_end[worst]:.0f} MB)",
+        ok=ok)
+
+
+CASES = [Case("hostile input", hostile_input), Case("limits", limits), Case("soak", soak, slow=True)]

@@ -1,0 +1,76 @@
+"""Topic followers: a connection of their own that records what arrives on one filter while a
+``with`` block runs (the benches and chaos cases watch plans, hops and responses this way)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Self
+
+from linguamq import topics
+from linguamq.schemas.cluster import Plan
+from linguamq.topics.client import MqttClient
+
+
+class Follower:
+    """Follows one topic filter on a connection of its own while in a ``with`` block (the
+    subscription is in place when the block starts); ``_on`` records what arrives, under
+    ``_lock``: it runs on the MQTT thread while the bench reads."""
+
+    def __init__(self, url: str, client_id: str, topic: topics.Topic, filter_: str) -> None:
+        self._client = MqttClient(url=url, client_id=client_id)
+        self._topic, self._filter = topic, filter_
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Self:
+        self._client.start()
+        self._client.subscribe(self._topic, self._filter, self._on, wait=10.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.stop()
+
+    def _on(self, topic: str, value: Any, retained: bool) -> None:
+        raise NotImplementedError
+
+
+class PlanLog(Follower):
+    """Every retained plan published (re-publications included), with its arrival time, on
+    a connection of its own: `wait_ready` unsubscribes from the plan topic on its client."""
+
+    def __init__(self, url: str, cluster: str) -> None:
+        super().__init__(url, f"plans-{cluster}", topics.PLAN, topics.PLAN.build(cluster))
+        self._seen: list[tuple[float, Plan]] = []
+
+    def _on(self, _topic: str, plan: Plan, _retained: bool) -> None:
+        with self._lock:
+            self._seen.append((time.monotonic(), plan))
+
+    def plans(self) -> list[tuple[float, Plan]]:
+        """(monotonic arrival time, plan), oldest first."""
+        with self._lock:
+            return list(self._seen)
+
+    @property
+    def latest(self) -> Plan | None:
+        seen = self.plans()
+        return seen[-1][1] if seen else None
+
+    def epochs(self) -> list[tuple[float, int]]:
+        """(arrival time, epoch) of each plan that started a new epoch."""
+        out: list[tuple[float, int]] = []
+        for t, plan in self.plans():
+            if not out or out[-1][1] != plan.epoch:
+                out.append((t, plan.epoch))
+        return out
+
+    def wait_for(self, predicate: Callable[[Plan], bool], timeout: float) -> tuple[float, Plan] | None:
+        """The first plan (and its arrival time) that satisfies ``predicate``, or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next(((t, p) for t, p in self.plans() if predicate(p)), None)
+            if found:
+                return found
+            time.sleep(0.1)
+        return None
