@@ -32,6 +32,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Self
 
+import structlog
+
 from linguamq import topics
 from linguamq.errors import ConnectionFailed, GenerationError, NotAuthorized, RequestError, Timeout
 from linguamq.schemas.errors import SchemaError
@@ -54,6 +56,7 @@ class Client:
     def __init__(self, broker_url: str = DEFAULT_URL, *, cluster: str = "home", username: str | None = None,
                  password: str | None = None, cafile: str | None = None, timeout: float = 120.0,
                  connect_timeout: float = 10.0) -> None:
+        _log_through_stdlib_unless_configured()
         with _translated():
             topics.validate_id("cluster", cluster)
         self.broker_url, self.cluster, self.timeout = broker_url, cluster, timeout
@@ -333,6 +336,17 @@ def _request(prompt: str, *, max_tokens: int, temperature: float, top_k: int, to
                             **({} if seed is None else {"seed": seed}))
         return GenerateRequest(id=request_id or new_request_id(), prompt=prompt, max_tokens=max_tokens,
                                sampling=sampling, stop=tuple(stop))
+
+
+def _log_through_stdlib_unless_configured() -> None:
+    """structlog unconfigured prints every line to stdout, which is the embedding program's:
+    then route ours to the standard ``logging`` tree instead (loggers named by module, so
+    ``logging.getLogger("linguamq")`` governs them; by default warnings and up reach stderr).
+    An application that configured structlog keeps its own set-up."""
+    if not structlog.is_configured():
+        structlog.configure(processors=[structlog.stdlib.filter_by_level, structlog.dev.ConsoleRenderer(colors=False)],
+                            logger_factory=structlog.stdlib.LoggerFactory(),
+                            wrapper_class=structlog.stdlib.BoundLogger)
 
 
 @contextlib.contextmanager

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,20 @@ def test_node_commands_run_in_the_node_only_environment(argv: list[str]) -> None
     # mosquitto_sub's --help exits 1, as mosquitto's does; argparse's exits 0.
     assert out.returncode == (1 if argv[0] == "sub" else 0), out.stderr
     assert "usage" in (out.stdout + out.stderr).lower()
+
+
+def test_the_package_is_a_library_and_a_command() -> None:
+    """`python -m linguamq` is the `linguamq` command, and both say the package's one version;
+    `import linguamq` stays light (a phone imports it) and the package is marked typed."""
+    import linguamq
+
+    for argv in ([sys.executable, "-m", "linguamq", "--version"], [str(Path(sys.executable).parent / "linguamq"),
+                                                                   "--version"]):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert (out.returncode, out.stdout.strip()) == (0, f"linguamq {linguamq.__version__}"), out.stderr
+    assert importlib.metadata.version("linguamq") == linguamq.__version__
+    light = subprocess.run([sys.executable, "-c", "import sys, linguamq; print(sorted(m for m in sys.modules "
+                            "if m.split('.')[0] in ('paho', 'numpy', 'linguamq') and m != 'linguamq'))"],
+                           capture_output=True, text=True, timeout=60)
+    assert light.stdout.strip() == "[]", light.stdout + light.stderr
+    assert (Path(linguamq.__file__).parent / "py.typed").exists()
