@@ -5,14 +5,18 @@ node offline if it vanishes), follows the retained manifest and its own retained
 assignment, fetches the pieces it lacks over `blobs/`, loads them, subscribes to
 `act/{first}` of each segment and reports "ready". ``stop()`` reports "offline".
 
-All work (assignments and activations) goes through one bounded queue served by one
-worker thread, so paho's network thread never runs a model and a node never runs two
-things at once (a phone has few cores). A full queue fails the request loudly.
+All work runs on one worker thread, so paho's network thread never runs a model nor
+fetches a piece, and a node never runs two things at once (a phone has few cores).
+Activations wait in one bounded queue; a full queue fails the request loudly. The
+manifest and the assignment never wait there: each has a slot of its own holding the
+newest one, which the worker takes before its next activation (dropped, a retained
+assignment is not sent again, and the node would stay on its old epoch).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -81,6 +85,8 @@ class NodeDaemon:
         self._blobs = BlobCache(root=settings.cache_dir / "blobs", client=client, cluster=settings.cluster,
                                 node=settings.name)
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=settings.queue_size)
+        self._control: dict[str, Any] = {}  # "manifest", "assign": the newest of each, never dropped
+        self._control_lock = threading.Lock()
         self._kv = self._new_cache()
         self._manifest: ModelManifest | None = None
         self._manifest_sha = ""
@@ -137,7 +143,7 @@ class NodeDaemon:
     # --- network thread: decode, then queue ------------------------------------------
 
     def _on_manifest(self, topic: str, manifest: ModelManifest, retained: bool) -> None:
-        self._enqueue(("manifest", manifest), ref=None)
+        self._set_control("manifest", manifest)
 
     def _on_control(self, topic: str, control: NodeControl, retained: bool) -> None:
         if control.slowdown is not None:
@@ -145,7 +151,15 @@ class NodeDaemon:
             self.slowdown = control.slowdown
 
     def _on_assignment(self, topic: str, assignment: Assignment, retained: bool) -> None:
-        self._enqueue(("assign", assignment), ref=None)
+        self._set_control("assign", assignment)
+
+    def _set_control(self, kind: str, item: Any) -> None:
+        """Latest wins: an older manifest or assignment not yet applied is superseded."""
+        with self._control_lock:
+            self._control[kind] = item
+        if self._work.empty():  # wake an idle worker; a busy one looks before its next item
+            with contextlib.suppress(queue.Full):
+                self._work.put_nowait(("wake", None))
 
     def _on_act(self, topic: str, value: tuple[ActHeader, np.ndarray], retained: bool) -> None:
         header, array = value
@@ -173,16 +187,26 @@ class NodeDaemon:
             try:
                 kind, item = self._work.get(timeout=0.1)
             except queue.Empty:
-                self._kv.expire()
-                continue
-            try:
-                match kind:
-                    case "manifest": self._apply_manifest(item)
-                    case "assign": self._apply_assignment(item)
-                    case "act": self._run_act(*item)
-            except Exception as exc:  # one bad item must not stop the node
-                self._log.exception("work item failed", kind=kind)
-                self._report("internal", f"{type(exc).__name__}: {exc}")
+                kind, item = "idle", None
+            for control in self._take_control():  # before the activation: a new epoch stales it anyway
+                self._do(*control)
+            self._do(kind, item)
+
+    def _take_control(self) -> list[tuple[str, Any]]:
+        """The newest manifest, then the newest assignment (which may need that manifest)."""
+        with self._control_lock:
+            return [(kind, self._control.pop(kind)) for kind in ("manifest", "assign") if kind in self._control]
+
+    def _do(self, kind: str, item: Any) -> None:
+        try:
+            match kind:
+                case "manifest": self._apply_manifest(item)
+                case "assign": self._apply_assignment(item)
+                case "act": self._run_act(*item)
+                case "idle": self._kv.expire()
+        except Exception as exc:  # one bad item must not stop the node
+            self._log.exception("work item failed", kind=kind)
+            self._report("internal", f"{type(exc).__name__}: {exc}")
 
     def _apply_manifest(self, manifest: ModelManifest) -> None:
         self._manifest = manifest
