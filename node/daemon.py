@@ -339,9 +339,7 @@ class NodeDaemon:
             return self._report("bad_request", str(exc), topic=topic, ref=header.session)
         self._emulate_slowdown(self._work_clock() - work_start)
         self._record(stage, (time.time() - t_start) * 1e3)
-        hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
-                  t_start=t_start, t_end=time.time(), t_send=time.time())
-        self._send(stage, header, out, steps, hop)
+        self._send(stage, header, out, steps, t_recv=t_recv, t_start=t_start)
 
     def _over_session_cap(self, stage: _Stage, header: ActHeader) -> bool:
         """A session new to this node's KV cache while it already holds ``max_sessions``."""
@@ -379,24 +377,36 @@ class NodeDaemon:
                      f"starts at {header.start_pos}: re-prefill needed", topic=topic, ref=header.session)
         return False
 
-    def _send(self, stage: _Stage, header: ActHeader, out: np.ndarray, steps: int, hop: Hop) -> None:
+    def _send(self, stage: _Stage, header: ActHeader, out: np.ndarray, steps: int, *, t_recv: float,
+              t_start: float) -> None:
+        """Pass the output on: to the next stage, or (the tail) the sampled token to the head.
+        The tail's sampling is part of its stage's compute, and `send` is stamped once the
+        output is ready, just before it is encoded and published (stamped before sampling,
+        the sampling was shown as transfer time)."""
+        nxt = stage.segment.next_piece
+        if nxt is None:
+            out = self._sample(header, out)  # (1, 1) token
+        t_end = time.time()
+        hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
+                  t_start=t_start, t_end=t_end, t_send=time.time())
         hops = (*header.hops, hop)[-envelope.MAX_HOPS:]
-        if stage.segment.next_piece is not None:
-            nxt = stage.segment.next_piece
+        if nxt is not None:
             head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                         epoch=header.epoch, piece=nxt, start_pos=header.start_pos,
                                         sampling=header.sampling, hops=hops)
             name = topics.ACT.build(self._cluster, piece=nxt)
             return self._client.publish(topics.ACT, name, envelope.encode(head, out))
-        sampling = header.sampling
-        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                seed=sampling.seed) if sampling else SamplingParams()
-        token = np.array([[sample(out, params, step_rng(params.seed, header.step))]], dtype=np.int64)  # (1, 1)
-        head = ActHeader.for_tensor(token, session=header.session, request=header.request, step=header.step,
+        head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                     epoch=header.epoch, piece=len(self._manifest.pieces),
                                     start_pos=header.start_pos + steps, hops=hops)
         name = topics.SESSION_OUT.build(self._cluster, session=header.session)
-        self._client.publish(topics.SESSION_OUT, name, envelope.encode(head, token))
+        self._client.publish(topics.SESSION_OUT, name, envelope.encode(head, out))
+
+    def _sample(self, header: ActHeader, logits: np.ndarray) -> np.ndarray:
+        sampling = header.sampling
+        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                seed=sampling.seed) if sampling else SamplingParams()
+        return np.array([[sample(logits, params, step_rng(params.seed, header.step))]], dtype=np.int64)  # (1, 1)
 
     def _forward_end(self, stage: _Stage, header: ActHeader) -> None:
         nxt = stage.segment.next_piece

@@ -3,6 +3,7 @@
 
 - A node whose activation queue is full still adopts a new assignment: the retained
   assignment is sent once, and a node that dropped it stayed on its old epoch.
+- The tail's sampling is part of its stage in the trace, not of the transfer after it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from linguamq import topics
 from linguamq.broker import BrokerThread
 from linguamq.hub.blobs import BlobServer
+from linguamq.node import daemon as node_daemon
 from linguamq.node.daemon import NodeDaemon, NodeSettings, status_will
 from linguamq.schemas import envelope
 from linguamq.schemas.cluster import Assignment, Segment
@@ -105,3 +107,26 @@ def test_a_node_whose_activation_queue_is_full_still_adopts_a_new_assignment(clu
         release.set()
     wait_until(lambda: node.epoch == 2 and node.state == "ready")
 
+
+def test_the_tails_sampling_is_in_its_stage_not_in_the_transfer(cluster: Cluster,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    sampled: list[tuple[float, float]] = []
+    real_sample = node_daemon.sample
+
+    def slow_sample(*args, **kwargs) -> int:  # a slow sampler: its time must show in the stage
+        t0 = time.time()
+        time.sleep(0.05)
+        token = real_sample(*args, **kwargs)
+        sampled.append((t0, time.time()))
+        return token
+
+    monkeypatch.setattr(node_daemon, "sample", slow_sample)
+    outputs: queue.Queue[tuple[ActHeader, float]] = queue.Queue()
+    cluster.hub.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.build(CLUSTER, session="s1"),
+                          lambda _t, value, _r: outputs.put((value[0], time.time())), wait=WAIT)
+    cluster.act("s1")
+    header, t_out = outputs.get(timeout=WAIT)
+    (hop,) = header.hops
+    ((s0, s1),) = sampled
+    assert hop.t_recv <= hop.t_start <= s0  # sampling ran inside the stage's compute ...
+    assert s1 <= hop.t_end <= hop.t_send <= t_out  # ... and before its output was sent
