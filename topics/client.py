@@ -203,6 +203,12 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def on_network_thread(self) -> bool:
+        """True in a handler: whatever waits there for the network (a SUBACK, a PUBACK, an
+        answer) waits for this very thread, and keep-alives stop meanwhile."""
+        return threading.current_thread() is self._client._thread
+
     def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener`` (on the network thread: be quick) after each reconnect, once the
         subscriptions are re-sent. A clean session loses what the broker held (a restarted
