@@ -99,6 +99,7 @@ class Head:
         self.retries = 0  # steps re-sent, all sessions (tests and the chaos bench read it)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self.errors = 0  # watchdog rounds that failed (logged, then tried again)
         self.rejected = 0  # messages refused (bad payloads, refused requests), reported in its telemetry
         self.also_rejected: Callable[[], int] = lambda: 0  # the hub adds its planner's count
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
@@ -347,10 +348,23 @@ class Head:
             self._finish(session, "error", f"{report.reporter}: {report.message}")
 
     def _watch(self) -> None:
+        """Every 250 ms: the step watchdog, then the hub's telemetry. A round that fails (a
+        publish refused during a broker blip) is logged and counted, and the next one tries
+        again: a dead watchdog would retry and time out no step ever again."""
         while not self._stop.wait(0.25):
-            with self._lock:
-                self._check_progress(time.perf_counter())
-            self._publish_telemetry()
+            self._guarded(self._check_all)
+            self._guarded(self._publish_telemetry)
+
+    def _check_all(self) -> None:
+        with self._lock:
+            self._check_progress(time.perf_counter())
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:
+            self.errors += 1
+            log.exception("head watchdog round failed, will try again", errors=self.errors)
 
     def _check_progress(self, now: float) -> None:
         """Fail sessions past the step timeout; re-send the step of those stuck for long.
@@ -375,8 +389,10 @@ class Head:
                 log.info("step retried", request=session.request.id, step=session.step, retry=session.retries,
                          waited_s=round(now - session.t_sent, 2))
                 t_last = session.t_last
-                self._prefill(session)
-                session.t_last = t_last  # a retry is not progress: the step timeout still counts
+                try:
+                    self._prefill(session)
+                finally:
+                    session.t_last = t_last  # a retry is not progress, sent or not: the step timeout still counts
 
     # --- rejects -----------------------------------------------------------------------
 

@@ -70,7 +70,8 @@ class Client:
             if self._mqtt is None:
                 mqtt = MqttClient(url=self.broker_url, client_id=f"gen-{new_request_id()[1:9]}", **self._login)
                 try:
-                    self._mqtt = mqtt.start(self._connect_timeout)
+                    # nothing listening is said at once: the user named this broker, now
+                    self._mqtt = mqtt.start(self._connect_timeout, wait_for_broker=False)
                 except MqttTimeout as exc:  # not the cluster's silence: the broker's
                     raise ConnectionFailed(str(exc)) from exc
         return self

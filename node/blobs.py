@@ -6,6 +6,11 @@ A node asks for a blob in chunks on `blobs/{sha256}/request` and receives them o
 an interrupted fetch resumes where it stopped; the whole file's sha256 is checked
 against the manifest before it is renamed into place, and a cached file whose hash no
 longer matches (a corrupted disk) is fetched again.
+
+A fetch waits for the network (its SUBACK, each chunk), so it never runs on paho's
+network thread (``ensure`` refuses to): that thread would wait for itself, keep-alives
+would lapse and the broker would drop the node. The chunk handler never waits either: a
+chunk the fetch did not ask for (a QoS 1 redelivery, a second server) is dropped.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class BlobCache:
 
     def ensure(self, sha256: str, *, progress: Callable[[int, int], None] | None = None) -> Path:
         """The verified local path of blob ``sha256``, fetched over MQTT if missing."""
+        if self._client.on_network_thread:
+            raise BlobError(f"artifact {sha256[:12]}: fetched from an MQTT handler; a fetch must run on a "
+                            "worker thread (the network thread would wait for itself)")
         with self._lock:
             if not self.has(sha256):
                 self._fetch(sha256, progress)
@@ -68,8 +76,15 @@ class BlobCache:
         part = self.root / f"{sha256}.part"
         inbox: queue.Queue[tuple[BlobChunk, bytes]] = queue.Queue(maxsize=4)
         filter_ = topics.BLOB_CHUNK.build(self._cluster, sha256=sha256, node=self._node)
-        self._client.subscribe(topics.BLOB_CHUNK, filter_, lambda _t, value, _r: inbox.put(
-            (value[0], bytes(value[1])), timeout=self._timeout), wait=self._timeout)
+
+        def on_chunk(_topic: str, value: tuple[BlobChunk, memoryview], _retained: bool) -> None:
+            try:  # on the network thread: never wait; the fetch asks for one chunk at a time
+                inbox.put_nowait((value[0], bytes(value[1])))
+            except queue.Full:
+                log.warning("blob chunk not asked for, dropped", sha256=sha256[:12], offset=value[0].offset,
+                            node=self._node)
+
+        self._client.subscribe(topics.BLOB_CHUNK, filter_, on_chunk, wait=self._timeout)
         try:
             with part.open("ab") as out:
                 offset = out.tell()  # resume an interrupted fetch

@@ -5,14 +5,18 @@ node offline if it vanishes), follows the retained manifest and its own retained
 assignment, fetches the pieces it lacks over `blobs/`, loads them, subscribes to
 `act/{first}` of each segment and reports "ready". ``stop()`` reports "offline".
 
-All work (assignments and activations) goes through one bounded queue served by one
-worker thread, so paho's network thread never runs a model and a node never runs two
-things at once (a phone has few cores). A full queue fails the request loudly.
+All work runs on one worker thread, so paho's network thread never runs a model nor
+fetches a piece, and a node never runs two things at once (a phone has few cores).
+Activations wait in one bounded queue; a full queue fails the request loudly. The
+manifest and the assignment never wait there: each has a slot of its own holding the
+newest one, which the worker takes before its next activation (dropped, a retained
+assignment is not sent again, and the node would stay on its old epoch).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -81,6 +85,8 @@ class NodeDaemon:
         self._blobs = BlobCache(root=settings.cache_dir / "blobs", client=client, cluster=settings.cluster,
                                 node=settings.name)
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=settings.queue_size)
+        self._control: dict[str, Any] = {}  # "manifest", "assign": the newest of each, never dropped
+        self._control_lock = threading.Lock()
         self._kv = self._new_cache()
         self._manifest: ModelManifest | None = None
         self._manifest_sha = ""
@@ -137,7 +143,7 @@ class NodeDaemon:
     # --- network thread: decode, then queue ------------------------------------------
 
     def _on_manifest(self, topic: str, manifest: ModelManifest, retained: bool) -> None:
-        self._enqueue(("manifest", manifest), ref=None)
+        self._set_control("manifest", manifest)
 
     def _on_control(self, topic: str, control: NodeControl, retained: bool) -> None:
         if control.slowdown is not None:
@@ -145,7 +151,15 @@ class NodeDaemon:
             self.slowdown = control.slowdown
 
     def _on_assignment(self, topic: str, assignment: Assignment, retained: bool) -> None:
-        self._enqueue(("assign", assignment), ref=None)
+        self._set_control("assign", assignment)
+
+    def _set_control(self, kind: str, item: Any) -> None:
+        """Latest wins: an older manifest or assignment not yet applied is superseded."""
+        with self._control_lock:
+            self._control[kind] = item
+        if self._work.empty():  # wake an idle worker; a busy one looks before its next item
+            with contextlib.suppress(queue.Full):
+                self._work.put_nowait(("wake", None))
 
     def _on_act(self, topic: str, value: tuple[ActHeader, np.ndarray], retained: bool) -> None:
         header, array = value
@@ -173,16 +187,26 @@ class NodeDaemon:
             try:
                 kind, item = self._work.get(timeout=0.1)
             except queue.Empty:
-                self._kv.expire()
-                continue
-            try:
-                match kind:
-                    case "manifest": self._apply_manifest(item)
-                    case "assign": self._apply_assignment(item)
-                    case "act": self._run_act(*item)
-            except Exception as exc:  # one bad item must not stop the node
-                self._log.exception("work item failed", kind=kind)
-                self._report("internal", f"{type(exc).__name__}: {exc}")
+                kind, item = "idle", None
+            for control in self._take_control():  # before the activation: a new epoch stales it anyway
+                self._do(*control)
+            self._do(kind, item)
+
+    def _take_control(self) -> list[tuple[str, Any]]:
+        """The newest manifest, then the newest assignment (which may need that manifest)."""
+        with self._control_lock:
+            return [(kind, self._control.pop(kind)) for kind in ("manifest", "assign") if kind in self._control]
+
+    def _do(self, kind: str, item: Any) -> None:
+        try:
+            match kind:
+                case "manifest": self._apply_manifest(item)
+                case "assign": self._apply_assignment(item)
+                case "act": self._run_act(*item)
+                case "idle": self._kv.expire()
+        except Exception as exc:  # one bad item must not stop the node
+            self._log.exception("work item failed", kind=kind)
+            self._report("internal", f"{type(exc).__name__}: {exc}")
 
     def _apply_manifest(self, manifest: ModelManifest) -> None:
         self._manifest = manifest
@@ -315,9 +339,7 @@ class NodeDaemon:
             return self._report("bad_request", str(exc), topic=topic, ref=header.session)
         self._emulate_slowdown(self._work_clock() - work_start)
         self._record(stage, (time.time() - t_start) * 1e3)
-        hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
-                  t_start=t_start, t_end=time.time(), t_send=time.time())
-        self._send(stage, header, out, steps, hop)
+        self._send(stage, header, out, steps, t_recv=t_recv, t_start=t_start)
 
     def _over_session_cap(self, stage: _Stage, header: ActHeader) -> bool:
         """A session new to this node's KV cache while it already holds ``max_sessions``."""
@@ -355,24 +377,36 @@ class NodeDaemon:
                      f"starts at {header.start_pos}: re-prefill needed", topic=topic, ref=header.session)
         return False
 
-    def _send(self, stage: _Stage, header: ActHeader, out: np.ndarray, steps: int, hop: Hop) -> None:
+    def _send(self, stage: _Stage, header: ActHeader, out: np.ndarray, steps: int, *, t_recv: float,
+              t_start: float) -> None:
+        """Pass the output on: to the next stage, or (the tail) the sampled token to the head.
+        The tail's sampling is part of its stage's compute, and `send` is stamped once the
+        output is ready, just before it is encoded and published (stamped before sampling,
+        the sampling was shown as transfer time)."""
+        nxt = stage.segment.next_piece
+        if nxt is None:
+            out = self._sample(header, out)  # (1, 1) token
+        t_end = time.time()
+        hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
+                  t_start=t_start, t_end=t_end, t_send=time.time())
         hops = (*header.hops, hop)[-envelope.MAX_HOPS:]
-        if stage.segment.next_piece is not None:
-            nxt = stage.segment.next_piece
+        if nxt is not None:
             head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                         epoch=header.epoch, piece=nxt, start_pos=header.start_pos,
                                         sampling=header.sampling, hops=hops)
             name = topics.ACT.build(self._cluster, piece=nxt)
             return self._client.publish(topics.ACT, name, envelope.encode(head, out))
-        sampling = header.sampling
-        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                seed=sampling.seed) if sampling else SamplingParams()
-        token = np.array([[sample(out, params, step_rng(params.seed, header.step))]], dtype=np.int64)  # (1, 1)
-        head = ActHeader.for_tensor(token, session=header.session, request=header.request, step=header.step,
+        head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                     epoch=header.epoch, piece=len(self._manifest.pieces),
                                     start_pos=header.start_pos + steps, hops=hops)
         name = topics.SESSION_OUT.build(self._cluster, session=header.session)
-        self._client.publish(topics.SESSION_OUT, name, envelope.encode(head, token))
+        self._client.publish(topics.SESSION_OUT, name, envelope.encode(head, out))
+
+    def _sample(self, header: ActHeader, logits: np.ndarray) -> np.ndarray:
+        sampling = header.sampling
+        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                seed=sampling.seed) if sampling else SamplingParams()
+        return np.array([[sample(logits, params, step_rng(params.seed, header.step))]], dtype=np.int64)  # (1, 1)
 
     def _forward_end(self, stage: _Stage, header: ActHeader) -> None:
         nxt = stage.segment.next_piece

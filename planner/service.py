@@ -40,6 +40,7 @@ from linguamq.schemas.manifest import ModelManifest
 from linguamq.topics.client import MqttClient
 
 log = structlog.get_logger()
+RETRY_S = 1.0  # pause after a failed replanning round before the next
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +80,7 @@ class PlannerService:
         self._planned_for: frozenset[str] = frozenset()  # the members self.plan was made for
         self._last_epoch = 0
         self.rejected = 0  # payloads refused; the hub's head publishes the count in its telemetry
+        self.errors = 0  # rounds of the replanning thread that failed (logged, then tried again)
 
     def start(self) -> None:
         c, cl = self._client, self._cluster
@@ -202,19 +204,42 @@ class PlannerService:
     # --- replanning (own thread) -----------------------------------------------------
 
     def _run(self) -> None:
+        """One round every 50 ms. A round that fails (a publish that times out in a broker
+        blip, a solver that crashes) is logged and counted, and what it was doing is tried
+        again: a dead thread would leave the cluster on its last plan for good."""
         last_explained = time.monotonic()
         while not self._stop.wait(0.05):
-            with self._lock:
-                members = self._members()
-                due = self._changed_at is not None and time.monotonic() - self._changed_at >= self.settings.settle_s
-                drift, self._drift_due = self._drift_due, False
+            try:
+                self._replan_if_due()
+            except Exception:
+                self.errors += 1
+                log.exception("replanning failed, will try again", errors=self.errors)
+                self._stop.wait(RETRY_S)  # a broker in trouble is not asked again at once
+            if time.monotonic() - last_explained >= self.settings.explain_s:
+                last_explained = time.monotonic()
+                try:
+                    self._explain()
+                except Exception:  # the next explanation is due in explain_s anyway
+                    self.errors += 1
+                    log.exception("plan explanation failed", errors=self.errors)
+
+    def _replan_if_due(self) -> None:
+        with self._lock:
+            members = self._members()
+            due = self._changed_at is not None and time.monotonic() - self._changed_at >= self.settings.settle_s
+            drift, self._drift_due = self._drift_due, False
+        try:
             if due:
                 self._on_members(members)
             elif drift:
                 self._on_drift(members)
-            if time.monotonic() - last_explained >= self.settings.explain_s:
-                last_explained = time.monotonic()
-                self._explain()
+        except Exception:
+            with self._lock:  # due again: the epoch that failed is not the plan
+                if due:
+                    self._changed_at = time.monotonic()
+                else:
+                    self._drift_due = self._drift_due or drift
+            raise
 
     def _on_members(self, members: frozenset[str]) -> None:
         with self._lock:

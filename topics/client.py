@@ -154,9 +154,13 @@ class MqttClient:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> MqttClient:
+    def start(self, timeout: float = 10.0, *, wait_for_broker: bool = True) -> MqttClient:
         """Connect; MqttError at once for a refused login or a TLS failure (retrying cannot
-        help), MqttTimeout if the broker cannot be reached within ``timeout``."""
+        help), MqttTimeout if the broker cannot be reached within ``timeout``.
+
+        ``wait_for_broker``: a broker not up yet is retried until ``timeout`` (a node or hub
+        started beside its broker). False: a first attempt that finds nothing listening is
+        an MqttError at once (a client whose user asked for this broker now)."""
         where = f"{self.url.host}:{self.url.port}"
         try:  # a first attempt in this thread, so that a TLS error surfaces as itself
             self._client.connect(self.url.host, self.url.port, keepalive=self._keepalive)
@@ -165,7 +169,9 @@ class MqttClient:
                 self._tls.close_last()  # paho leaves the socket of a failed handshake open
             raise MqttError(f"TLS with {where} failed: {exc.reason or exc} (is --cafile the CA that signed the "
                             f"broker's certificate, and does the certificate name {self.url.host}?)") from exc
-        except (OSError, ValueError):  # not up yet: paho's loop retries until the timeout
+        except (OSError, ValueError) as first:  # not up yet: paho's loop retries until the timeout
+            if isinstance(first, ConnectionRefusedError) and not wait_for_broker:
+                raise MqttError(f"cannot connect to {where}: connection refused (is the hub running?)") from first
             try:
                 self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
             except (OSError, ValueError) as exc:
@@ -196,6 +202,12 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def on_network_thread(self) -> bool:
+        """True in a handler: whatever waits there for the network (a SUBACK, a PUBACK, an
+        answer) waits for this very thread, and keep-alives stop meanwhile."""
+        return threading.current_thread() is self._client._thread
 
     def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener`` (on the network thread: be quick) after each reconnect, once the

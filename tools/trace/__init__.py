@@ -19,8 +19,9 @@ ring head -> n1 -> ... -> tail -> head, and every part of that round has a figur
     head_ms       = t_in(k) - t_out(k-1): the head's turnaround, from token k-1 arriving
                     to the input of step k leaving (its work plus a broker fan-out)
     head->first   = first hop's t_recv - t_in(k)              (transfer head -> first node)
-    per hop i     = queue (t_start - t_recv) + compute (t_end - t_start)
-                    + send (t_send - t_end: the output's encoding, ~0)
+    per hop i     = queue (t_start - t_recv) + compute (t_end - t_start; the tail's
+                    sampling included) + send (t_send - t_end, ~0: the hop is stamped
+                    just before the output is encoded and published)
     transfer i    = hop i+1's t_recv - hop i's t_send          (tail: t_out(k) - t_send)
     pipeline_ms   = head->first + sum over hops (queue + compute + send + transfer)
     cycle_ms      = head_ms + pipeline_ms   (= t_out(k) - t_out(k-1))

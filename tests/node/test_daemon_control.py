@@ -1,0 +1,132 @@
+"""A node daemon in this process, on a broker in this process, fed by a stand-in hub
+(manifest, assignments, a blob server): its control messages and the hops it stamps.
+
+- A node whose activation queue is full still adopts a new assignment: the retained
+  assignment is sent once, and a node that dropped it stayed on its old epoch.
+- The tail's sampling is part of its stage in the trace, not of the transfer after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from linguamq import topics
+from linguamq.broker import BrokerThread
+from linguamq.hub.blobs import BlobServer
+from linguamq.node import daemon as node_daemon
+from linguamq.node.daemon import NodeDaemon, NodeSettings, status_will
+from linguamq.schemas import envelope
+from linguamq.schemas.cluster import Assignment, Segment
+from linguamq.schemas.envelope import ActHeader
+from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.requests import ErrorReport
+from linguamq.topics.client import MqttClient
+
+pytestmark = pytest.mark.integration
+CLUSTER = "t-node"
+WAIT = 30.0
+
+
+class Cluster:
+    def __init__(self, hub: MqttClient, node: NodeDaemon, manifest: ModelManifest, sha: str) -> None:
+        self.hub, self.node, self.manifest, self.sha = hub, node, manifest, sha
+
+    def assign(self, epoch: int) -> None:
+        """The whole model on the node (it is the tail)."""
+        segment = Segment(first=0, last=len(self.manifest.pieces) - 1, next_piece=None)
+        self.hub.publish(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(CLUSTER, node="n1"),
+                         Assignment(node="n1", epoch=epoch, manifest_sha256=self.sha, segments=(segment,)),
+                         wait=WAIT)
+
+    def act(self, session: str, epoch: int = 1) -> None:
+        ids = np.array([[3, 4, 5]], dtype=np.int64)  # (1, 3)
+        header = ActHeader.for_tensor(ids, session=session, request=session, step=0, epoch=epoch, piece=0,
+                                      start_pos=0)
+        self.hub.publish(topics.ACT, topics.ACT.build(CLUSTER, piece=0), envelope.encode(header, ids), wait=WAIT)
+
+
+def wait_until(predicate, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def cluster(artifacts: tuple[Path, ModelManifest], tmp_path: Path) -> Iterator[Cluster]:
+    """Node n1 (an activation queue of 2) ready on epoch 1."""
+    art, manifest = artifacts
+    manifest_json = manifest.to_json()
+    with BrokerThread() as broker, MqttClient(url=broker.url, client_id="hub") as hub, \
+            MqttClient(url=broker.url, client_id="node-n1", will=status_will(CLUSTER, "n1")) as client:
+        BlobServer(client=hub, cluster=CLUSTER, files={p.sha256: art / p.file for p in manifest.pieces},
+                   reporter="hub").start()
+        hub.publish(topics.MODEL, topics.MODEL.build(CLUSTER), manifest_json, wait=WAIT)
+        node = NodeDaemon(client=client, settings=NodeSettings(name="n1", cluster=CLUSTER, cache_dir=tmp_path,
+                                                               threads=1, spin=False, queue_size=2))
+        running = Cluster(hub, node, manifest, hashlib.sha256(manifest_json).hexdigest())
+        running.assign(epoch=1)
+        node.start()
+        try:
+            wait_until(lambda: node.epoch == 1 and node.state == "ready")
+            yield running
+        finally:
+            node.stop()
+
+
+def test_a_node_whose_activation_queue_is_full_still_adopts_a_new_assignment(cluster: Cluster) -> None:
+    node, hub = cluster.node, cluster.hub
+    reports: queue.Queue[ErrorReport] = queue.Queue()
+    hub.subscribe(topics.ERRORS, topics.ERRORS.filter(CLUSTER), lambda _t, r, _r: reports.put(r), wait=WAIT)
+    busy, release = threading.Event(), threading.Event()
+
+    def stuck(_compute_s: float) -> None:  # a slow device: the worker stays in its first step
+        busy.set()
+        release.wait(WAIT)
+
+    node._emulate_slowdown = stuck  # type: ignore[method-assign]
+    try:
+        cluster.act("s0")
+        assert busy.wait(WAIT)
+        cluster.act("s1")
+        cluster.act("s2")  # the queue of 2 is full
+        cluster.assign(epoch=2)
+        cluster.act("s3")  # refused: the assignment before it was handled by then
+        while (report := reports.get(timeout=WAIT)).ref != "s3":
+            pass
+        assert report.code == "overloaded"
+    finally:
+        release.set()
+    wait_until(lambda: node.epoch == 2 and node.state == "ready")
+
+
+def test_the_tails_sampling_is_in_its_stage_not_in_the_transfer(cluster: Cluster,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    sampled: list[tuple[float, float]] = []
+    real_sample = node_daemon.sample
+
+    def slow_sample(*args, **kwargs) -> int:  # a slow sampler: its time must show in the stage
+        t0 = time.time()
+        time.sleep(0.05)
+        token = real_sample(*args, **kwargs)
+        sampled.append((t0, time.time()))
+        return token
+
+    monkeypatch.setattr(node_daemon, "sample", slow_sample)
+    outputs: queue.Queue[tuple[ActHeader, float]] = queue.Queue()
+    cluster.hub.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.build(CLUSTER, session="s1"),
+                          lambda _t, value, _r: outputs.put((value[0], time.time())), wait=WAIT)
+    cluster.act("s1")
+    header, t_out = outputs.get(timeout=WAIT)
+    (hop,) = header.hops
+    ((s0, s1),) = sampled
+    assert hop.t_recv <= hop.t_start <= s0  # sampling ran inside the stage's compute ...
+    assert s1 <= hop.t_end <= hop.t_send <= t_out  # ... and before its output was sent
