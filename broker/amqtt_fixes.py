@@ -240,7 +240,7 @@ class FixedBroker(Broker):
         self._delivery_timeout = delivery_timeout
         self._may_read = may_read
         self._may_publish = may_publish
-        self._connections: dict[asyncio.Task[Any], asyncio.BaseTransport] = {}
+        self._connections: dict[asyncio.Task[Any], asyncio.WriteTransport] = {}
         self._log = structlog.get_logger().bind(component="broker")
 
     # --- addresses and connections -------------------------------------------------------
@@ -326,10 +326,9 @@ class FixedBroker(Broker):
                              f"within {self._connect_timeout} s") from exc
         self._enforce_keepalive(session, reader, writer)
         # (12, 14) The handler class is hard-wired too: this one instance's packet handlers.
-        handler.handle_publish = functools.partial(self._handle_publish, handler)  # type: ignore[method-assign]
-        handler.handle_subscribe = functools.partial(self._handle_subscribe, handler)  # type: ignore[method-assign]
-        handler.handle_unsubscribe = functools.partial(  # type: ignore[method-assign]
-            self._handle_unsubscribe, handler)
+        handler.handle_publish = functools.partial(self._handle_publish, handler)
+        handler.handle_subscribe = functools.partial(self._handle_subscribe, handler)
+        handler.handle_unsubscribe = functools.partial(self._handle_unsubscribe, handler)
         return handler, session
 
     async def _open_session(self, reader: Any, writer: Any, remote_address: str,

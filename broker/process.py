@@ -78,10 +78,10 @@ class BrokerProcess:
         env.pop(HUB_SECRET_ENV, None)
         if self.options.hub_secret:
             env[HUB_SECRET_ENV] = self.options.hub_secret
-        self._proc = subprocess.Popen([sys.executable, "-m", "linguamq.broker.process", self.host,
-                                       str(self.port), *self.options.argv()], env=env,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self._first_line()
+        self._proc = proc = subprocess.Popen([sys.executable, "-m", "linguamq.broker.process", self.host,
+                                              str(self.port), *self.options.argv()], env=env,
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self._first_line(proc)
         try:
             urls = json.loads(line)
         except ValueError:
@@ -96,6 +96,7 @@ class BrokerProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        assert proc.stdin is not None and proc.stdout is not None  # started with both pipes
         with contextlib.suppress(OSError):
             proc.stdin.close()  # the child's cue to stop
         try:
@@ -112,12 +113,14 @@ class BrokerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _first_line(self) -> str:
+    def _first_line(self, proc: subprocess.Popen[str]) -> str:
+        stdout = proc.stdout
+        assert stdout is not None  # started with stdout=PIPE
         with selectors.DefaultSelector() as sel:
-            sel.register(self._proc.stdout, selectors.EVENT_READ)
+            sel.register(stdout, selectors.EVENT_READ)
             if not sel.select(START_TIMEOUT_S):
                 return ""
-        return self._proc.stdout.readline().strip()
+        return stdout.readline().strip()
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 def causal_bias(position_ids: torch.Tensor, total: int | torch.Tensor) -> torch.Tensor:
     """(1, T) absolute query positions -> additive mask (T, S): 0 where visible, very negative elsewhere."""
-    key_pos = torch.arange(total, device=position_ids.device)  # (S,)
+    # Traced for export, a shape is a 0-d Tensor: arange takes one, though its stubs say a number.
+    key_pos = torch.arange(total, device=position_ids.device)  # type: ignore[arg-type]  # (S,)
     visible = key_pos[None, :] <= position_ids[0][:, None]  # (T, S)
     return torch.where(visible, 0.0, torch.finfo(torch.float32).min)  # (T, S) float32
 

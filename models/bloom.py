@@ -10,6 +10,7 @@ row, so absolute key positions give exactly HF's numbers.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -82,6 +83,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    slopes: torch.Tensor  # a buffer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -104,7 +107,7 @@ class BloomForCausalLM(nn.Module):
         return Embed(self.transformer.word_embeddings, self.transformer.word_embeddings_layernorm)
 
     def layer_piece(self, i: int) -> nn.Module:
-        return Layer(self.transformer.h[i], self.transformer.slopes)
+        return Layer(cast(Block, self.transformer.h[i]), self.transformer.slopes)
 
     def head_piece(self) -> nn.Module:
         return Head(self.transformer.ln_f, self.lm_head)
@@ -129,6 +132,8 @@ class Embed(nn.Module):
 
 
 class Layer(nn.Module):
+    slopes: torch.Tensor  # a buffer
+
     def __init__(self, block: Block, slopes: torch.Tensor) -> None:
         super().__init__()
         self.block = block

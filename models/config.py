@@ -72,8 +72,8 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     """HF `config.json` (already decoded) -> ModelConfig; raises on anything unsupported."""
     arch = _architecture(raw)
     family = ARCHITECTURES[arch]
-    common = dict(family=family, architecture=arch, torch_dtype=_dtype(raw),
-                  bos_token_id=raw.get("bos_token_id"), eos_token_ids=_ids(raw.get("eos_token_id")))
+    common: dict[str, Any] = dict(family=family, architecture=arch, torch_dtype=_dtype(raw),
+                                  bos_token_id=raw.get("bos_token_id"), eos_token_ids=_ids(raw.get("eos_token_id")))
     if family == "bloom":
         return ModelConfig(**common, **_bloom_fields(raw))
     return ModelConfig(**common, **_llama_fields(raw, family))

@@ -16,9 +16,9 @@ import dataclasses
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import onnx
 import structlog
@@ -28,14 +28,14 @@ from torch import nn
 from linguamq.models.config import ModelConfig
 from linguamq.models.costs import piece_costs
 from linguamq.models.errors import ExportError
-from linguamq.models.hf import ModelDir, load_model, open_model_dir
-from linguamq.schemas.manifest import ModelManifest, PieceSpec, TensorSpec, file_sha256
+from linguamq.models.hf import CausalLM, ModelDir, load_model, open_model_dir
+from linguamq.schemas.manifest import Dtype, ModelManifest, PieceKind, PieceSpec, TensorSpec, file_sha256
 
 MANIFEST = "manifest.json"
 OPSET = 17
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-               onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
+ONNX_DTYPES: dict[int, Dtype] = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                                 onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
 MAX_PIECE_BYTES = 2**31 - 1  # protobuf limit of one self-contained .onnx file
 # (input names, output names, dynamic axes) per piece kind.
 IO: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, dict[int, str]]]] = {
@@ -49,6 +49,7 @@ IO: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, dict[int, str]]]
 
 # Called before each piece: (index, total, piece name).
 Progress = Callable[[int, int, str], None]
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,7 +97,7 @@ def _max_context(cfg: ModelConfig, requested: int | None) -> int:
     return requested or limit
 
 
-def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _cast_parameters(model: M, dtype: torch.dtype) -> M:
     """Weights to `dtype`; buffers (RoPE frequencies, ALiBi slopes) stay float32."""
     with torch.no_grad():
         for p in model.parameters():
@@ -104,14 +105,14 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _pieces(model: nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, str, nn.Module]]:
+def _pieces(model: CausalLM, cfg: ModelConfig) -> Iterator[tuple[PieceKind, str, nn.Module]]:
     yield "embed", "embed", model.embed_piece()
     for i in range(cfg.num_layers):
         yield "layer", f"layer.{i}", model.layer_piece(i)
     yield "head", "head", model.head_piece()
 
 
-def _export_all(model: nn.Module, cfg: ModelConfig, out: Path, options: ExportOptions,
+def _export_all(model: CausalLM, cfg: ModelConfig, out: Path, options: ExportOptions,
                 progress: Progress | None) -> Iterator[PieceSpec]:
     total = cfg.num_layers + 2
     log = structlog.get_logger()
@@ -172,7 +173,7 @@ def _quantize(source: Path, target: Path) -> None:
         prepared.unlink(missing_ok=True)
 
 
-def _piece_spec(index: int, kind: str, name: str, module: nn.Module, cfg: ModelConfig, path: Path,
+def _piece_spec(index: int, kind: PieceKind, name: str, module: nn.Module, cfg: ModelConfig, path: Path,
                 options: ExportOptions) -> PieceSpec:
     graph = onnx.load(str(path), load_external_data=False).graph
     costs = piece_costs(kind, module, cfg, act_itemsize=2 if options.dtype == "fp16" else 4)
@@ -181,7 +182,7 @@ def _piece_spec(index: int, kind: str, name: str, module: nn.Module, cfg: ModelC
                      outputs=_tensor_specs(graph.output), **dataclasses.asdict(costs))
 
 
-def _tensor_specs(values: object) -> tuple[TensorSpec, ...]:
+def _tensor_specs(values: Iterable[Any]) -> tuple[TensorSpec, ...]:  # onnx ValueInfoProtos
     return tuple(TensorSpec(name=v.name, dtype=ONNX_DTYPES[v.type.tensor_type.elem_type],
                             shape=tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
                  for v in values)

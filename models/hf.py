@@ -16,7 +16,6 @@ from typing import Any
 import structlog
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
 from linguamq.models.bloom import BloomForCausalLM
 from linguamq.models.config import ModelConfig, parse_config
@@ -31,7 +30,8 @@ TOKENIZER = "tokenizer.json"
 GENERATION = "generation_config.json"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Family -> (model class, prefix of the base model's keys in a CausalLM checkpoint).
-FAMILIES: dict[str, tuple[type[nn.Module], str]] = {
+CausalLM = LlamaForCausalLM | BloomForCausalLM  # the reference models (Qwen2's is a Llama)
+FAMILIES: dict[str, tuple[type[CausalLM], str]] = {
     "llama": (LlamaForCausalLM, "model."),
     "qwen2": (Qwen2ForCausalLM, "model."),
     "bloom": (BloomForCausalLM, "transformer."),
@@ -68,7 +68,7 @@ def open_model_dir(path: Path | str) -> ModelDir:
                     eos_token_ids=eos, bos_token_id=bos)
 
 
-def load_model(model_dir: ModelDir) -> nn.Module:
+def load_model(model_dir: ModelDir) -> CausalLM:
     """Build the family's reference model in float32 and load the checkpoint into it."""
     cls, prefix = FAMILIES[model_dir.config.family]
     model = cls(model_dir.config)

@@ -14,6 +14,7 @@ Every model exposes its pieces with the shared signatures:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,8 @@ def _llama3_scaling(inv_freq: torch.Tensor, factor: float, low: float, high: flo
 
 
 class Rotary(nn.Module):
+    inv_freq: torch.Tensor  # a buffer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -149,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         return Embed(self.model.embed_tokens)
 
     def layer_piece(self, i: int) -> nn.Module:
-        return Layer(self.model.layers[i], self.model.rotary_emb)
+        return Layer(cast(DecoderLayer, self.model.layers[i]), self.model.rotary_emb)
 
     def head_piece(self) -> nn.Module:
         return Head(self.model.norm, self.lm_head)

@@ -35,7 +35,7 @@ MAX_HOPS = 64
 BODY_ALIGN = 16  # the encoder starts the tensor at a multiple of this offset
 
 # Wire dtype name -> explicit little-endian numpy dtype (the names of manifest.Dtype).
-WIRE_DTYPES: dict[str, np.dtype] = {
+WIRE_DTYPES: dict[Dtype, np.dtype] = {
     name: np.dtype(name).newbyteorder("<") for name in typing.get_args(Dtype)
 }
 # numpy dtype (either byte order) -> wire name; a dict lookup is ~10x cheaper than dtype.name
@@ -151,7 +151,7 @@ def _wire_array(array: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _wire_dtype_name(dtype: np.dtype) -> str:
+def _wire_dtype_name(dtype: np.dtype) -> Dtype:
     name = _WIRE_NAMES.get(dtype)
     if name is None:
         raise SchemaError(f"dtype {dtype} is not one of {sorted(WIRE_DTYPES)}", field="dtype")
@@ -268,7 +268,7 @@ class _Acceptor:
             return None
         if self.tag and (data["type"] != self.tag[0] or type(data["v"]) is not int or data["v"] != self.tag[1]):
             return None
-        obj = object.__new__(self.cls)
+        obj: object = object.__new__(self.cls)
         for name, check, default in self.fields:
             value = check(data[name]) if name in data else default
             if value is _NO:
@@ -296,6 +296,8 @@ def _build_acceptor() -> _Acceptor | None:
         sampling = _Acceptor(Sampling)
         sizes = {f.name: f.metadata["max_len"] for f in dataclasses.fields(ActHeader) if f.name in ("shape", "hops")}
         dim = _scalar_check(int, {"ge": 0})
+        if dim is None:
+            raise TypeError("cannot compile a dimension check")
         return _Acceptor(ActHeader, tag=(ActHeader.TYPE, ActHeader.VERSION), checks={
             "dtype": lambda v: v if type(v) is str and v in WIRE_DTYPES else _NO,
             "shape": _tuple_check(dim, sizes["shape"]),

@@ -17,14 +17,14 @@ from linguamq.schemas.cluster import (
     Stage,
     Telemetry,
 )
-from linguamq.schemas.manifest import ModelManifest, PieceSpec, TensorSpec
+from linguamq.schemas.manifest import ModelManifest, PieceKind, PieceSpec, TensorSpec
 from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, Sampling, TokenEvent
 from linguamq.schemas.wire import Message
 
 SHA = "0123456789abcdef" * 4
 
 
-def _piece(index: int, kind: str, name: str) -> PieceSpec:
+def _piece(index: int, kind: PieceKind, name: str) -> PieceSpec:
     hidden = TensorSpec(name="hidden", dtype="float32", shape=(1, "seq", 64))
     ids = TensorSpec(name="input_ids", dtype="int64", shape=(1, "seq"))
     logits = TensorSpec(name="logits", dtype="float32", shape=(1, 512))

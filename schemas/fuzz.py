@@ -29,7 +29,7 @@ import random
 import struct
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -52,7 +52,7 @@ class Fuzz:
 Maker = Callable[[random.Random], Fuzz]
 
 
-def _stream(name: str, makers: list[Maker], n: int, seed: int) -> Iterator[Fuzz]:
+def _stream(name: str, makers: Sequence[Maker], n: int, seed: int) -> Iterator[Fuzz]:
     for i in range(n):
         rng = random.Random(f"{seed}:{name}:{i}")  # str seeds are hashed deterministically
         yield makers[i % len(makers)](rng)
@@ -337,10 +337,8 @@ def act_payloads(n: int, *, seed: int = 0, epoch: int, piece: int, takes_ids: bo
                                                              array=array))
 
     def wrong_dtype(rng: random.Random) -> Fuzz:
-        if takes_ids:
-            array = rng.choice([np.ones((1, 3), np.float32), np.ones((1, 3), np.float16)])  # any int kind is accepted
-        else:
-            array = rng.choice([np.ones((1, 3, hidden), np.int64), np.ones((1, 3, hidden), np.float16)])
+        dtypes: list[type[np.generic]] = [np.float32, np.float16] if takes_ids else [np.int64, np.float16]
+        array = np.ones((1, 3) if takes_ids else (1, 3, hidden), rng.choice(dtypes))  # ids: any int kind is accepted
         return Fuzz(f"dtype {array.dtype} for piece {piece}", valid_envelope(
             session=session(rng), epoch=epoch, piece=piece, array=array))
 

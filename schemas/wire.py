@@ -47,6 +47,8 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 class Struct:
     """A nested wire object (no type tag). Subclasses are decorated with ``@struct``."""
 
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # set by @struct: every subclass is one
+
     def __post_init__(self) -> None:
         for f, hint in _fields(type(self)):
             _check(getattr(self, f.name), hint, f, f.name)
@@ -170,7 +172,7 @@ class _Items:
 
     def __init__(self, f: dataclasses.Field | _Items | None) -> None:
         meta = f.metadata if f is not None else {}
-        self.metadata = {k: v for k, v in meta.items() if k != "max_len"}
+        self.metadata: dict[str, Any] = {k: v for k, v in meta.items() if k != "max_len"}
 
 
 def items_of(f: dataclasses.Field | _Items | None) -> _Items:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TypedDict
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, seed_default: int | None) -> None:
@@ -22,7 +23,15 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, seed_default: i
 PASSWORD_ENV = "LINGUAMQ_PASSWORD"
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+class Login(TypedDict):
+    """How a client logs in: keyword arguments of ``MqttClient`` and ``linguamq.Client``."""
+
+    username: str | None
+    password: str | None
+    cafile: str | None
+
+
+def add_connection_arguments(parser: argparse._ActionsContainer) -> None:  # a parser or an argument group
     """--username/-u, --password/-P and --cafile: how a command logs in to a secured broker
     (`linguamq hub --users`, or mosquitto with an exported password_file)."""
     parser.add_argument("-u", "--username", metavar="NAME", help="user name on the broker (see `linguamq users`)")
@@ -32,7 +41,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CA certificate that signed the broker's (for mqtts:// URLs; `linguamq tls init`)")
 
 
-def connection_kwargs(args: argparse.Namespace) -> dict[str, str | None]:
+def connection_kwargs(args: argparse.Namespace) -> Login:
     """``MqttClient`` keyword arguments (username, password, cafile) from those options.
 
     A username without a password takes $LINGUAMQ_PASSWORD; ValueError if there is none."""
@@ -44,4 +53,4 @@ def connection_kwargs(args: argparse.Namespace) -> dict[str, str | None]:
             raise ValueError(f"--username {username} needs a password: --password or ${PASSWORD_ENV}")
     if password is not None and username is None:
         raise ValueError("--password needs --username")
-    return {"username": username, "password": password, "cafile": getattr(args, "cafile", None)}
+    return Login(username=username, password=password, cafile=getattr(args, "cafile", None))

@@ -22,6 +22,7 @@ from linguamq.hub.head import Head, HeadSettings
 from linguamq.node import system
 from linguamq.planner.service import PlannerService, PlannerSettings
 from linguamq.schemas.manifest import ModelManifest
+from linguamq.tools.args import Login
 from linguamq.topics.client import MqttClient
 
 log = structlog.get_logger()
@@ -75,8 +76,7 @@ class Hub:
         self._parts: list = []
         self.url = settings.broker_url or ""
         self.tls_url: str | None = None
-        self._login: dict[str, str | None] = {"username": settings.username, "password": settings.password,
-                                              "cafile": settings.cafile}
+        self._login = Login(username=settings.username, password=settings.password, cafile=settings.cafile)
         self.manifest, self._manifest_bytes = load_manifest(settings.artifacts)
         self.planner: PlannerService | None = None
         self.head: Head | None = None
@@ -89,7 +89,7 @@ class Hub:
                 load_users(options.users)  # a bad file fails here, with its line, not in the child
                 # The hub's own clients: a credential of this run only, in no file.
                 options = dataclasses.replace(options, hub_secret=secrets.token_urlsafe(32))
-                self._login.update(username=HUB_USERNAME, password=options.hub_secret)
+                self._login.update({"username": HUB_USERNAME, "password": options.hub_secret})
             self._broker = (BrokerProcess(host=s.host, port=s.port, options=options) if s.broker_in_process
                             else BrokerThread(broker=EmbeddedBroker(host=s.host, port=s.port,
                                                                     **broker_kwargs(options))))

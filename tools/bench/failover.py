@@ -96,7 +96,8 @@ def measure(args: argparse.Namespace, art: Path) -> dict[str, Any]:
 def one_kill(args: argparse.Namespace, cluster: LocalCluster, client: MqttClient, victim: str) -> dict[str, Any]:
     arrivals: list[float] = []
     reached = threading.Event()
-    box: dict[str, GenerateResult | Exception] = {}
+    results: list[GenerateResult] = []
+    errors: list[Exception] = []
 
     def on_text(_text: str) -> None:
         arrivals.append(time.monotonic())
@@ -105,10 +106,10 @@ def one_kill(args: argparse.Namespace, cluster: LocalCluster, client: MqttClient
 
     def generate() -> None:
         try:
-            box["result"] = generate_remote(client, cluster.cluster, GenerateRequest(
-                id=new_request_id(), prompt=PROMPT, max_tokens=args.new_tokens), on_text=on_text, timeout=120)
+            results.append(generate_remote(client, cluster.cluster, GenerateRequest(
+                id=new_request_id(), prompt=PROMPT, max_tokens=args.new_tokens), on_text=on_text, timeout=120))
         except Exception as exc:  # re-raised below, in the bench's thread
-            box["error"] = exc
+            errors.append(exc)
         finally:
             reached.set()
 
@@ -119,11 +120,11 @@ def one_kill(args: argparse.Namespace, cluster: LocalCluster, client: MqttClient
     t_kill = time.monotonic()
     cluster.kill_node(victim)
     worker.join(timeout=180)
-    if "error" in box:
-        raise RuntimeError(f"the request failed: {box['error']}") from box["error"]  # type: ignore[arg-type]
-    result = box["result"]
-    if result.error is not None:  # type: ignore[union-attr]
-        raise RuntimeError(f"the request failed: {result.error}")  # type: ignore[union-attr]
+    if errors:
+        raise RuntimeError(f"the request failed: {errors[0]}") from errors[0]
+    result = results[0]
+    if result.error is not None:
+        raise RuntimeError(f"the request failed: {result.error}")
     times = list(arrivals)
     before = [b - a for a, b in itertools.pairwise(times) if b <= t_kill]
     after = [i for i, t in enumerate(times) if t > t_kill]
@@ -133,7 +134,7 @@ def one_kill(args: argparse.Namespace, cluster: LocalCluster, client: MqttClient
     resumed = next((times[i] for i in after if i and times[i] - times[i - 1] > stall), times[after[0]])
     return {"next_token_s": times[after[0]] - t_kill, "recovery_s": resumed - t_kill,
             "median_gap_before_s": statistics.median(before) if before else None, "events": len(times),
-            "tokens": len(result.tokens), "result": result}  # type: ignore[union-attr]
+            "tokens": len(result.tokens), "result": result}
 
 
 def table(r: dict[str, Any]) -> str:

@@ -137,9 +137,9 @@ def single_stream(args: argparse.Namespace, art: Path, name: str, nodes: list[No
     out = {"objective": objective, "epoch": plan.epoch, "stages": stages(plan), "ms_per_token": ms,
            "ms_per_token_all": runs, "tokens_per_s": 1000.0 / ms}
     if objective != "even":
-        same = retained is not None and retained.epoch == plan.epoch
+        same = retained if retained is not None and retained.epoch == plan.epoch else None  # this plan, measured
         out.update(predicted_ms_per_token=plan.predicted_ms_per_token,
-                   plan_measured_ms_per_token=retained.measured_ms_per_token if same else None)
+                   plan_measured_ms_per_token=same.measured_ms_per_token if same is not None else None)
     say(f"{name}: {out['stages']} {ms:.2f} ms/token")
     return out
 
@@ -163,7 +163,8 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
                 multis.append(sum(len(r.tokens) for r in results) / (time.perf_counter() - started))
                 busy.append(busy_share(cpu, cpu_ticks()))
     single, multi = statistics.median(singles), statistics.median(multis)
-    cpu_busy = statistics.median(busy) if None not in busy else None
+    known = [b for b in busy if b is not None]
+    cpu_busy = statistics.median(known) if len(known) == len(busy) else None
     say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s"
         + (f", the machine's CPUs {cpu_busy:.0%} busy meanwhile" if cpu_busy is not None else ""))
     return {"objective": "throughput", "plan_sessions": args.streams, "epoch": plan.epoch, "stages": stages(plan),

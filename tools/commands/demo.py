@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say = (lambda *a, **kw: print(*a, file=sys.stderr, **kw)) if args.json else print
     started = time.monotonic()
     art = _model(args.workdir / f"tiny-{args.family}", args.family, say)
     manifest = ModelManifest.from_json((art / "manifest.json").read_bytes())

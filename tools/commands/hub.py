@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                               objective=args.objective, broker_in_process=not args.broker_thread,
                               plan_sessions=args.plan_sessions, drift_ratio=args.drift_ratio,
                               max_tokens=args.max_tokens, rate=args.rate, burst=args.burst,
-                              broker_options=options, **login)).start()  # type: ignore[arg-type]
+                              broker_options=options, **login)).start()
     except (OSError, SchemaError, TopicError, MqttError, BrokerError, ValueError) as exc:
         print(f"linguamq hub: error: {exc}", file=sys.stderr)
         return 2

@@ -101,7 +101,8 @@ def build_client(cfg: ClientConfig, *, client_id: str, reconnect: bool, manual_a
         if (cfg.username is None and cfg.protocol != V5) or (
                 cfg.username is not None and not valid_utf8(arg_bytes(cfg.username))):
             raise ClientError("Error: Problem setting username and/or password.\n")
-        client.username_pw_set(cfg.username, cfg.password)
+        # paho annotates str but keeps bytes as they are: a mosquitto password need not be UTF-8
+        client.username_pw_set(cfg.username, cfg.password)  # type: ignore[arg-type]
     context = tls_context(cfg)
     if context is not None:
         client.tls_set_context(context)

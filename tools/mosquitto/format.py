@@ -275,7 +275,7 @@ def _json_properties(msg: Received) -> _Object:
     return _Object(items)
 
 
-class _Object(list):  # type: ignore[type-arg]
+class _Object(list):
     """A cJSON object: (key bytes, value) pairs in order, duplicates kept."""
 
 

@@ -150,7 +150,9 @@ class LocalCluster:
 
     def _read_ready_line(self, proc: subprocess.Popen, timeout: float) -> dict:
         box: list[bytes] = []
-        reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+        stdout = proc.stdout
+        assert stdout is not None, "spawned with stdout=PIPE"
+        reader = threading.Thread(target=lambda: box.append(stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout)
         if not box or not box[0]:
@@ -168,26 +170,26 @@ class LocalCluster:
                    after_epoch: int = 0) -> Plan:
         """Wait for a plan newer than ``after_epoch`` whose stages all report ready; with
         ``nodes``, a plan of exactly that many stages (None: as many as the planner chose)."""
-        state: dict[str, object] = {"plan": None, "status": {}}
+        latest: dict[str, Plan] = {}  # "plan": the last plan seen
+        statuses: dict[str, NodeStatus] = {}
         done = threading.Event()
         lock = threading.Lock()
 
         def check() -> None:
-            plan: Plan | None = state["plan"]  # type: ignore[assignment]
-            status: dict[str, NodeStatus] = state["status"]  # type: ignore[assignment]
+            plan = latest.get("plan")
             if plan is not None and plan.epoch > after_epoch and nodes in (None, len(plan.stages)) and all(
-                    (s := status.get(st.node)) and s.state == "ready" and s.epoch == plan.epoch
+                    (s := statuses.get(st.node)) and s.state == "ready" and s.epoch == plan.epoch
                     for st in plan.stages):
                 done.set()
 
         def on_plan(_t: str, plan: Plan, _r: bool) -> None:
             with lock:
-                state["plan"] = plan
+                latest["plan"] = plan
                 check()
 
         def on_status(_t: str, status: NodeStatus, _r: bool) -> None:
             with lock:
-                state["status"][status.node] = status  # type: ignore[index]
+                statuses[status.node] = status
                 check()
 
         plan_filter, status_filter = topics.PLAN.build(self.cluster), topics.NODE_STATUS.filter(self.cluster)
@@ -195,10 +197,10 @@ class LocalCluster:
         client.subscribe(topics.NODE_STATUS, status_filter, on_status)
         try:
             if not done.wait(timeout):
-                raise MqttTimeout(f"cluster not ready within {timeout:.0f} s: plan {state['plan']}, "
-                                  f"status {state['status']}\nhub log:\n{self.log_tail('hub')}")
+                raise MqttTimeout(f"cluster not ready within {timeout:.0f} s: plan {latest.get('plan')}, "
+                                  f"status {statuses}\nhub log:\n{self.log_tail('hub')}")
         finally:
             client.unsubscribe(plan_filter)
             client.unsubscribe(status_filter)
-        self.plan = state["plan"]  # type: ignore[assignment]
-        return self.plan
+        self.plan = plan = latest["plan"]  # done: there is one
+        return plan

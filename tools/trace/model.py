@@ -175,9 +175,7 @@ class TraceModel:
 
     def timing(self, step: StepTrace) -> StepTiming:
         """The step's figures with every node timestamp on the tracer's clock."""
-        al = self.aligner
-        aligned = [(h, *(al.to_tracer(h.node, x) for x in (h.t_recv, h.t_start, h.t_end, h.t_send)))
-                   for h in step.hops]
+        aligned = [self._aligned(h) for h in step.hops]
         hops = []
         for i, (h, recv, start, end, send) in enumerate(aligned):
             nxt = aligned[i + 1][1] if i + 1 < len(aligned) else step.t_out
@@ -188,6 +186,12 @@ class TraceModel:
         head_ms = (step.t_in - step.t_prev_out) * 1e3 if step.t_in is not None and step.t_prev_out is not None \
             else None
         return StepTiming(trace=step, hops=tuple(hops), head_to_first_ms=head_to_first, head_ms=head_ms)
+
+    def _aligned(self, hop: Hop) -> tuple[Hop, float, float, float, float]:
+        """The hop with its receive, start, end and send times on the tracer's clock."""
+        recv, start, end, send = (self.aligner.to_tracer(hop.node, t) for t in (hop.t_recv, hop.t_start, hop.t_end,
+                                                                                hop.t_send))
+        return hop, recv, start, end, send
 
     def snapshot(self) -> list[StepTrace]:
         with self._lock:
@@ -260,10 +264,11 @@ def accounting(model: TraceModel, request: str) -> dict[str, float]:
     if not steps:
         raise TraceError(f"no complete decode step of request {request} in the trace")
     n = len(steps)
+    gaps = [s.trace.t_out - s.trace.t_prev_out for s in steps if s.trace.t_prev_out is not None]  # every step
     out = {"steps": float(n), "pipeline_ms": sum(s.pipeline_ms for s in steps) / n,
            "head_ms": sum(s.head_ms or 0.0 for s in steps) / n,
            "cycle_ms": sum(s.cycle_ms or 0.0 for s in steps) / n,
-           "observed_ms_per_token": sum((s.trace.t_out - s.trace.t_prev_out) * 1e3 for s in steps) / n}
+           "observed_ms_per_token": sum(gap * 1e3 for gap in gaps) / n}
     if request in model.results:
         out["head_ms_per_token"] = model.results[request][1].ms_per_token
     return out

@@ -61,9 +61,8 @@ def load(path: Path, *, request: str | None = None) -> TraceModel:
 def _wanted(event: dict[str, Any], request: str | None) -> bool:
     if request is None:
         return True
-    msg = event.get("msg")
-    match event["kind"]:
-        case "input" | "step": return msg.request == request or msg.session == request
-        case "result": return msg.request == request
-        case "error": return msg.ref in (None, request)
+    match event["kind"], event.get("msg"):
+        case "input" | "step", ActHeader() as msg: return msg.request == request or msg.session == request
+        case "result", GenerateResult() as msg: return msg.request == request
+        case "error", ErrorReport() as msg: return msg.ref in (None, request)
     return True

@@ -8,16 +8,16 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
 from linguamq import topics
-from linguamq.schemas.cluster import ClockPing, ClockPong
+from linguamq.schemas.cluster import ClockPing, ClockPong, Plan, Telemetry
 from linguamq.schemas.envelope import ActHeader
-from linguamq.schemas.requests import GenerateResult, TokenEvent
+from linguamq.schemas.requests import ErrorReport, GenerateResult, TokenEvent
 from linguamq.schemas.wire import Message
 from linguamq.tools.trace.clock import ClockEstimator, ClockSample
 from linguamq.tools.trace.model import TraceModel
@@ -52,7 +52,7 @@ class Tracer:
 
     def __init__(self, *, url: str, settings: TracerSettings = TracerSettings(), model: TraceModel | None = None,
                  clock: Callable[[], float] = time.time, client_id: str | None = None,
-                 login: dict[str, Any] | None = None) -> None:
+                 login: Mapping[str, Any] | None = None) -> None:
         self.settings, self._clock = settings, clock
         self.model = model or TraceModel(request=settings.request)
         self.client_id = client_id or f"trace-{uuid.uuid4().hex[:10]}"
@@ -136,12 +136,12 @@ class Tracer:
 
     def _on_message(self, kind: str) -> Callable[[str, Message, bool], None]:
         def handle(topic: str, msg: Message, retained: bool) -> None:
-            if kind == "error" and self.settings.request and msg.ref not in (None, self.settings.request):
+            if isinstance(msg, ErrorReport) and self.settings.request and msg.ref not in (None, self.settings.request):
                 return
             self._put({"kind": kind, "t": self._clock(), "msg": msg})
-            if kind == "telemetry":
+            if isinstance(msg, Telemetry):
                 self._know(msg.node)
-            elif kind == "plan":
+            elif isinstance(msg, Plan):
                 for stage in msg.stages:
                     self._know(stage.node)
         return handle
