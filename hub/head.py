@@ -13,11 +13,18 @@ than its own measured step time (a message lost to a frozen or reconnecting node
 gives up after 5 s, clean sessions drop what was queued) is re-sent, with backoff; the
 nodes' KV alignment rule makes that idempotent, and outputs are accepted once per
 (epoch, step).
+
+Request ids belong to their client: a request made on `requests/{c}` is known by (c, id),
+one on the open `requests` topic by (None, id), and its session id on the wire (envelopes,
+`sessions/{s}/out`, the nodes' KV caches) is derived from both: one user's ids never
+reach another user's request.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import re
 import threading
 import time
@@ -41,6 +48,16 @@ from linguamq.topics.client import MqttClient, MqttError
 log = structlog.get_logger()
 MAX_REPREFILLS = 3  # per session, after nodes lost its KV; then the request fails
 STEP_HISTORY = 32  # step times kept per session (and for the head), for the retry bound
+Key = tuple[str | None, str]  # (the client of `requests/{client}`, None for the open topic; request id)
+
+
+def session_id(key: Key) -> str:
+    """The session id on the wire for a request: unique per (client, request id), a topic id.
+    The request id's start keeps logs readable; the digest of both keeps it unique (client
+    ids are never empty and never hold the separator)."""
+    client, request = key
+    digest = hashlib.sha256(f"{client or ''}/{request}".encode()).hexdigest()[:24]
+    return f"{request[:39]}-{digest}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,6 +81,7 @@ class HeadSettings:
 class _Session:
     request: GenerateRequest
     prompt: list[int]
+    reply_to: str | None = None  # the client of `requests/{client}`; None: the open `requests` topic
     stream: TextStream | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     epoch: int = 0
@@ -77,6 +95,11 @@ class _Session:
     retries: int = 0  # re-sends of the current step; reset by a token
     reprefills: int = 0  # after a node lost the session's KV (evicted, expired, restarted)
 
+    @property
+    def id(self) -> str:
+        """The session id on the wire."""
+        return session_id((self.reply_to, self.request.id))
+
 
 class Head:
     def __init__(self, *, client: MqttClient, manifest: ModelManifest, encode: Callable[[str], list[int]],
@@ -88,9 +111,8 @@ class Head:
         self._encode, self._decode = encode, decode
         self._cluster = settings.cluster
         self._lock = threading.RLock()
-        self._sessions: dict[str, _Session] = {}
-        self._reply_to: dict[str, str] = {}  # request id -> client, for requests on `requests/{client}`
-        self._queue: deque[tuple[GenerateRequest, list[int]]] = deque()  # waiting: (request, prompt ids)
+        self._sessions: dict[str, _Session] = {}  # by session id on the wire (session_id)
+        self._queue: deque[tuple[GenerateRequest, str | None, list[int]]] = deque()  # (request, reply_to, prompt)
         self._plan: Plan | None = None
         self._status: dict[str, NodeStatus] = {}
         self._ready_epoch = 0  # the epoch whose stages all reported ready
@@ -135,19 +157,20 @@ class Head:
         client = str(topics.parse(topic)["client"])
         if request.client is not None and request.client != client:
             with self._lock:
-                self._reply_to[request.id] = client
                 return self._fail(dataclasses.replace(request, client=client), f"the request says client "
-                                  f"{request.client!r} but came on the topic of {client!r}", code="bad_request")
+                                  f"{request.client!r} but came on the topic of {client!r}", code="bad_request",
+                                  reply_to=client)
         self._on_request(topic, dataclasses.replace(request, client=client), retained, reply_to=client)
 
-    def _response_name(self, request: str) -> str:
+    def _response_name(self, request: str, reply_to: str | None) -> str:
         """Where a request's TokenEvents and result go: `responses/{c}/{id}` if it came on
         `requests/{c}`, else `responses/{id}`."""
-        return topics.response_topic(self._cluster, request, self._reply_to.get(request))
+        return topics.response_topic(self._cluster, request, reply_to)
 
     def _on_request(self, topic: str, request: GenerateRequest, retained: bool, reply_to: str | None = None) -> None:
+        key = (reply_to, request.id)
         with self._lock:
-            if request.id in self._sessions or any(q.id == request.id for q, _ in self._queue):
+            if session_id(key) in self._sessions or any((r, q.id) == key for q, r, _ in self._queue):
                 # A client that reconnected re-sends its request (linguamq/client.py): the original
                 # goes on; the duplicate is only reported, never answered on its response topic.
                 self.rejected += 1
@@ -155,38 +178,37 @@ class Head:
                     self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
                     topic=topic, code="bad_request", message=f"request id {request.id!r} is already in flight",
                     ref=request.id)
-            if reply_to is not None:
-                self._reply_to[request.id] = reply_to
+            fail = functools.partial(self._fail, request, reply_to=reply_to)
             if not self._take_token(request.client or "anonymous"):
-                return self._fail(request, f"rate limited: client {request.client or 'anonymous'} sent more than "
-                                  f"{self.settings.rate:g} requests/s (burst {self.settings.burst})", code="rate_limited")
+                return fail(f"rate limited: client {request.client or 'anonymous'} sent more than "
+                            f"{self.settings.rate:g} requests/s (burst {self.settings.burst})", code="rate_limited")
             if self.settings.max_tokens and request.max_tokens > self.settings.max_tokens:
-                return self._fail(request, f"max_tokens {request.max_tokens} exceeds this hub's cap of "
-                                  f"{self.settings.max_tokens} (--max-tokens)", code="too_large")
+                return fail(f"max_tokens {request.max_tokens} exceeds this hub's cap of "
+                            f"{self.settings.max_tokens} (--max-tokens)", code="too_large")
             if self._plan is not None and not self._plan.stages:
-                return self._fail(request, f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
+                return fail(f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
             try:
                 prompt = self._encode(request.prompt)
             except Exception as exc:  # a tokenizer may raise anything on odd input
-                return self._fail(request, f"cannot tokenize the prompt: {exc}", code="bad_request")
+                return fail(f"cannot tokenize the prompt: {exc}", code="bad_request")
             if not prompt or len(prompt) > self.settings.max_prompt_tokens:
-                return self._fail(request, f"prompt has {len(prompt)} tokens; 1..{self.settings.max_prompt_tokens} "
-                                  "accepted", code="too_large")
+                return fail(f"prompt has {len(prompt)} tokens; 1..{self.settings.max_prompt_tokens} "
+                            "accepted", code="too_large")
             if len(prompt) + request.max_tokens > self._manifest.max_context:
-                return self._fail(request, f"prompt ({len(prompt)}) + max_tokens ({request.max_tokens}) exceeds the "
-                                  f"model's context of {self._manifest.max_context}", code="too_large")
+                return fail(f"prompt ({len(prompt)}) + max_tokens ({request.max_tokens}) exceeds the "
+                            f"model's context of {self._manifest.max_context}", code="too_large")
             if len(self._queue) >= self.settings.max_queued:
-                return self._fail(request, "too many requests waiting", code="overloaded")
-            self._queue.append((request, prompt))
+                return fail("too many requests waiting", code="overloaded")
+            self._queue.append((request, reply_to, prompt))
             self._admit()
 
     def _admit(self) -> None:
         """Start queued requests while there is room and a ready pipeline."""
         while self.ready and self._queue and len(self._sessions) < self.settings.max_sessions:
-            request, prompt = self._queue.popleft()
-            session = _Session(request=request, prompt=prompt)
+            request, reply_to, prompt = self._queue.popleft()
+            session = _Session(request=request, prompt=prompt, reply_to=reply_to)
             session.stream = TextStream(self._decode, request.stop, lambda text, s=session: self._stream(s, text))
-            self._sessions[request.id] = session
+            self._sessions[session.id] = session
             session.t_start = time.perf_counter()
             self._prefill(session)
 
@@ -224,7 +246,7 @@ class Head:
 
     def _send(self, session: _Session, ids: np.ndarray, *, start_pos: int) -> None:
         request = session.request
-        header = ActHeader.for_tensor(ids, session=request.id, request=request.id, step=session.step,
+        header = ActHeader.for_tensor(ids, session=session.id, request=request.id, step=session.step,
                                       epoch=session.epoch, piece=0, start_pos=start_pos, sampling=request.sampling)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, ids))
         session.t_sent, session.inputs = time.perf_counter(), int(ids.shape[-1])
@@ -266,14 +288,14 @@ class Head:
     def _stream(self, session: _Session, text: str) -> None:
         """Publish newly final text; long text (a held-back stop-string prefix) goes in pieces."""
         request = session.request.id
-        name = self._response_name(request)
+        name = self._response_name(request, session.reply_to)
         for i in range(0, len(text), 1024):
             event = TokenEvent(request=request, index=len(session.tokens) - 1, token=session.tokens[-1],
                                text=text[i:i + 1024])
             self._client.publish(topics.RESPONSES, name, event)
 
     def _finish(self, session: _Session, reason: str, error: str | None = None) -> None:
-        self._sessions.pop(session.request.id, None)
+        self._sessions.pop(session.id, None)
         text = session.stream.finish(session.tokens) if reason != "error" else ""
         n = len(session.tokens)
         result = GenerateResult(
@@ -281,8 +303,7 @@ class Head:
             ttft_ms=(session.t_first - session.t_start) * 1e3 if n else 0.0,
             ms_per_token=(session.t_last - session.t_first) * 1e3 / (n - 1) if n > 1 else 0.0,
             stop_reason=reason, error=error)
-        self._client.publish(topics.RESPONSES, self._response_name(session.request.id), result)
-        self._reply_to.pop(session.request.id, None)
+        self._client.publish(topics.RESPONSES, self._response_name(session.request.id, session.reply_to), result)
         self._end_session(session)
         log.info("request done", request=session.request.id, tokens=n, reason=reason, error=error)
         self._admit()
@@ -290,7 +311,7 @@ class Head:
     def _end_session(self, session: _Session) -> None:
         """Tell every stage to free the session's KV cache (an empty envelope marked end)."""
         empty = np.zeros((1, 0), dtype=np.int64)
-        header = ActHeader.for_tensor(empty, session=session.request.id, request=session.request.id,
+        header = ActHeader.for_tensor(empty, session=session.id, request=session.request.id,
                                       step=session.step, epoch=session.epoch, piece=0, start_pos=0, end=True)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, empty))
 
@@ -304,7 +325,8 @@ class Head:
                 for session in list(self._sessions.values()):
                     self._finish(session, "error", message)
                 while self._queue:
-                    self._fail(self._queue.popleft()[0], message, code="overloaded")
+                    request, reply_to, _ = self._queue.popleft()
+                    self._fail(request, message, code="overloaded", reply_to=reply_to)
                 return
             self._check_ready()
 
@@ -380,12 +402,11 @@ class Head:
 
     # --- rejects -----------------------------------------------------------------------
 
-    def _fail(self, request: GenerateRequest, message: str, *, code: str) -> None:
+    def _fail(self, request: GenerateRequest, message: str, *, code: str, reply_to: str | None) -> None:
         self.rejected += 1
         result = GenerateResult(request=request.id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
                                 ms_per_token=0.0, stop_reason="error", error=message)
-        self._client.publish(topics.RESPONSES, self._response_name(request.id), result)
-        self._reply_to.pop(request.id, None)
+        self._client.publish(topics.RESPONSES, self._response_name(request.id, reply_to), result)
         self._client.report_error(self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
                                   topic=topics.REQUESTS.build(self._cluster), code=code, message=message,
                                   ref=request.id)

@@ -1,0 +1,155 @@
+"""The head's requests, without a network: whose they are, and what reaches them.
+
+Request ids are per client: a request made on `requests/{client}` is known by (client, id),
+its session on the wire by an id derived from both, and its answers go to
+`responses/{client}/{id}`; another user's request with the same id, hostile or not, is
+another request.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from linguamq import topics
+from linguamq.hub.head import Head, HeadSettings
+from linguamq.schemas import envelope
+from linguamq.schemas.cluster import NodeStatus, Plan, Stage
+from linguamq.schemas.envelope import ActHeader
+from linguamq.schemas.examples import MANIFEST
+from linguamq.schemas.requests import GenerateRequest, GenerateResult, TokenEvent
+
+CLUSTER = "t-req"
+
+
+class FakeClient:
+    """Records what the head publishes, by topic name."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, object] = {}
+        self.published: list[tuple[str, object]] = []  # (topic name, decoded value)
+        self.errors: list[dict] = []
+
+    def subscribe(self, topic, filter_, handler, **_kw) -> None:
+        self.handlers[topic.kind] = handler
+
+    def publish(self, topic, name, payload, **_kw) -> None:
+        value = envelope.decode(payload) if topic.payload == "envelope" else payload
+        self.published.append((name, value))
+
+    def report_error(self, cluster, **fields) -> None:
+        self.errors.append(fields)
+
+    def acts(self) -> list[ActHeader]:
+        return [v[0] for _, v in self.published if isinstance(v, tuple) and not v[0].end]
+
+    def ends(self) -> list[ActHeader]:
+        return [v[0] for _, v in self.published if isinstance(v, tuple) and v[0].end]
+
+    def on(self, name: str) -> list[TokenEvent | GenerateResult]:
+        return [v for n, v in self.published if n == name]
+
+
+def make_head(encode=lambda text: [5] * len(text), **settings) -> tuple[Head, FakeClient]:
+    client = FakeClient()
+    head = Head(client=client, manifest=MANIFEST, encode=encode,
+                decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
+                settings=HeadSettings(cluster=CLUSTER, retry_min_s=30.0, **settings))
+    head.start()
+    plan = Plan(epoch=4, objective="even", stages=(Stage(node="n1", first=0, last=3, predicted_ms=0.0),),
+                predicted_ms_per_token=0.0)
+    client.handlers["plan"](topics.PLAN.build(CLUSTER), plan, True)
+    client.handlers["node_status"](topics.NODE_STATUS.build(CLUSTER, node="n1"),
+                                   NodeStatus(node="n1", state="ready", ts=1.0, epoch=4), True)
+    assert head.ready
+    return head, client
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def ask(client: FakeClient, request: GenerateRequest, user: str | None = None) -> None:
+    """Publish ``request`` as ``user`` (on `requests/{user}`; None: the open `requests`) and
+    wait until the head answered it somehow (a step, a result or a report)."""
+    before = len(client.published) + len(client.errors)
+    if user is None:
+        client.handlers["requests"](topics.REQUESTS.build(CLUSTER), request, False)
+    else:
+        client.handlers["requests_from"](topics.REQUESTS_FROM.build(CLUSTER, client=user), request, False)
+    wait_until(lambda: len(client.published) + len(client.errors) > before)
+
+
+def token(client: FakeClient, header: ActHeader, value: int) -> None:
+    """The tail's output for the step ``header`` sent."""
+    out = np.array([[value]], dtype=np.int64)
+    reply = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
+                                 epoch=header.epoch, piece=len(MANIFEST.pieces), start_pos=header.start_pos + 1)
+    client.handlers["session_out"](topics.SESSION_OUT.build(CLUSTER, session=header.session), (reply, out), False)
+
+
+def last_act(client: FakeClient, prompt_len: int) -> ActHeader:
+    """The latest step of the session whose prompt had ``prompt_len`` tokens."""
+    firsts = {a.session for a in client.acts() if a.step == 0 and a.shape == (1, prompt_len)}
+    return [a for a in client.acts() if a.session in firsts][-1]
+
+
+def answers(client: FakeClient, user: str, request: str) -> tuple[str, GenerateResult | None]:
+    """(streamed text, final result) on `responses/{user}/{request}`."""
+    got = client.on(topics.response_topic(CLUSTER, request, user))
+    results = [v for v in got if isinstance(v, GenerateResult)]
+    return "".join(v.text for v in got if isinstance(v, TokenEvent)), (results[-1] if results else None)
+
+
+def test_another_users_request_with_the_same_id_does_not_disturb_the_stream() -> None:
+    head, client = make_head()
+    try:
+        ask(client, GenerateRequest(id="r1", prompt="abc", max_tokens=3), user="alice")
+        token(client, last_act(client, 3), 0)  # "a"
+        # bob, on his own topic, claims alice's id and name: refused, and answered to bob only
+        ask(client, GenerateRequest(id="r1", prompt="zz", max_tokens=3, client="alice"), user="bob")
+        refused = answers(client, "bob", "r1")[1]
+        assert refused is not None and refused.stop_reason == "error" and "came on the topic of 'bob'" in refused.error
+        token(client, last_act(client, 3), 1)  # "b"
+        token(client, last_act(client, 3), 3)  # "d"
+        text, result = answers(client, "alice", "r1")
+        assert result is not None and (result.error, result.tokens, text) == (None, (0, 1, 3), "abd")
+        assert client.on(topics.response_topic(CLUSTER, "r1")) == []  # nothing of hers went astray
+        assert [v for v in client.on(topics.response_topic(CLUSTER, "r1", "bob")) if v is not refused] == []
+    finally:
+        head.stop()
+
+
+def test_two_users_may_use_the_same_request_id_at_once() -> None:
+    head, client = make_head()
+    try:
+        ask(client, GenerateRequest(id="same", prompt="abc", max_tokens=2), user="alice")
+        ask(client, GenerateRequest(id="same", prompt="wxyz", max_tokens=2), user="bob")
+        assert client.errors == []  # bob's is no duplicate of alice's
+        alice, bob = last_act(client, 3), last_act(client, 4)
+        assert alice.session != bob.session and alice.request == bob.request == "same"
+        assert all(topics.is_id("session", s) for s in (alice.session, bob.session))
+        token(client, bob, 20)  # "u"
+        token(client, alice, 0)  # "a"
+        token(client, last_act(client, 4), 21)  # "v"
+        token(client, last_act(client, 3), 1)  # "b"
+        assert answers(client, "alice", "same")[0] == "ab" and answers(client, "alice", "same")[1].tokens == (0, 1)
+        assert answers(client, "bob", "same")[0] == "uv" and answers(client, "bob", "same")[1].tokens == (20, 21)
+        assert {e.session for e in client.ends()} == {alice.session, bob.session}  # each one's KV freed
+    finally:
+        head.stop()
+
+
+def test_the_same_user_resending_an_id_in_flight_is_reported_not_run_twice() -> None:
+    head, client = make_head()
+    try:
+        ask(client, GenerateRequest(id="r2", prompt="abc", max_tokens=1), user="alice")
+        ask(client, GenerateRequest(id="r2", prompt="abc", max_tokens=1), user="alice")
+        assert "already in flight" in client.errors[-1]["message"] and client.errors[-1]["to"] == "alice"
+        assert len(client.acts()) == 1
+    finally:
+        head.stop()
