@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import queue
 import re
 import threading
 import time
@@ -77,6 +78,19 @@ class HeadSettings:
     telemetry_interval_s: float = 1.0  # the hub's Telemetry (rejections) on hub/telemetry
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ticket:
+    """A request as it arrived: the client of its topic (None: the open `requests`) decides
+    where its answers go and, with its id, whose it is."""
+
+    request: GenerateRequest
+    reply_to: str | None
+
+    @property
+    def key(self) -> Key:
+        return self.reply_to, self.request.id
+
+
 @dataclasses.dataclass
 class _Session:
     request: GenerateRequest
@@ -112,7 +126,11 @@ class Head:
         self._cluster = settings.cluster
         self._lock = threading.RLock()
         self._sessions: dict[str, _Session] = {}  # by session id on the wire (session_id)
-        self._queue: deque[tuple[GenerateRequest, str | None, list[int]]] = deque()  # (request, reply_to, prompt)
+        # Requests received and not started (being tokenized, or queued), for duplicates and the
+        # max_queued bound, which also bounds the intake queue.
+        self._waiting: dict[Key, _Ticket] = {}
+        self._intake: queue.SimpleQueue[_Ticket | None] = queue.SimpleQueue()  # to tokenize, in arrival order
+        self._queue: deque[tuple[_Ticket, list[int]]] = deque()  # tokenized, waiting for room: (request, prompt)
         self._plan: Plan | None = None
         self._status: dict[str, NodeStatus] = {}
         self._ready_epoch = 0  # the epoch whose stages all reported ready
@@ -121,6 +139,7 @@ class Head:
         self.retries = 0  # steps re-sent, all sessions (tests and the chaos bench read it)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self._intake_thread: threading.Thread | None = None
         self.rejected = 0  # messages refused (bad payloads, refused requests), reported in its telemetry
         self.also_rejected: Callable[[], int] = lambda: 0  # the hub adds its planner's count
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
@@ -138,11 +157,15 @@ class Head:
                     on_reject=self._reject_request)
         self._watchdog = threading.Thread(target=self._watch, name="head-watchdog", daemon=True)
         self._watchdog.start()
+        self._intake_thread = threading.Thread(target=self._take_in, name="head-intake", daemon=True)
+        self._intake_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._watchdog is not None:
-            self._watchdog.join(timeout=5)
+        self._intake.put(None)
+        for thread in (self._watchdog, self._intake_thread):
+            if thread is not None:
+                thread.join(timeout=5)
 
     @property
     def ready(self) -> bool:
@@ -168,9 +191,10 @@ class Head:
         return topics.response_topic(self._cluster, request, reply_to)
 
     def _on_request(self, topic: str, request: GenerateRequest, retained: bool, reply_to: str | None = None) -> None:
-        key = (reply_to, request.id)
+        """Checks that need no tokenizer, on paho's thread; the prompt goes to the intake thread."""
+        ticket = _Ticket(request, reply_to)
         with self._lock:
-            if session_id(key) in self._sessions or any((r, q.id) == key for q, r, _ in self._queue):
+            if ticket.key in self._waiting or session_id(ticket.key) in self._sessions:
                 # A client that reconnected re-sends its request (linguamq/client.py): the original
                 # goes on; the duplicate is only reported, never answered on its response topic.
                 self.rejected += 1
@@ -187,26 +211,59 @@ class Head:
                             f"{self.settings.max_tokens} (--max-tokens)", code="too_large")
             if self._plan is not None and not self._plan.stages:
                 return fail(f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
-            try:
-                prompt = self._encode(request.prompt)
-            except Exception as exc:  # a tokenizer may raise anything on odd input
-                return fail(f"cannot tokenize the prompt: {exc}", code="bad_request")
-            if not prompt or len(prompt) > self.settings.max_prompt_tokens:
-                return fail(f"prompt has {len(prompt)} tokens; 1..{self.settings.max_prompt_tokens} "
-                            "accepted", code="too_large")
-            if len(prompt) + request.max_tokens > self._manifest.max_context:
-                return fail(f"prompt ({len(prompt)}) + max_tokens ({request.max_tokens}) exceeds the "
-                            f"model's context of {self._manifest.max_context}", code="too_large")
-            if len(self._queue) >= self.settings.max_queued:
+            if len(self._waiting) >= self.settings.max_queued:
                 return fail("too many requests waiting", code="overloaded")
-            self._queue.append((request, reply_to, prompt))
-            self._admit()
+            self._waiting[ticket.key] = ticket
+            self._intake.put(ticket)
+
+    def _take_in(self) -> None:
+        """The intake thread: tokenizes each request off paho's thread and outside the lock (a
+        long prompt on a slow tokenizer must hold up neither other sessions' tokens nor the
+        keep-alives), then queues it."""
+        while (ticket := self._intake.get()) is not None:
+            prompt = self._tokenize(ticket.request)
+            try:
+                with self._lock:
+                    self._enqueue(ticket, prompt)
+            except Exception:  # never lose the thread: every later request would wait forever
+                log.exception("request intake failed", request=ticket.request.id)
+
+    def _tokenize(self, request: GenerateRequest) -> list[int] | str:
+        """The prompt's token ids, or why it cannot be tokenized."""
+        try:
+            return self._encode(request.prompt)
+        except Exception as exc:  # a tokenizer may raise anything on odd input
+            return f"cannot tokenize the prompt: {exc}"
+
+    def _enqueue(self, ticket: _Ticket, prompt: list[int] | str) -> None:
+        """Queue a tokenized request, or fail it if its prompt does not fit."""
+        if self._waiting.get(ticket.key) is not ticket:
+            return  # no longer waiting (its plan failed it meanwhile)
+        request = ticket.request
+        if isinstance(prompt, str):
+            return self._fail_waiting(ticket, prompt, code="bad_request")
+        if not prompt or len(prompt) > self.settings.max_prompt_tokens:
+            return self._fail_waiting(ticket, f"prompt has {len(prompt)} tokens; 1.."
+                                      f"{self.settings.max_prompt_tokens} accepted", code="too_large")
+        if len(prompt) + request.max_tokens > self._manifest.max_context:
+            return self._fail_waiting(ticket, f"prompt ({len(prompt)}) + max_tokens ({request.max_tokens}) exceeds "
+                                      f"the model's context of {self._manifest.max_context}", code="too_large")
+        if self._plan is not None and not self._plan.stages:
+            return self._fail_waiting(ticket, f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
+        self._queue.append((ticket, prompt))
+        self._admit()
+
+    def _fail_waiting(self, ticket: _Ticket, message: str, *, code: str) -> None:
+        del self._waiting[ticket.key]
+        self._fail(ticket.request, message, code=code, reply_to=ticket.reply_to)
 
     def _admit(self) -> None:
         """Start queued requests while there is room and a ready pipeline."""
         while self.ready and self._queue and len(self._sessions) < self.settings.max_sessions:
-            request, reply_to, prompt = self._queue.popleft()
-            session = _Session(request=request, prompt=prompt, reply_to=reply_to)
+            ticket, prompt = self._queue.popleft()
+            del self._waiting[ticket.key]
+            request = ticket.request
+            session = _Session(request=request, prompt=prompt, reply_to=ticket.reply_to)
             session.stream = TextStream(self._decode, request.stop, lambda text, s=session: self._stream(s, text))
             self._sessions[session.id] = session
             session.t_start = time.perf_counter()
@@ -324,9 +381,9 @@ class Head:
                 message = f"no plan fits the nodes online: {plan.reason}"
                 for session in list(self._sessions.values()):
                     self._finish(session, "error", message)
-                while self._queue:
-                    request, reply_to, _ = self._queue.popleft()
-                    self._fail(request, message, code="overloaded", reply_to=reply_to)
+                for ticket in list(self._waiting.values()):  # queued, or being tokenized
+                    self._fail_waiting(ticket, message, code="overloaded")
+                self._queue.clear()
                 return
             self._check_ready()
 
@@ -446,7 +503,7 @@ class Head:
             return
         self._t_telemetry, self._seq = now, self._seq + 1
         with self._lock:
-            sessions, queued = len(self._sessions), len(self._queue)
+            sessions, queued = len(self._sessions), len(self._waiting)
         report = Telemetry(node=self.settings.name, ts=time.time(), seq=self._seq, epoch=self._ready_epoch,
                            queue_depth=queued, sessions=sessions, rss_mb=self._rss_mb(),
                            rejected=self.rejected + self.also_rejected())

@@ -8,6 +8,7 @@ another request.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -66,11 +67,18 @@ def make_head(encode=lambda text: [5] * len(text), **settings) -> tuple[Head, Fa
     return head, client
 
 
-def wait_until(predicate, timeout: float = 5.0) -> None:
+def within(predicate, timeout: float = 5.0) -> bool:
+    """Whether ``predicate`` came true within ``timeout`` seconds (a bound, not a speed)."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "timed out"
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.01)
+    return True
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    assert within(predicate, timeout), "timed out"
 
 
 def ask(client: FakeClient, request: GenerateRequest, user: str | None = None) -> None:
@@ -152,4 +160,43 @@ def test_the_same_user_resending_an_id_in_flight_is_reported_not_run_twice() -> 
         assert "already in flight" in client.errors[-1]["message"] and client.errors[-1]["to"] == "alice"
         assert len(client.acts()) == 1
     finally:
+        head.stop()
+
+
+def test_a_prompt_being_tokenized_holds_up_no_other_sessions_tokens() -> None:
+    """paho's thread delivers a big request, then a token of a session already streaming:
+    that token reaches its client while the big prompt is still being tokenized."""
+    release = threading.Event()
+
+    def encode(text: str) -> list[int]:
+        if text.startswith("big"):
+            release.wait(30)  # a slow tokenizer on a long prompt; it finishes once released
+        if text == "odd":
+            raise ValueError("cannot read this")
+        return [5] * min(len(text), 200)
+
+    head, client = make_head(encode=encode)
+    network = None
+    try:
+        ask(client, GenerateRequest(id="small", prompt="abc", max_tokens=3), user="alice")
+        streaming = last_act(client, 3)
+
+        def deliver() -> None:  # in order, on one thread, as paho does
+            client.handlers["requests_from"](topics.REQUESTS_FROM.build(CLUSTER, client="bob"),
+                                             GenerateRequest(id="big", prompt="big " * 1000, max_tokens=2), False)
+            token(client, streaming, 0)
+
+        network = threading.Thread(target=deliver, daemon=True)
+        network.start()
+        arrived = within(lambda: answers(client, "alice", "small")[0] == "a", timeout=10)
+        release.set()
+        assert arrived, "alice's token waited for bob's prompt to be tokenized"
+        wait_until(lambda: any(a.shape == (1, 200) for a in client.acts()))  # then bob's prefill leaves
+        ask(client, GenerateRequest(id="odd", prompt="odd"), user="bob")  # a tokenizer error is still answered
+        refused = answers(client, "bob", "odd")[1]
+        assert refused is not None and refused.error == "cannot tokenize the prompt: cannot read this"
+    finally:
+        release.set()
+        if network is not None:
+            network.join(10)
         head.stop()
