@@ -192,7 +192,8 @@ class Head:
 
     def _on_request(self, topic: str, request: GenerateRequest, retained: bool, reply_to: str | None = None) -> None:
         """Checks that need no tokenizer, on paho's thread; the prompt goes to the intake thread."""
-        ticket = _Ticket(request, reply_to)
+        ticket = _Ticket(request.seeded(), reply_to)
+        request = ticket.request
         with self._lock:
             if ticket.key in self._waiting or session_id(ticket.key) in self._sessions:
                 # A client that reconnected re-sends its request (linguamq/client.py): the original
@@ -359,7 +360,7 @@ class Head:
             request=session.request.id, text=text, tokens=tuple(session.tokens), prompt_tokens=len(session.prompt),
             ttft_ms=(session.t_first - session.t_start) * 1e3 if n else 0.0,
             ms_per_token=(session.t_last - session.t_first) * 1e3 / (n - 1) if n > 1 else 0.0,
-            stop_reason=reason, error=error)
+            stop_reason=reason, error=error, seed=session.request.sampling.seed)
         self._client.publish(topics.RESPONSES, self._response_name(session.request.id, session.reply_to), result)
         self._end_session(session)
         log.info("request done", request=session.request.id, tokens=n, reason=reason, error=error)

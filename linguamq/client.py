@@ -15,7 +15,8 @@ Underneath is ``generate_remote`` (also used by the benches and chaos cases with
 connection of their own). A request survives a lost broker (a hub restart): once the
 client has reconnected, the request is published again, and again every few seconds
 until an answer comes (the new hub's head may not be listening yet). Generation is
-deterministic per (seed, step), so the new head's stream repeats what the old one sent:
+deterministic per (seed, step) and a request without a seed gets one here, before it is
+first sent, so the new head's stream repeats what the old one sent:
 events already passed on are skipped, by their (token index, piece) order. A head that
 still runs the request only reports the copy on `errors/`.
 """
@@ -257,7 +258,8 @@ def follow(client: MqttClient, cluster: str, request: GenerateRequest, *, timeou
     Subscribes to the response topic before publishing, so no token is missed; closing the
     generator early unsubscribes."""
     inbox: queue.Queue[TokenEvent | GenerateResult] = queue.Queue()
-    request, request_topic, name = addressing(client, cluster, request)
+    # The seed is fixed here, not by the head: a request re-sent to a new hub must replay the same stream.
+    request, request_topic, name = addressing(client, cluster, request.seeded())
 
     def subscribe() -> None:
         client.subscribe(topics.RESPONSES, name, lambda _t, value, _r: inbox.put(value), wait=10.0)
@@ -329,8 +331,7 @@ class _Resume:
 def _request(prompt: str, *, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
              stop: tuple[str, ...] | list[str], request_id: str | None) -> GenerateRequest:
     with _translated():
-        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
-                            **({} if seed is None else {"seed": seed}))
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return GenerateRequest(id=request_id or new_request_id(), prompt=prompt, max_tokens=max_tokens,
                                sampling=sampling, stop=tuple(stop))
 

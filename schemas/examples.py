@@ -63,7 +63,7 @@ EXAMPLES: dict[type[Message], Message] = {m.__class__: m for m in (
                     seed=7), stop=("\n\n",), client="cli-1"),
     TokenEvent(request="r1", index=0, token=42, text=" world"),
     GenerateResult(request="r1", text=" world", tokens=(42,), prompt_tokens=5, ttft_ms=35.0, ms_per_token=12.5,
-                   stop_reason="max_tokens"),
+                   stop_reason="max_tokens", seed=7),
     ErrorReport(reporter="phone-1", topic="requests", code="bad_payload",
                 message="max_tokens: 0 is below the minimum 1", ref="r1", ts=1_700_000_002.0),
     NodeControl(node="phone-1", slowdown=3.0),

@@ -19,7 +19,7 @@ from linguamq.schemas import envelope
 from linguamq.schemas.cluster import NodeStatus, Plan, Stage
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.examples import MANIFEST
-from linguamq.schemas.requests import GenerateRequest, GenerateResult, TokenEvent
+from linguamq.schemas.requests import GenerateRequest, GenerateResult, Sampling, TokenEvent
 
 CLUSTER = "t-req"
 
@@ -199,4 +199,21 @@ def test_a_prompt_being_tokenized_holds_up_no_other_sessions_tokens() -> None:
         release.set()
         if network is not None:
             network.join(10)
+        head.stop()
+
+
+def test_a_request_without_a_seed_gets_a_fresh_one_and_its_result_names_it() -> None:
+    head, client = make_head()
+    try:
+        hot = Sampling(temperature=1.0)
+        for rid, prompt, sampling in (("a", "abc", hot), ("b", "wxyz", hot), ("c", "ab", Sampling(temperature=1.0,
+                                                                                                 seed=5))):
+            ask(client, GenerateRequest(id=rid, prompt=prompt, max_tokens=1, sampling=sampling), user="alice")
+        a, b, c = (last_act(client, n) for n in (3, 4, 2))
+        assert a.sampling.seed is not None and b.sampling.seed is not None and a.sampling.seed != b.sampling.seed
+        assert c.sampling.seed == 5  # an explicit seed is kept
+        for header in (a, b, c):
+            token(client, header, 9)
+        assert [answers(client, "alice", r)[1].seed for r in "abc"] == [a.sampling.seed, b.sampling.seed, 5]
+    finally:
         head.stop()
