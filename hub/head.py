@@ -17,7 +17,9 @@ nodes' KV alignment rule makes that idempotent, and outputs are accepted once pe
 Request ids belong to their client: a request made on `requests/{c}` is known by (c, id),
 one on the open `requests` topic by (None, id), and its session id on the wire (envelopes,
 `sessions/{s}/out`, the nodes' KV caches) is derived from both: one user's ids never
-reach another user's request.
+reach another user's request. A CancelRequest on `cancel/{c}` (or `cancel`) stops a
+request of that client: no step is sent after it, the nodes free the session's KV, and
+the result says `cancelled`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from linguamq.schemas.cluster import NodeStatus, Plan, Telemetry
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.manifest import ModelManifest
-from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, TokenEvent
+from linguamq.schemas.requests import (
+    CancelRequest,
+    ErrorReport,
+    GenerateRequest,
+    GenerateResult,
+    StopReason,
+    TokenEvent,
+)
 from linguamq.schemas.wire import parse_json
 from linguamq.topics.client import MqttClient, MqttError
 
@@ -155,6 +164,8 @@ class Head:
         c.subscribe(topics.REQUESTS, topics.REQUESTS.build(cl), self._on_request, on_reject=self._reject_request)
         c.subscribe(topics.REQUESTS_FROM, topics.REQUESTS_FROM.filter(cl), self._on_client_request,
                     on_reject=self._reject_request)
+        c.subscribe(topics.CANCEL, topics.CANCEL.build(cl), self._on_cancel, on_reject=self._reject)
+        c.subscribe(topics.CANCEL_FROM, topics.CANCEL_FROM.filter(cl), self._on_client_cancel, on_reject=self._reject)
         self._watchdog = threading.Thread(target=self._watch, name="head-watchdog", daemon=True)
         self._watchdog.start()
         self._intake_thread = threading.Thread(target=self._take_in, name="head-intake", daemon=True)
@@ -239,7 +250,7 @@ class Head:
     def _enqueue(self, ticket: _Ticket, prompt: list[int] | str) -> None:
         """Queue a tokenized request, or fail it if its prompt does not fit."""
         if self._waiting.get(ticket.key) is not ticket:
-            return  # no longer waiting (its plan failed it meanwhile)
+            return  # no longer waiting: cancelled, or failed with its plan, meanwhile
         request = ticket.request
         if isinstance(prompt, str):
             return self._fail_waiting(ticket, prompt, code="bad_request")
@@ -269,6 +280,40 @@ class Head:
             self._sessions[session.id] = session
             session.t_start = time.perf_counter()
             self._prefill(session)
+
+    # --- cancels -------------------------------------------------------------------
+
+    def _on_client_cancel(self, topic: str, cancel: CancelRequest, retained: bool) -> None:
+        """A cancel on `cancel/{c}` (only user c may publish there): it stops c's request only."""
+        client = str(topics.parse(topic)["client"])
+        if cancel.client is not None and cancel.client != client:
+            return self._refuse_cancel(topic, cancel, client, f"the cancel says client {cancel.client!r} but came on "
+                                       f"the topic of {client!r}")
+        self._cancel(topic, cancel, (client, cancel.id), client)
+
+    def _on_cancel(self, topic: str, cancel: CancelRequest, retained: bool) -> None:
+        """A cancel on the open `cancel` topic, for a request made on `requests` by the same client."""
+        self._cancel(topic, cancel, (None, cancel.id), cancel.client)
+
+    def _cancel(self, topic: str, cancel: CancelRequest, key: Key, client: str | None) -> None:
+        """Stop the request ``key`` if ``client`` made it: a session ends at once (the step in
+        flight is dropped when it answers; its `end` envelope frees the nodes' KV)."""
+        with self._lock:
+            session, ticket = self._sessions.get(session_id(key)), self._waiting.get(key)
+            if session is not None and session.request.client == client:
+                log.info("request cancelled", request=cancel.id, client=client, tokens=len(session.tokens))
+                return self._finish(session, "cancelled")
+            if ticket is not None and ticket.request.client == client:
+                log.info("request cancelled", request=cancel.id, client=client, tokens=0)
+                del self._waiting[key]  # being tokenized (the intake thread then drops it) or queued
+                self._queue = deque(item for item in self._queue if item[0] is not ticket)
+                return self._answer(ticket.request, ticket.reply_to, "cancelled")
+            self._refuse_cancel(topic, cancel, client, f"no request {cancel.id!r} of yours in flight")
+
+    def _refuse_cancel(self, topic: str, cancel: CancelRequest, client: str | None, message: str) -> None:
+        self.rejected += 1
+        self._client.report_error(self._cluster, reporter=self.settings.name, to=client or self.settings.name,
+                                  topic=topic, code="bad_request", message=message, ref=cancel.id)
 
     def _prefill(self, session: _Session) -> None:
         """Send the whole history from position 0 under the ready epoch.
@@ -352,7 +397,7 @@ class Head:
                                text=text[i:i + 1024])
             self._client.publish(topics.RESPONSES, name, event)
 
-    def _finish(self, session: _Session, reason: str, error: str | None = None) -> None:
+    def _finish(self, session: _Session, reason: StopReason, error: str | None = None) -> None:
         self._sessions.pop(session.id, None)
         text = session.stream.finish(session.tokens) if reason != "error" else ""
         n = len(session.tokens)
@@ -462,12 +507,17 @@ class Head:
 
     def _fail(self, request: GenerateRequest, message: str, *, code: str, reply_to: str | None) -> None:
         self.rejected += 1
-        result = GenerateResult(request=request.id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
-                                ms_per_token=0.0, stop_reason="error", error=message)
-        self._client.publish(topics.RESPONSES, self._response_name(request.id, reply_to), result)
+        self._answer(request, reply_to, "error", message)
         self._client.report_error(self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
                                   topic=topics.REQUESTS.build(self._cluster), code=code, message=message,
                                   ref=request.id)
+
+    def _answer(self, request: GenerateRequest, reply_to: str | None, reason: StopReason,
+                error: str | None = None) -> None:
+        """The final result of a request that never started."""
+        result = GenerateResult(request=request.id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
+                                ms_per_token=0.0, stop_reason=reason, error=error)
+        self._client.publish(topics.RESPONSES, self._response_name(request.id, reply_to), result)
 
     def _reject_request(self, topic: str, payload: bytes, exc: Exception) -> None:
         """A request that does not decode: an error report, and a final error response if it has an id."""

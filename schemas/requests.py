@@ -1,4 +1,4 @@
-"""Messages between clients and the head: requests, streamed tokens, results, errors."""
+"""Messages between clients and the head: requests, cancels, streamed tokens, results, errors."""
 
 from __future__ import annotations
 
@@ -54,6 +54,19 @@ class GenerateRequest(Message):
 
 
 @struct
+class CancelRequest(Message):
+    """Published on `cancel` (or `cancel/{client}`, beside `requests/{client}`) to stop a request
+    in flight: its result then says `cancelled`. Only the request's own client may cancel it.
+    Like a request, `mosquitto_pub -m '{"id":"r1"}'` works: "type" and "v" may be left out."""
+
+    TYPE = "cancel"
+    TAG_OPTIONAL = True
+
+    id: str = spec(pattern=ID_PATTERN, doc="the request to stop")
+    client: str | None = spec(pattern=ID_PATTERN, default=None, doc="the request's client, as the request said")
+
+
+@struct
 class TokenEvent(Message):
     """Streamed on `responses/{request}`, one per generated token."""
 
@@ -65,7 +78,7 @@ class TokenEvent(Message):
     text: str = spec(max_len=1024, doc="the text this token adds")
 
 
-StopReason = Literal["eos", "max_tokens", "stop", "error"]
+StopReason = Literal["eos", "max_tokens", "stop", "error", "cancelled"]
 
 
 @struct

@@ -19,7 +19,7 @@ from linguamq.schemas import envelope
 from linguamq.schemas.cluster import NodeStatus, Plan, Stage
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.examples import MANIFEST
-from linguamq.schemas.requests import GenerateRequest, GenerateResult, Sampling, TokenEvent
+from linguamq.schemas.requests import CancelRequest, GenerateRequest, GenerateResult, Sampling, TokenEvent
 
 CLUSTER = "t-req"
 
@@ -90,6 +90,14 @@ def ask(client: FakeClient, request: GenerateRequest, user: str | None = None) -
     else:
         client.handlers["requests_from"](topics.REQUESTS_FROM.build(CLUSTER, client=user), request, False)
     wait_until(lambda: len(client.published) + len(client.errors) > before)
+
+
+def cancel(client: FakeClient, cancel: CancelRequest, user: str | None = None) -> None:
+    """Publish ``cancel`` as ``user`` (on `cancel/{user}`; None: the open `cancel`)."""
+    if user is None:
+        client.handlers["cancel"](topics.CANCEL.build(CLUSTER), cancel, False)
+    else:
+        client.handlers["cancel_from"](topics.CANCEL_FROM.build(CLUSTER, client=user), cancel, False)
 
 
 def token(client: FakeClient, header: ActHeader, value: int) -> None:
@@ -216,4 +224,76 @@ def test_a_request_without_a_seed_gets_a_fresh_one_and_its_result_names_it() -> 
             token(client, header, 9)
         assert [answers(client, "alice", r)[1].seed for r in "abc"] == [a.sampling.seed, b.sampling.seed, 5]
     finally:
+        head.stop()
+
+
+def test_a_cancel_ends_the_request_within_a_step_and_frees_its_kv() -> None:
+    head, client = make_head()
+    try:
+        ask(client, GenerateRequest(id="r1", prompt="abc", max_tokens=50), user="alice")
+        token(client, last_act(client, 3), 0)  # "a"
+        in_flight = last_act(client, 3)  # step 1 is computing
+        cancel(client, CancelRequest(id="r1"), user="alice")
+        text, result = answers(client, "alice", "r1")
+        assert result is not None and (result.stop_reason, result.tokens, result.text, text) == (
+            "cancelled", (0,), "a", "a")
+        (end,) = client.ends()  # the nodes free the session's KV
+        assert end.session == in_flight.session
+        steps = len(client.acts())
+        token(client, in_flight, 1)  # the step in flight answers after the cancel: dropped
+        assert len(client.acts()) == steps and [r for r in client.on(topics.response_topic(CLUSTER, "r1", "alice"))
+                                                if isinstance(r, GenerateResult)] == [result]
+    finally:
+        head.stop()
+
+
+def test_only_the_requests_own_client_may_cancel_it() -> None:
+    head, client = make_head()
+    try:
+        ask(client, GenerateRequest(id="r1", prompt="abc", max_tokens=2), user="alice")
+        cancel(client, CancelRequest(id="r1"), user="bob")  # bob's r1: there is none
+        cancel(client, CancelRequest(id="r1", client="alice"), user="bob")  # in alice's name, on bob's topic
+        cancel(client, CancelRequest(id="r1", client="alice"))  # on the open topic
+        assert [(e["to"], e["code"]) for e in client.errors] == [("bob", "bad_request"), ("bob", "bad_request"),
+                                                                 ("alice", "bad_request")]
+        ask(client, GenerateRequest(id="r2", prompt="wxyz", max_tokens=2, client="c1"))  # on the open topic
+        cancel(client, CancelRequest(id="r2", client="c2"))
+        cancel(client, CancelRequest(id="r2"))
+        assert answers(client, "alice", "r1")[1] is None and client.on(topics.response_topic(CLUSTER, "r2")) == []
+        token(client, last_act(client, 3), 0)
+        token(client, last_act(client, 3), 1)
+        assert answers(client, "alice", "r1")[1].stop_reason == "max_tokens"  # alice's ran to its end
+        cancel(client, CancelRequest(id="r2", client="c1"))  # its own client may
+        (result,) = client.on(topics.response_topic(CLUSTER, "r2"))
+        assert result.stop_reason == "cancelled" and len(client.errors) == 5
+    finally:
+        head.stop()
+
+
+def test_a_request_cancelled_before_it_started_never_starts() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def encode(text: str) -> list[int]:
+        if text.startswith("big"):
+            started.set()
+            release.wait(30)  # still being tokenized when the cancel comes
+        return [5] * min(len(text), 8)
+
+    head, client = make_head(encode=encode, max_sessions=1)
+    try:
+        ask(client, GenerateRequest(id="running", prompt="abc", max_tokens=1), user="alice")
+        for rid, prompt in (("queued", "wxyz"), ("tokenizing", "bigbig")):
+            client.handlers["requests_from"](topics.REQUESTS_FROM.build(CLUSTER, client="alice"),
+                                             GenerateRequest(id=rid, prompt=prompt), False)
+        assert started.wait(10)  # prompts are tokenized in order: "queued" waits for room by now
+        for rid in ("queued", "tokenizing"):
+            cancel(client, CancelRequest(id=rid), user="alice")
+        release.set()
+        token(client, last_act(client, 3), 0)  # room for another session now
+        ask(client, GenerateRequest(id="after", prompt="xy", max_tokens=1), user="alice")  # tokenized after them
+        assert [answers(client, "alice", r)[1].stop_reason for r in ("running", "queued", "tokenizing")] == [
+            "max_tokens", "cancelled", "cancelled"]
+        assert [a.shape for a in client.acts()] == [(1, 3), (1, 2)] and client.errors == []  # neither started
+    finally:
+        release.set()
         head.stop()

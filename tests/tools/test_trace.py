@@ -230,7 +230,7 @@ def test_a_request_is_followed_through_its_session_ids(tmp_path: Path) -> None:
     events = synthetic_events()
     for sid, ref in (("s1", "s1"), ("s1", None), ("other", "other")):
         events.append({"kind": "error", "t": 102.0, "msg": ErrorReport(
-            reporter="n1", topic="lmq/home/act/0", code="unknown_session", message=f"{sid}?", ref=ref, ts=1.0)})
+            reporter="n1", topic=topics.ACT.build("home", piece=0), code="unknown_session", message=f"{sid}?", ref=ref, ts=1.0)})
     path = tmp_path / "t.jsonl"
     path.write_text("".join(encode_event(e) + "\n" for e in events).replace('"request":"s1"', '"request":"r1"'))
     model = load(path, request="r1")

@@ -1,5 +1,5 @@
 """`linguamq generate --broker URL --prompt TEXT`: generate through a running cluster
-(built on the Python API, ``linguamq.Client``)."""
+(built on the Python API, ``linguamq.Client``). Ctrl-C cancels the request (exit 130)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     except (LinguamqError, ValueError) as exc:
         print(f"linguamq generate: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # leaving the stream has cancelled the request: the cluster stops too
+        print("\nlinguamq generate: cancelled", file=sys.stderr)
+        return 130
     assert result is not None
     if args.json:
         print(json.dumps({"tokens": list(result.tokens), "text": result.text, "ttft_ms": result.ttft_ms,
