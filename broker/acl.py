@@ -10,7 +10,8 @@ the same rules:
 - ``node`` U: publishes its own status (and will), telemetry, probe and errors, activations,
   session outputs, blob requests and clock answers; reads the manifest, its own assignment,
   control, probe and pings, activations, and the blob chunks addressed to it.
-- ``client`` U: publishes requests on `requests/U`; reads `responses/U/+` and `errors/U`.
+- ``client`` U: publishes requests on `requests/U` and cancels on `cancel/U`; reads
+  `responses/U/+` and `errors/U`.
 
 What it cannot stop: a node may publish any activation or session output (it is part of
 the pipeline; a hostile node can corrupt generation but cannot read what it should not).
@@ -54,7 +55,7 @@ _NODE = (
     Rule(READ, T.BLOB_CHUNK, ("node",)),
 )
 _CLIENT = (
-    Rule(WRITE, T.REQUESTS_FROM, ("client",)),
+    Rule(WRITE, T.REQUESTS_FROM, ("client",)), Rule(WRITE, T.CANCEL_FROM, ("client",)),
     Rule(READ, T.CLIENT_RESPONSES, ("client",)), Rule(READ, T.ERRORS, ("client",)),
 )
 RULES: dict[str, tuple[Rule, ...]] = {"node": _NODE, "client": _CLIENT}  # "hub": everything

@@ -13,11 +13,21 @@ than its own measured step time (a message lost to a frozen or reconnecting node
 gives up after 5 s, clean sessions drop what was queued) is re-sent, with backoff; the
 nodes' KV alignment rule makes that idempotent, and outputs are accepted once per
 (epoch, step).
+
+Request ids belong to their client: a request made on `requests/{c}` is known by (c, id),
+one on the open `requests` topic by (None, id), and its session id on the wire (envelopes,
+`sessions/{s}/out`, the nodes' KV caches) is derived from both: one user's ids never
+reach another user's request. A CancelRequest on `cancel/{c}` (or `cancel`) stops a
+request of that client: no step is sent after it, the nodes free the session's KV, and
+the result says `cancelled`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import queue
 import re
 import threading
 import time
@@ -34,13 +44,30 @@ from linguamq.schemas.cluster import NodeStatus, Plan, Telemetry
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.manifest import ModelManifest
-from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, TokenEvent
+from linguamq.schemas.requests import (
+    CancelRequest,
+    ErrorReport,
+    GenerateRequest,
+    GenerateResult,
+    StopReason,
+    TokenEvent,
+)
 from linguamq.schemas.wire import parse_json
 from linguamq.topics.client import MqttClient, MqttError
 
 log = structlog.get_logger()
 MAX_REPREFILLS = 3  # per session, after nodes lost its KV; then the request fails
 STEP_HISTORY = 32  # step times kept per session (and for the head), for the retry bound
+Key = tuple[str | None, str]  # (the client of `requests/{client}`, None for the open topic; request id)
+
+
+def session_id(key: Key) -> str:
+    """The session id on the wire for a request: unique per (client, request id), a topic id.
+    The request id's start keeps logs readable; the digest of both keeps it unique (client
+    ids are never empty and never hold the separator)."""
+    client, request = key
+    digest = hashlib.sha256(f"{client or ''}/{request}".encode()).hexdigest()[:24]
+    return f"{request[:39]}-{digest}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,10 +87,24 @@ class HeadSettings:
     telemetry_interval_s: float = 1.0  # the hub's Telemetry (rejections) on hub/telemetry
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ticket:
+    """A request as it arrived: the client of its topic (None: the open `requests`) decides
+    where its answers go and, with its id, whose it is."""
+
+    request: GenerateRequest
+    reply_to: str | None
+
+    @property
+    def key(self) -> Key:
+        return self.reply_to, self.request.id
+
+
 @dataclasses.dataclass
 class _Session:
     request: GenerateRequest
     prompt: list[int]
+    reply_to: str | None = None  # the client of `requests/{client}`; None: the open `requests` topic
     stream: TextStream | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     epoch: int = 0
@@ -77,6 +118,11 @@ class _Session:
     retries: int = 0  # re-sends of the current step; reset by a token
     reprefills: int = 0  # after a node lost the session's KV (evicted, expired, restarted)
 
+    @property
+    def id(self) -> str:
+        """The session id on the wire."""
+        return session_id((self.reply_to, self.request.id))
+
 
 class Head:
     def __init__(self, *, client: MqttClient, manifest: ModelManifest, encode: Callable[[str], list[int]],
@@ -88,9 +134,12 @@ class Head:
         self._encode, self._decode = encode, decode
         self._cluster = settings.cluster
         self._lock = threading.RLock()
-        self._sessions: dict[str, _Session] = {}
-        self._reply_to: dict[str, str] = {}  # request id -> client, for requests on `requests/{client}`
-        self._queue: deque[tuple[GenerateRequest, list[int]]] = deque()  # waiting: (request, prompt ids)
+        self._sessions: dict[str, _Session] = {}  # by session id on the wire (session_id)
+        # Requests received and not started (being tokenized, or queued), for duplicates and the
+        # max_queued bound, which also bounds the intake queue.
+        self._waiting: dict[Key, _Ticket] = {}
+        self._intake: queue.SimpleQueue[_Ticket | None] = queue.SimpleQueue()  # to tokenize, in arrival order
+        self._queue: deque[tuple[_Ticket, list[int]]] = deque()  # tokenized, waiting for room: (request, prompt)
         self._plan: Plan | None = None
         self._status: dict[str, NodeStatus] = {}
         self._ready_epoch = 0  # the epoch whose stages all reported ready
@@ -100,6 +149,7 @@ class Head:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.errors = 0  # watchdog rounds that failed (logged, then tried again)
+        self._intake_thread: threading.Thread | None = None
         self.rejected = 0  # messages refused (bad payloads, refused requests), reported in its telemetry
         self.also_rejected: Callable[[], int] = lambda: 0  # the hub adds its planner's count
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
@@ -115,13 +165,19 @@ class Head:
         c.subscribe(topics.REQUESTS, topics.REQUESTS.build(cl), self._on_request, on_reject=self._reject_request)
         c.subscribe(topics.REQUESTS_FROM, topics.REQUESTS_FROM.filter(cl), self._on_client_request,
                     on_reject=self._reject_request)
+        c.subscribe(topics.CANCEL, topics.CANCEL.build(cl), self._on_cancel, on_reject=self._reject)
+        c.subscribe(topics.CANCEL_FROM, topics.CANCEL_FROM.filter(cl), self._on_client_cancel, on_reject=self._reject)
         self._watchdog = threading.Thread(target=self._watch, name="head-watchdog", daemon=True)
         self._watchdog.start()
+        self._intake_thread = threading.Thread(target=self._take_in, name="head-intake", daemon=True)
+        self._intake_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._watchdog is not None:
-            self._watchdog.join(timeout=5)
+        self._intake.put(None)
+        for thread in (self._watchdog, self._intake_thread):
+            if thread is not None:
+                thread.join(timeout=5)
 
     @property
     def ready(self) -> bool:
@@ -136,19 +192,22 @@ class Head:
         client = str(topics.parse(topic)["client"])
         if request.client is not None and request.client != client:
             with self._lock:
-                self._reply_to[request.id] = client
                 return self._fail(dataclasses.replace(request, client=client), f"the request says client "
-                                  f"{request.client!r} but came on the topic of {client!r}", code="bad_request")
+                                  f"{request.client!r} but came on the topic of {client!r}", code="bad_request",
+                                  reply_to=client)
         self._on_request(topic, dataclasses.replace(request, client=client), retained, reply_to=client)
 
-    def _response_name(self, request: str) -> str:
+    def _response_name(self, request: str, reply_to: str | None) -> str:
         """Where a request's TokenEvents and result go: `responses/{c}/{id}` if it came on
         `requests/{c}`, else `responses/{id}`."""
-        return topics.response_topic(self._cluster, request, self._reply_to.get(request))
+        return topics.response_topic(self._cluster, request, reply_to)
 
     def _on_request(self, topic: str, request: GenerateRequest, retained: bool, reply_to: str | None = None) -> None:
+        """Checks that need no tokenizer, on paho's thread; the prompt goes to the intake thread."""
+        ticket = _Ticket(request.seeded(), reply_to)
+        request = ticket.request
         with self._lock:
-            if request.id in self._sessions or any(q.id == request.id for q, _ in self._queue):
+            if ticket.key in self._waiting or session_id(ticket.key) in self._sessions:
                 # A client that reconnected re-sends its request (linguamq/client.py): the original
                 # goes on; the duplicate is only reported, never answered on its response topic.
                 self.rejected += 1
@@ -156,40 +215,106 @@ class Head:
                     self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
                     topic=topic, code="bad_request", message=f"request id {request.id!r} is already in flight",
                     ref=request.id)
-            if reply_to is not None:
-                self._reply_to[request.id] = reply_to
+            fail = functools.partial(self._fail, request, reply_to=reply_to)
             if not self._take_token(request.client or "anonymous"):
-                return self._fail(request, f"rate limited: client {request.client or 'anonymous'} sent more than "
-                                  f"{self.settings.rate:g} requests/s (burst {self.settings.burst})", code="rate_limited")
+                return fail(f"rate limited: client {request.client or 'anonymous'} sent more than "
+                            f"{self.settings.rate:g} requests/s (burst {self.settings.burst})", code="rate_limited")
             if self.settings.max_tokens and request.max_tokens > self.settings.max_tokens:
-                return self._fail(request, f"max_tokens {request.max_tokens} exceeds this hub's cap of "
-                                  f"{self.settings.max_tokens} (--max-tokens)", code="too_large")
+                return fail(f"max_tokens {request.max_tokens} exceeds this hub's cap of "
+                            f"{self.settings.max_tokens} (--max-tokens)", code="too_large")
             if self._plan is not None and not self._plan.stages:
-                return self._fail(request, f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
+                return fail(f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
+            if len(self._waiting) >= self.settings.max_queued:
+                return fail("too many requests waiting", code="overloaded")
+            self._waiting[ticket.key] = ticket
+            self._intake.put(ticket)
+
+    def _take_in(self) -> None:
+        """The intake thread: tokenizes each request off paho's thread and outside the lock (a
+        long prompt on a slow tokenizer must hold up neither other sessions' tokens nor the
+        keep-alives), then queues it."""
+        while (ticket := self._intake.get()) is not None:
+            prompt = self._tokenize(ticket.request)
             try:
-                prompt = self._encode(request.prompt)
-            except Exception as exc:  # a tokenizer may raise anything on odd input
-                return self._fail(request, f"cannot tokenize the prompt: {exc}", code="bad_request")
-            if not prompt or len(prompt) > self.settings.max_prompt_tokens:
-                return self._fail(request, f"prompt has {len(prompt)} tokens; 1..{self.settings.max_prompt_tokens} "
-                                  "accepted", code="too_large")
-            if len(prompt) + request.max_tokens > self._manifest.max_context:
-                return self._fail(request, f"prompt ({len(prompt)}) + max_tokens ({request.max_tokens}) exceeds the "
-                                  f"model's context of {self._manifest.max_context}", code="too_large")
-            if len(self._queue) >= self.settings.max_queued:
-                return self._fail(request, "too many requests waiting", code="overloaded")
-            self._queue.append((request, prompt))
-            self._admit()
+                with self._lock:
+                    self._enqueue(ticket, prompt)
+            except Exception:  # never lose the thread: every later request would wait forever
+                log.exception("request intake failed", request=ticket.request.id)
+
+    def _tokenize(self, request: GenerateRequest) -> list[int] | str:
+        """The prompt's token ids, or why it cannot be tokenized."""
+        try:
+            return self._encode(request.prompt)
+        except Exception as exc:  # a tokenizer may raise anything on odd input
+            return f"cannot tokenize the prompt: {exc}"
+
+    def _enqueue(self, ticket: _Ticket, prompt: list[int] | str) -> None:
+        """Queue a tokenized request, or fail it if its prompt does not fit."""
+        if self._waiting.get(ticket.key) is not ticket:
+            return  # no longer waiting: cancelled, or failed with its plan, meanwhile
+        request = ticket.request
+        if isinstance(prompt, str):
+            return self._fail_waiting(ticket, prompt, code="bad_request")
+        if not prompt or len(prompt) > self.settings.max_prompt_tokens:
+            return self._fail_waiting(ticket, f"prompt has {len(prompt)} tokens; 1.."
+                                      f"{self.settings.max_prompt_tokens} accepted", code="too_large")
+        if len(prompt) + request.max_tokens > self._manifest.max_context:
+            return self._fail_waiting(ticket, f"prompt ({len(prompt)}) + max_tokens ({request.max_tokens}) exceeds "
+                                      f"the model's context of {self._manifest.max_context}", code="too_large")
+        if self._plan is not None and not self._plan.stages:
+            return self._fail_waiting(ticket, f"no plan fits the nodes online: {self._plan.reason}", code="overloaded")
+        self._queue.append((ticket, prompt))
+        self._admit()
+
+    def _fail_waiting(self, ticket: _Ticket, message: str, *, code: str) -> None:
+        del self._waiting[ticket.key]
+        self._fail(ticket.request, message, code=code, reply_to=ticket.reply_to)
 
     def _admit(self) -> None:
         """Start queued requests while there is room and a ready pipeline."""
         while self.ready and self._queue and len(self._sessions) < self.settings.max_sessions:
-            request, prompt = self._queue.popleft()
-            session = _Session(request=request, prompt=prompt)
+            ticket, prompt = self._queue.popleft()
+            del self._waiting[ticket.key]
+            request = ticket.request
+            session = _Session(request=request, prompt=prompt, reply_to=ticket.reply_to)
             session.stream = TextStream(self._decode, request.stop, lambda text, s=session: self._stream(s, text))
-            self._sessions[request.id] = session
+            self._sessions[session.id] = session
             session.t_start = time.perf_counter()
             self._prefill(session)
+
+    # --- cancels -------------------------------------------------------------------
+
+    def _on_client_cancel(self, topic: str, cancel: CancelRequest, retained: bool) -> None:
+        """A cancel on `cancel/{c}` (only user c may publish there): it stops c's request only."""
+        client = str(topics.parse(topic)["client"])
+        if cancel.client is not None and cancel.client != client:
+            return self._refuse_cancel(topic, cancel, client, f"the cancel says client {cancel.client!r} but came on "
+                                       f"the topic of {client!r}")
+        self._cancel(topic, cancel, (client, cancel.id), client)
+
+    def _on_cancel(self, topic: str, cancel: CancelRequest, retained: bool) -> None:
+        """A cancel on the open `cancel` topic, for a request made on `requests` by the same client."""
+        self._cancel(topic, cancel, (None, cancel.id), cancel.client)
+
+    def _cancel(self, topic: str, cancel: CancelRequest, key: Key, client: str | None) -> None:
+        """Stop the request ``key`` if ``client`` made it: a session ends at once (the step in
+        flight is dropped when it answers; its `end` envelope frees the nodes' KV)."""
+        with self._lock:
+            session, ticket = self._sessions.get(session_id(key)), self._waiting.get(key)
+            if session is not None and session.request.client == client:
+                log.info("request cancelled", request=cancel.id, client=client, tokens=len(session.tokens))
+                return self._finish(session, "cancelled")
+            if ticket is not None and ticket.request.client == client:
+                log.info("request cancelled", request=cancel.id, client=client, tokens=0)
+                del self._waiting[key]  # being tokenized (the intake thread then drops it) or queued
+                self._queue = deque(item for item in self._queue if item[0] is not ticket)
+                return self._answer(ticket.request, ticket.reply_to, "cancelled")
+            self._refuse_cancel(topic, cancel, client, f"no request {cancel.id!r} of yours in flight")
+
+    def _refuse_cancel(self, topic: str, cancel: CancelRequest, client: str | None, message: str) -> None:
+        self.rejected += 1
+        self._client.report_error(self._cluster, reporter=self.settings.name, to=client or self.settings.name,
+                                  topic=topic, code="bad_request", message=message, ref=cancel.id)
 
     def _prefill(self, session: _Session) -> None:
         """Send the whole history from position 0 under the ready epoch.
@@ -225,7 +350,7 @@ class Head:
 
     def _send(self, session: _Session, ids: np.ndarray, *, start_pos: int) -> None:
         request = session.request
-        header = ActHeader.for_tensor(ids, session=request.id, request=request.id, step=session.step,
+        header = ActHeader.for_tensor(ids, session=session.id, request=request.id, step=session.step,
                                       epoch=session.epoch, piece=0, start_pos=start_pos, sampling=request.sampling)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, ids))
         session.t_sent, session.inputs = time.perf_counter(), int(ids.shape[-1])
@@ -267,23 +392,22 @@ class Head:
     def _stream(self, session: _Session, text: str) -> None:
         """Publish newly final text; long text (a held-back stop-string prefix) goes in pieces."""
         request = session.request.id
-        name = self._response_name(request)
+        name = self._response_name(request, session.reply_to)
         for i in range(0, len(text), 1024):
             event = TokenEvent(request=request, index=len(session.tokens) - 1, token=session.tokens[-1],
                                text=text[i:i + 1024])
             self._client.publish(topics.RESPONSES, name, event)
 
-    def _finish(self, session: _Session, reason: str, error: str | None = None) -> None:
-        self._sessions.pop(session.request.id, None)
+    def _finish(self, session: _Session, reason: StopReason, error: str | None = None) -> None:
+        self._sessions.pop(session.id, None)
         text = session.stream.finish(session.tokens) if reason != "error" else ""
         n = len(session.tokens)
         result = GenerateResult(
             request=session.request.id, text=text, tokens=tuple(session.tokens), prompt_tokens=len(session.prompt),
             ttft_ms=(session.t_first - session.t_start) * 1e3 if n else 0.0,
             ms_per_token=(session.t_last - session.t_first) * 1e3 / (n - 1) if n > 1 else 0.0,
-            stop_reason=reason, error=error)
-        self._client.publish(topics.RESPONSES, self._response_name(session.request.id), result)
-        self._reply_to.pop(session.request.id, None)
+            stop_reason=reason, error=error, seed=session.request.sampling.seed)
+        self._client.publish(topics.RESPONSES, self._response_name(session.request.id, session.reply_to), result)
         self._end_session(session)
         log.info("request done", request=session.request.id, tokens=n, reason=reason, error=error)
         self._admit()
@@ -291,7 +415,7 @@ class Head:
     def _end_session(self, session: _Session) -> None:
         """Tell every stage to free the session's KV cache (an empty envelope marked end)."""
         empty = np.zeros((1, 0), dtype=np.int64)
-        header = ActHeader.for_tensor(empty, session=session.request.id, request=session.request.id,
+        header = ActHeader.for_tensor(empty, session=session.id, request=session.request.id,
                                       step=session.step, epoch=session.epoch, piece=0, start_pos=0, end=True)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, empty))
 
@@ -304,8 +428,9 @@ class Head:
                 message = f"no plan fits the nodes online: {plan.reason}"
                 for session in list(self._sessions.values()):
                     self._finish(session, "error", message)
-                while self._queue:
-                    self._fail(self._queue.popleft()[0], message, code="overloaded")
+                for ticket in list(self._waiting.values()):  # queued, or being tokenized
+                    self._fail_waiting(ticket, message, code="overloaded")
+                self._queue.clear()
                 return
             self._check_ready()
 
@@ -396,15 +521,19 @@ class Head:
 
     # --- rejects -----------------------------------------------------------------------
 
-    def _fail(self, request: GenerateRequest, message: str, *, code: str) -> None:
+    def _fail(self, request: GenerateRequest, message: str, *, code: str, reply_to: str | None) -> None:
         self.rejected += 1
-        result = GenerateResult(request=request.id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
-                                ms_per_token=0.0, stop_reason="error", error=message)
-        self._client.publish(topics.RESPONSES, self._response_name(request.id), result)
-        self._reply_to.pop(request.id, None)
+        self._answer(request, reply_to, "error", message)
         self._client.report_error(self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
                                   topic=topics.REQUESTS.build(self._cluster), code=code, message=message,
                                   ref=request.id)
+
+    def _answer(self, request: GenerateRequest, reply_to: str | None, reason: StopReason,
+                error: str | None = None) -> None:
+        """The final result of a request that never started."""
+        result = GenerateResult(request=request.id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
+                                ms_per_token=0.0, stop_reason=reason, error=error)
+        self._client.publish(topics.RESPONSES, self._response_name(request.id, reply_to), result)
 
     def _reject_request(self, topic: str, payload: bytes, exc: Exception) -> None:
         """A request that does not decode: an error report, and a final error response if it has an id."""
@@ -441,7 +570,7 @@ class Head:
             return
         self._t_telemetry, self._seq = now, self._seq + 1
         with self._lock:
-            sessions, queued = len(self._sessions), len(self._queue)
+            sessions, queued = len(self._sessions), len(self._waiting)
         report = Telemetry(node=self.settings.name, ts=time.time(), seq=self._seq, epoch=self._ready_epoch,
                            queue_depth=queued, sessions=sessions, rss_mb=self._rss_mb(),
                            rejected=self.rejected + self.also_rejected())

@@ -15,9 +15,13 @@ Underneath is ``generate_remote`` (also used by the benches and chaos cases with
 connection of their own). A request survives a lost broker (a hub restart): once the
 client has reconnected, the request is published again, and again every few seconds
 until an answer comes (the new hub's head may not be listening yet). Generation is
-deterministic per (seed, step), so the new head's stream repeats what the old one sent:
+deterministic per (seed, step) and a request without a seed gets one here, before it is
+first sent, so the new head's stream repeats what the old one sent:
 events already passed on are skipped, by their (token index, piece) order. A head that
 still runs the request only reports the copy on `errors/`.
+
+A request left before its end (a Stream closed, a ``with`` left, Ctrl-C) is cancelled: the
+head stops it within a step and the nodes free its KV cache.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ import structlog
 from linguamq import topics
 from linguamq.errors import ConnectionFailed, GenerationError, NotAuthorized, RequestError, Timeout
 from linguamq.schemas.errors import SchemaError
-from linguamq.schemas.requests import GenerateRequest, GenerateResult, Sampling, TokenEvent
+from linguamq.schemas.requests import CancelRequest, GenerateRequest, GenerateResult, Sampling, TokenEvent
 from linguamq.topics.client import MqttClient, MqttError, MqttNotAuthorized, MqttTimeout
 
 Result = GenerateResult  # text, tokens, prompt_tokens, ttft_ms, ms_per_token, stop_reason, error
 RESEND_S = 5.0  # after a reconnect, publish the request again this often until something arrives
+CANCEL_WAIT_S = 2.0  # a cancel waits this long for the broker's acknowledgement (Ctrl-C must not hang)
 DEFAULT_URL = "mqtt://127.0.0.1:1883"
 
 
@@ -115,7 +120,7 @@ class Client:
 
 class Stream(Iterator[str]):
     """The text pieces of one request, as they arrive; ``result`` once it has ended.
-    Closing it before the end (``close()``, leaving a ``with``) stops following the request."""
+    Closing it before the end (``close()``, leaving a ``with``) cancels the request."""
 
     def __init__(self, events: Generator[str, None, GenerateResult]) -> None:
         self._events = events
@@ -231,11 +236,25 @@ def addressing(client: MqttClient, cluster: str, request: GenerateRequest) -> tu
     A client logged in as user U (a secured cluster) may publish only on `requests/U` and read
     only `responses/U/+`: the request goes there, with ``client`` = U. Without a username it
     goes on the open `requests` topic and is answered on `responses/{id}`."""
-    user = client.url.username
-    if user is None or not topics.is_id("client", user):
+    user = _user(client)
+    if user is None:
         return request, topics.REQUESTS.build(cluster), topics.response_topic(cluster, request.id)
     return (dataclasses.replace(request, client=user), topics.REQUESTS_FROM.build(cluster, client=user),
             topics.response_topic(cluster, request.id, user))
+
+
+def cancel(client: MqttClient, cluster: str, request: GenerateRequest, *, wait: float = CANCEL_WAIT_S) -> None:
+    """Ask the head to stop ``request`` (as ``addressing`` sent it): no step after this one, the
+    nodes free its KV, its result says `cancelled`. On `cancel/U` for user U, else `cancel`."""
+    user = _user(client)
+    topic = topics.CANCEL.build(cluster) if user is None else topics.CANCEL_FROM.build(cluster, client=user)
+    client.publish(topics.CANCEL, topic, CancelRequest(id=request.id, client=request.client), wait=wait)
+
+
+def _user(client: MqttClient) -> str | None:
+    """The client's username if it can name its topics (a secured cluster), else None."""
+    user = client.url.username
+    return user if user is not None and topics.is_id("client", user) else None
 
 
 def generate_remote(client: MqttClient, cluster: str, request: GenerateRequest, *,
@@ -258,10 +277,12 @@ def follow(client: MqttClient, cluster: str, request: GenerateRequest, *, timeou
            on_resend: Callable[[], None] | None = None) -> Generator[str, None, GenerateResult]:
     """Send ``request`` and yield its text pieces; returns (StopIteration.value) its result.
 
-    Subscribes to the response topic before publishing, so no token is missed; closing the
-    generator early unsubscribes."""
+    Subscribes to the response topic before publishing, so no token is missed; leaving the
+    generator before the result (closed, or an exception such as KeyboardInterrupt) cancels
+    the request and unsubscribes."""
     inbox: queue.Queue[TokenEvent | GenerateResult] = queue.Queue()
-    request, request_topic, name = addressing(client, cluster, request)
+    # The seed is fixed here, not by the head: a request re-sent to a new hub must replay the same stream.
+    request, request_topic, name = addressing(client, cluster, request.seeded())
 
     def subscribe() -> None:
         client.subscribe(topics.RESPONSES, name, lambda _t, value, _r: inbox.put(value), wait=10.0)
@@ -273,8 +294,10 @@ def follow(client: MqttClient, cluster: str, request: GenerateRequest, *, timeou
     subscribe()
     remove_listener = client.on_reconnect(reconnected.set)
     resume = _Resume()
+    sent = ended = False
     try:
         send()
+        sent = True
         last_event = time.monotonic()
         resend_at: float | None = None  # set after a reconnect, until the first event arrives
         while True:
@@ -299,11 +322,15 @@ def follow(client: MqttClient, cluster: str, request: GenerateRequest, *, timeou
                 continue
             last_event, resend_at = time.monotonic(), None
             if isinstance(event, GenerateResult):
+                ended = True
                 return event
             if resume.fresh(event):
                 yield event.text
     finally:
         remove_listener()
+        if sent and not ended:  # left early: the cluster would compute up to max_tokens for nobody
+            with contextlib.suppress(MqttError):
+                cancel(client, cluster, request)
         with contextlib.suppress(MqttError):
             client.unsubscribe(name)
 
@@ -333,8 +360,7 @@ class _Resume:
 def _request(prompt: str, *, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
              stop: tuple[str, ...] | list[str], request_id: str | None) -> GenerateRequest:
     with _translated():
-        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
-                            **({} if seed is None else {"seed": seed}))
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return GenerateRequest(id=request_id or new_request_id(), prompt=prompt, max_tokens=max_tokens,
                                sampling=sampling, stop=tuple(stop))
 

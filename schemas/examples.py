@@ -18,7 +18,7 @@ from linguamq.schemas.cluster import (
     Telemetry,
 )
 from linguamq.schemas.manifest import ModelManifest, PieceKind, PieceSpec, TensorSpec
-from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, Sampling, TokenEvent
+from linguamq.schemas.requests import CancelRequest, ErrorReport, GenerateRequest, GenerateResult, Sampling, TokenEvent
 from linguamq.schemas.wire import Message
 
 SHA = "0123456789abcdef" * 4
@@ -61,9 +61,10 @@ EXAMPLES: dict[type[Message], Message] = {m.__class__: m for m in (
          left_out=(LeftOut(node="pi", why="slower than the plan without it"),), solve_s=0.05),
     GenerateRequest(id="r1", prompt="Hello", max_tokens=16, sampling=Sampling(temperature=0.7, top_k=40, top_p=0.9,
                     seed=7), stop=("\n\n",), client="cli-1"),
+    CancelRequest(id="r1", client="cli-1"),
     TokenEvent(request="r1", index=0, token=42, text=" world"),
     GenerateResult(request="r1", text=" world", tokens=(42,), prompt_tokens=5, ttft_ms=35.0, ms_per_token=12.5,
-                   stop_reason="max_tokens"),
+                   stop_reason="max_tokens", seed=7),
     ErrorReport(reporter="phone-1", topic="requests", code="bad_payload",
                 message="max_tokens: 0 is below the minimum 1", ref="r1", ts=1_700_000_002.0),
     NodeControl(node="phone-1", slowdown=3.0),

@@ -1,7 +1,9 @@
-"""Messages between clients and the head: requests, streamed tokens, results, errors."""
+"""Messages between clients and the head: requests, cancels, streamed tokens, results, errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 from typing import Literal
 
 from linguamq.schemas.errors import SchemaError
@@ -9,6 +11,13 @@ from linguamq.schemas.wire import ID_PATTERN, Message, Struct, parse_json, spec,
 
 MAX_PROMPT_CHARS = 65536
 MAX_TOKENS_LIMIT = 8192
+SEED_MAX = 2**63 - 1
+
+
+def random_seed() -> int:
+    """A fresh seed for a request that names none. Below 2**53, so that a JSON reader that
+    keeps numbers as doubles (JavaScript) can send it back unchanged to replay the answer."""
+    return secrets.randbelow(2**53)
 
 
 @struct
@@ -16,7 +25,8 @@ class Sampling(Struct):
     temperature: float = spec(ge=0, le=100, default=0.0, doc="0 means greedy")
     top_k: int = spec(ge=0, le=1_000_000, default=0, doc="0 means no top-k cut")
     top_p: float = spec(gt=0, le=1, default=1.0)
-    seed: int = spec(ge=0, le=2**63 - 1, default=0)
+    seed: int | None = spec(ge=0, le=SEED_MAX, default=None,
+                            doc="sampling is a function of (seed, step); none: the head picks one, reported in the result")
 
 
 @struct
@@ -35,6 +45,26 @@ class GenerateRequest(Message):
     stop: tuple[str, ...] = spec(max_len=16, default=())
     client: str | None = spec(pattern=ID_PATTERN, default=None, doc="where errors are reported")
 
+    def seeded(self) -> GenerateRequest:
+        """This request with a seed: its own, or a fresh one (users expect a new answer each
+        time; the result reports the seed, so any answer can be replayed)."""
+        if self.sampling.seed is not None:
+            return self
+        return dataclasses.replace(self, sampling=dataclasses.replace(self.sampling, seed=random_seed()))
+
+
+@struct
+class CancelRequest(Message):
+    """Published on `cancel` (or `cancel/{client}`, beside `requests/{client}`) to stop a request
+    in flight: its result then says `cancelled`. Only the request's own client may cancel it.
+    Like a request, `mosquitto_pub -m '{"id":"r1"}'` works: "type" and "v" may be left out."""
+
+    TYPE = "cancel"
+    TAG_OPTIONAL = True
+
+    id: str = spec(pattern=ID_PATTERN, doc="the request to stop")
+    client: str | None = spec(pattern=ID_PATTERN, default=None, doc="the request's client, as the request said")
+
 
 @struct
 class TokenEvent(Message):
@@ -48,7 +78,7 @@ class TokenEvent(Message):
     text: str = spec(max_len=1024, doc="the text this token adds")
 
 
-StopReason = Literal["eos", "max_tokens", "stop", "error"]
+StopReason = Literal["eos", "max_tokens", "stop", "error", "cancelled"]
 
 
 @struct
@@ -65,6 +95,7 @@ class GenerateResult(Message):
     ms_per_token: float = spec(ge=0)
     stop_reason: StopReason
     error: str | None = spec(max_len=1024, default=None)
+    seed: int | None = spec(ge=0, le=SEED_MAX, default=None, doc="the sampling seed used: send it to replay the answer")
 
 
 @struct

@@ -18,6 +18,7 @@ from linguamq.hub.textstream import StopReason, TextStream, stop_reason
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
 from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.requests import random_seed
 
 MANIFEST = "manifest.json"
 
@@ -30,6 +31,7 @@ class GenerationResult:
     ttft_ms: float  # prompt in -> first token sampled (prefill + head + sampling)
     ms_per_token: float  # mean time of each further token (0.0 when only one)
     stop_reason: StopReason
+    seed: int  # the sampling seed used (a fresh one if none was given): pass it to replay
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self) | {"tokens": list(self.tokens)}
@@ -62,10 +64,12 @@ def generate_local(runtime: SegmentRuntime, *, prompt_ids: Sequence[int], max_to
 
     Stops at an EOS id, at `max_tokens`, or (with `decode`) once the text contains a
     `stop` string. `on_text` receives the text as it becomes final (a stop string and
-    an incomplete UTF-8 tail are held back).
+    an incomplete UTF-8 tail are held back). Without a seed it picks one, as the head does.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    seed = random_seed() if sampling.seed is None else sampling.seed
+    sampling = dataclasses.replace(sampling, seed=seed)
     stream = TextStream(decode, tuple(stop), on_text)
     eos = frozenset(eos_token_ids)
     runtime.drop(session)
@@ -85,7 +89,7 @@ def generate_local(runtime: SegmentRuntime, *, prompt_ids: Sequence[int], max_to
     return GenerationResult(tokens=tuple(tokens), text=stream.finish(tokens), prompt_tokens=len(prompt_ids),
                             ttft_ms=(first - started) * 1e3,
                             ms_per_token=(done - first) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else 0.0,
-                            stop_reason=reason)
+                            stop_reason=reason, seed=seed)
 
 
 def _step(runtime: SegmentRuntime, session: str, ids: np.ndarray, start: int, sampling: SamplingParams,

@@ -6,6 +6,8 @@ from linguamq.topics.namespace import (
     ALL,
     BLOB_CHUNK,
     BLOB_REQUEST,
+    CANCEL,
+    CANCEL_FROM,
     CLIENT_RESPONSES,
     ERRORS,
     HUB_TELEMETRY,
@@ -34,6 +36,6 @@ from linguamq.topics.namespace import (
     validate_id,
 )
 
-__all__ = ["ACT", "ALL", "BLOB_CHUNK", "BLOB_REQUEST", "CLIENT_RESPONSES", "ERRORS", "MAX_TOPIC_LEN", "MODEL",
+__all__ = ["ACT", "ALL", "BLOB_CHUNK", "BLOB_REQUEST", "CANCEL", "CANCEL_FROM", "CLIENT_RESPONSES", "ERRORS", "MAX_TOPIC_LEN", "MODEL",
            "HUB_TELEMETRY", "NODE_ASSIGN", "NODE_CONTROL", "NODE_PROBE", "NODE_STATUS", "NODE_TELEMETRY", "PING", "PLAN", "PONG", "REQUESTS", "REQUESTS_FROM", "RESPONSES", "ROOT",
            "SESSION_OUT", "Parsed", "Topic", "TopicError", "cluster_filter", "is_id", "matches", "parse", "response_topic", "validate_id"]

@@ -14,7 +14,7 @@ from typing import Literal
 from linguamq.schemas.blobs import BlobRequest
 from linguamq.schemas.cluster import Assignment, ClockPing, ClockPong, NodeControl, NodeStatus, Plan, Telemetry
 from linguamq.schemas.manifest import ModelManifest
-from linguamq.schemas.requests import ErrorReport, GenerateRequest
+from linguamq.schemas.requests import CancelRequest, ErrorReport, GenerateRequest
 from linguamq.schemas.wire import Message
 from linguamq.topics.errors import TopicError
 
@@ -99,6 +99,10 @@ RESPONSES = Topic("responses", "responses/{request}", "responses", qos=1)
 # its own request topic and read only its own responses (and errors), whatever it subscribes.
 REQUESTS_FROM = Topic("requests_from", "requests/{client}", GenerateRequest, qos=1)
 CLIENT_RESPONSES = Topic("client_responses", "responses/{client}/{request}", "responses", qos=1)
+# Stopping a request: on `cancel` for one made on `requests`, on `cancel/{client}` for one made
+# on `requests/{client}` (the ACLs let only that user publish there).
+CANCEL = Topic("cancel", "cancel", CancelRequest, qos=1)
+CANCEL_FROM = Topic("cancel_from", "cancel/{client}", CancelRequest, qos=1)
 BLOB_REQUEST = Topic("blob_request", "blobs/{sha256}/request", BlobRequest, qos=1)
 BLOB_CHUNK = Topic("blob_chunk", "blobs/{sha256}/chunks/{node}", "blob_chunk", qos=1)
 ERRORS = Topic("errors", "errors/{client}", ErrorReport)
@@ -110,8 +114,8 @@ PONG = Topic("pong", "clock/{client}", ClockPong)  # the node's answer, to the a
 HUB_TELEMETRY = Topic("hub_telemetry", "hub/telemetry", Telemetry)
 
 ALL: tuple[Topic, ...] = (MODEL, PLAN, NODE_STATUS, NODE_TELEMETRY, NODE_ASSIGN, NODE_CONTROL, NODE_PROBE, ACT, SESSION_OUT,
-                          REQUESTS, RESPONSES, REQUESTS_FROM, CLIENT_RESPONSES, BLOB_REQUEST, BLOB_CHUNK, ERRORS, PING, PONG,
-                          HUB_TELEMETRY)
+                          REQUESTS, RESPONSES, REQUESTS_FROM, CLIENT_RESPONSES, CANCEL, CANCEL_FROM, BLOB_REQUEST, BLOB_CHUNK,
+                          ERRORS, PING, PONG, HUB_TELEMETRY)
 _BY_DEPTH: dict[int, tuple[Topic, ...]] = {
     n: tuple(t for t in ALL if t.template.count("/") + 1 == n) for n in range(1, 5)}
 

@@ -60,6 +60,7 @@ def make_head(encode=lambda text: [5, 6, 7][:max(1, len(text) % 4)], **settings)
                 decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
                 settings=HeadSettings(cluster=CLUSTER, **settings))
     head.start()
+    client.handlers["requests"] = answered(client, client.handlers["requests"])
     plan = Plan(epoch=4, objective="even", stages=(Stage(node="n1", first=0, last=3, predicted_ms=0.0),),
                 predicted_ms_per_token=0.0)
     client.handlers["plan"](topics.PLAN.build(CLUSTER), plan, True)
@@ -67,6 +68,16 @@ def make_head(encode=lambda text: [5, 6, 7][:max(1, len(text) % 4)], **settings)
                                    NodeStatus(node="n1", state="ready", ts=1.0, epoch=4), True)
     assert head.ready
     return head, client
+
+
+def answered(client: FakeClient, handler):
+    """The request handler, returning once the head answered (a step, a result or a report):
+    prompts are tokenized on the head's intake thread."""
+    def handle(*args) -> None:
+        before = len(client.published) + len(client.errors)
+        handler(*args)
+        wait_until(lambda: len(client.published) + len(client.errors) > before)
+    return handle
 
 
 def token(client: FakeClient, header: ActHeader, value: int) -> None:

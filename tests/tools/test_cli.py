@@ -53,6 +53,23 @@ def test_export_reports_each_piece_then_run_local_generates(tmp_path: Path, caps
     assert code == 0 and streamed == result["text"] + "\n"  # greedy: the same text, streamed
 
 
+def test_run_local_samples_with_a_fresh_seed_it_reports_and_replays(tmp_path: Path, capsys: Capsys) -> None:
+    assert cli(capsys, "export", "--model", "tiny-llama", "--out", str(tmp_path / "art"), "--max-context", "64")[0] == 0
+
+    def sampled(*seed: str) -> dict:
+        code, out, _ = cli(capsys, "run-local", str(tmp_path / "art"), "--prompt", "Once upon a time",
+                           "--max-tokens", "24", "--temperature", "1", "--json", *seed)
+        assert code == 0
+        return json.loads(out)
+
+    first, second = sampled(), sampled()
+    assert first["seed"] != second["seed"] and first["tokens"] != second["tokens"]
+    assert sampled("--seed", str(first["seed"]))["tokens"] == first["tokens"]  # the reported seed replays it
+    code, _, err = cli(capsys, "run-local", str(tmp_path / "art"), "--prompt", "Hi", "--max-tokens", "2",
+                       "--seed", "41")
+    assert code == 0 and "seed 41]" in err
+
+
 def broken_dir(source: Path, dest: Path, problem: str) -> Path:
     shutil.copytree(source, dest)
     if problem == "unknown architecture":

@@ -24,7 +24,7 @@ from linguamq import topics
 from linguamq.node.clock import ClockResponder
 from linguamq.schemas.cluster import ClockPing, ClockPong, Plan, Stage
 from linguamq.schemas.envelope import ActHeader, Hop
-from linguamq.schemas.requests import GenerateRequest, GenerateResult
+from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult
 from linguamq.tools import cli
 from linguamq.tools.trace.clock import ClockEstimate, ClockEstimator, ClockSample
 from linguamq.tools.trace.export import perfetto, write_perfetto, write_png
@@ -222,6 +222,19 @@ def test_a_record_replays_to_the_same_figures(tmp_path: Path) -> None:
     assert load(path, request="other").step_count == 0
     with pytest.raises(TraceError, match="not a trace event"):
         decode_event('{"kind": "step", "t": 1, "msg": {"type": "plan"}}')
+
+
+def test_a_request_is_followed_through_its_session_ids(tmp_path: Path) -> None:
+    """Session ids on the wire are derived from (client, request id): a node's error names
+    the session, and still belongs to the request followed."""
+    events = synthetic_events()
+    for sid, ref in (("s1", "s1"), ("s1", None), ("other", "other")):
+        events.append({"kind": "error", "t": 102.0, "msg": ErrorReport(
+            reporter="n1", topic=topics.ACT.build("home", piece=0), code="unknown_session", message=f"{sid}?", ref=ref, ts=1.0)})
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(encode_event(e) + "\n" for e in events).replace('"request":"s1"', '"request":"r1"'))
+    model = load(path, request="r1")
+    assert model.step_count == 2 and [e.ref for _, e in model.errors] == ["s1", None]
 
 
 def test_live_view_redraws_on_a_terminal_and_appends_lines_otherwise() -> None:

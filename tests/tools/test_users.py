@@ -105,6 +105,7 @@ def test_export_mosquitto_writes_password_and_acl_files(tmp_path: Path) -> None:
     blocks = {b.splitlines()[0]: b.splitlines()[1:] for b in acl.split("\n\n") if b.startswith("user ")}
     assert blocks["user hub1"] == ["topic readwrite #"]
     assert blocks["user alice"] == [f"topic write {T.REQUESTS_FROM.build('home', client='alice')}",
+                                    f"topic write {T.CANCEL_FROM.build('home', client='alice')}",
                                     f"topic read {T.CLIENT_RESPONSES.filter('home', client='alice')}",
                                     f"topic read {T.ERRORS.build('home', client='alice')}"]
     assert f"topic write {T.NODE_STATUS.build('home', node='n1')}" in blocks["user n1"]

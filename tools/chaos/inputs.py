@@ -32,7 +32,7 @@ from linguamq.client import generate_remote, new_request_id
 from linguamq.schemas import examples, fuzz
 from linguamq.schemas.cluster import Assignment, ClockPing, NodeControl, NodeStatus, Plan, Telemetry
 from linguamq.schemas.manifest import ModelManifest
-from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult
+from linguamq.schemas.requests import CancelRequest, ErrorReport, GenerateRequest, GenerateResult
 from linguamq.tools.chaos.case import Case, ChaosContext, Outcome
 from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
 from linguamq.topics.client import MqttClient, MqttError, PayloadTooLarge
@@ -249,6 +249,7 @@ def targets(cluster: str, plan: Plan, manifest: ModelManifest, nodes: list[str],
         out.append(Target(topics.ACT.build(cluster, piece=stage.first), act, (stage.node,)))
     out += [
         Target(topics.REQUESTS.build(cluster), lambda n: fuzz.json_payloads(GenerateRequest, n, seed=seed), (HEAD,)),
+        Target(topics.CANCEL.build(cluster), lambda n: fuzz.json_payloads(CancelRequest, n, seed=seed), (HEAD,)),
         Target(topics.SESSION_OUT.build(cluster, session="fz-out"),
                lambda n: fuzz.frame_payloads("envelope", n, seed=seed), (HEAD,)),
         Target(topics.ERRORS.build(cluster, client="fz-err"), lambda n: fuzz.json_payloads(ErrorReport, n, seed=seed),

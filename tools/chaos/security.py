@@ -71,6 +71,9 @@ LIVE = [  # (publisher, topic, the users watching `lmq/#` that receive it)
     ("alice", _t(T.REQUESTS_FROM, client="alice"), {"admin"}),
     ("alice", _t(T.REQUESTS_FROM, client="bob"), set()),  # a request in another client's name
     ("alice", _t(T.REQUESTS), set()),
+    ("alice", _t(T.CANCEL_FROM, client="alice"), {"admin"}),
+    ("alice", _t(T.CANCEL_FROM, client="bob"), set()),  # cancelling another client's request
+    ("alice", _t(T.CANCEL), set()),
     ("admin", _t(T.CLIENT_RESPONSES, client="alice", request="r1"), {"admin", "alice"}),  # not bob
     ("admin", _t(T.RESPONSES, request="r1"), {"admin"}),
     ("admin", _t(T.ERRORS, client="bob"), {"admin", "bob"}),

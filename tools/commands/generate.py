@@ -1,5 +1,5 @@
 """`linguamq generate --broker URL --prompt TEXT`: generate through a running cluster
-(built on the Python API, ``linguamq.Client``)."""
+(built on the Python API, ``linguamq.Client``). Ctrl-C cancels the request (exit 130)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from linguamq.tools.args import add_connection_arguments, add_generation_argumen
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST:PORT of the hub's broker")
     parser.add_argument("--cluster", default="home", help="cluster name (default home)")
-    add_generation_arguments(parser, seed_default=0)
+    add_generation_arguments(parser)
     parser.add_argument("--id", help="request id (default: random)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up after S seconds without a response (default 120)")
@@ -38,16 +38,19 @@ def run(args: argparse.Namespace) -> int:
     except (LinguamqError, ValueError) as exc:
         print(f"linguamq generate: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # leaving the stream has cancelled the request: the cluster stops too
+        print("\nlinguamq generate: cancelled", file=sys.stderr)
+        return 130
     assert result is not None
     if args.json:
         print(json.dumps({"tokens": list(result.tokens), "text": result.text, "ttft_ms": result.ttft_ms,
                           "ms_per_token": result.ms_per_token, "stop_reason": result.stop_reason,
-                          "prompt_tokens": result.prompt_tokens, "error": result.error}))
+                          "prompt_tokens": result.prompt_tokens, "error": result.error, "seed": result.seed}))
     else:
         print(flush=True)
+        error = f" error: {result.error}" if result.error else ""
         print(f"[{len(result.tokens)} tokens, {result.stop_reason}; ttft {result.ttft_ms:.1f} ms, "
-              f"{result.ms_per_token:.2f} ms/token]" + (f" error: {result.error}" if result.error else ""),
-              file=sys.stderr)
+              f"{result.ms_per_token:.2f} ms/token; seed {result.seed}]{error}", file=sys.stderr)
     return 1 if result.stop_reason == "error" else 0
 
 

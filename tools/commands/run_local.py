@@ -16,7 +16,7 @@ from linguamq.tools.local import generate_local, open_local
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifacts", metavar="ARTDIR", help="directory written by `linguamq export`")
-    add_generation_arguments(parser, seed_default=None)
+    add_generation_arguments(parser)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(flush=True)
         print(f"[{len(result.tokens)} tokens, {result.stop_reason}; ttft {result.ttft_ms:.1f} ms, "
-              f"{result.ms_per_token:.2f} ms/token]", file=sys.stderr)
+              f"{result.ms_per_token:.2f} ms/token; seed {result.seed}]", file=sys.stderr)
     return 0
 
 

@@ -52,17 +52,21 @@ def read_events(path: Path) -> Iterator[dict[str, Any]]:
 def load(path: Path, *, request: str | None = None) -> TraceModel:
     """A model of a recorded trace (``request``: keep only that request's steps)."""
     model = TraceModel(request=request, max_steps=10_000_000)
+    sessions: set[str] = set()  # the request's session ids on the wire, as its steps are seen
     for event in read_events(path):
-        if _wanted(event, request):
+        if _wanted(event, request, sessions):
             model.apply(event)
     return model
 
 
-def _wanted(event: dict[str, Any], request: str | None) -> bool:
+def _wanted(event: dict[str, Any], request: str | None, sessions: set[str]) -> bool:
     if request is None:
         return True
     match event["kind"], event.get("msg"):
-        case "input" | "step", ActHeader() as msg: return msg.request == request or msg.session == request
+        case "input" | "step", ActHeader() as msg:
+            if msg.request == request:
+                sessions.add(msg.session)  # nodes' error reports name the session
+            return msg.request == request or msg.session == request
         case "result", GenerateResult() as msg: return msg.request == request
-        case "error", ErrorReport() as msg: return msg.ref in (None, request)
+        case "error", ErrorReport() as msg: return msg.ref in (None, request) or msg.ref in sessions
     return True

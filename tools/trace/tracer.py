@@ -62,6 +62,7 @@ class Tracer:
         self._events: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._nodes: dict[str, int] = {}  # node -> pings still to send in its burst
         self._nodes_lock = threading.Lock()
+        self._sessions: set[str] = set()  # session ids (on the wire) of the followed request
         self._seq = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -111,8 +112,8 @@ class Tracer:
         # QoS 0 on the per-token topics: an observer must cost the broker as little as it can
         c, cl, req = self._client, self.settings.cluster, self.settings.request
         c.subscribe(topics.ACT, topics.ACT.build(cl, piece=0), self._on_input, qos=0)
-        out = topics.SESSION_OUT.build(cl, session=req) if req else topics.SESSION_OUT.filter(cl)
-        c.subscribe(topics.SESSION_OUT, out, self._on_out, qos=0)
+        # all of them: a session id is derived from (client, request id), not the request id
+        c.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.filter(cl), self._on_out, qos=0)
         c.subscribe(topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter(cl), self._on_message("telemetry"))
         c.subscribe(topics.PLAN, topics.PLAN.build(cl), self._on_message("plan"))
         c.subscribe(topics.ERRORS, topics.ERRORS.filter(cl), self._on_message("error"))
@@ -136,7 +137,7 @@ class Tracer:
 
     def _on_message(self, kind: str) -> Callable[[str, Message, bool], None]:
         def handle(topic: str, msg: Message, retained: bool) -> None:
-            if isinstance(msg, ErrorReport) and self.settings.request and msg.ref not in (None, self.settings.request):
+            if isinstance(msg, ErrorReport) and self.settings.request and not self._follows_ref(msg.ref):
                 return
             self._put({"kind": kind, "t": self._clock(), "msg": msg})
             if isinstance(msg, Telemetry):
@@ -158,7 +159,13 @@ class Tracer:
 
     def _follows(self, header: ActHeader) -> bool:
         req = self.settings.request
+        if req is not None and header.request == req:
+            self._sessions.add(header.session)  # nodes' error reports name the session
         return req is None or header.request == req or header.session == req
+
+    def _follows_ref(self, ref: str | None) -> bool:
+        """An error report about the followed request: its id, one of its sessions, or none."""
+        return ref is None or ref == self.settings.request or ref in self._sessions
 
     def _know(self, node: str) -> None:
         with self._nodes_lock:
