@@ -137,17 +137,19 @@ def test_roles_limit_what_each_user_reads_and_publishes(users) -> None:
 
 
 def test_the_embedded_acl_case_refuses_every_attack(ctx: ChaosContext) -> None:
-    outcome = S.embedded_acl(ctx)
-    assert outcome.ok, outcome
-    assert "0 messages leaked" in outcome.observed and "stayed connected" in outcome.observed
+    c = S.embedded_acl(ctx).counts
+    assert c.bad_connects == 4 + 10 and c.refused_connects == c.bad_connects, c  # 4 strangers, 10 guesses
+    assert c.holder_connected, c  # another user's try at its client id did not knock it off
+    assert c.attacks > 0 and c.dropped == c.attacks, c
+    assert (c.leaked, c.missing) == (0, 0), c
 
 
 @pytest.mark.integration
 def test_mosquitto_with_the_exported_files_enforces_the_same_rules(ctx: ChaosContext) -> None:
-    outcome = S.mosquitto_parity(ctx)
-    assert outcome.ok, outcome
-    total = len(S.LIVE) + len(S.RETAINED_SEEN)
-    assert outcome.figure == f"{total}/{total} identical"
+    c = S.mosquitto_parity(ctx).counts
+    assert c.outcomes == len(S.LIVE) + len(S.RETAINED_SEEN) and c.identical == c.outcomes, c
+    assert c.refused_logins == c.bad_logins == 2, c
+    assert c.attacks > 0 and c.dropped == c.attacks and (c.leaked, c.missing) == (0, 0), c
 
 
 # --- TLS -------------------------------------------------------------------------------------

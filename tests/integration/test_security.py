@@ -223,6 +223,6 @@ def test_the_secured_cluster_case_blocks_every_attack(artifacts, tmp_path: Path)
     from linguamq.tools.chaos import security as chaos_security
     from linguamq.tools.chaos.case import ChaosContext
     outcome = chaos_security.secured_cluster(ChaosContext(artifacts=artifacts["llama"], workdir=tmp_path))
-    assert outcome.ok, outcome
-    assert outcome.observed.startswith("8/8 attacks got nothing through")
-    assert "2/2 generations token-identical" in outcome.observed
+    c = outcome.counts
+    assert len(c.blocked) == 8 and [a for a, blocked in c.blocked.items() if not blocked] == [], outcome
+    assert c.identical == c.generations == 2, outcome

@@ -1,5 +1,6 @@
 """`linguamq bench hetero` and `linguamq bench failover` end to end on very small models
-(the real runs use the ~100M model): the report's keys and self-consistency, not speed.
+(the real runs use the ~100M model): each report comes from real runs (real plans of the
+model, measured tokens), not speed.
 
 `bench hetero` is run with parts a and d only: every part starts its own cluster(s), and
 all four take about 30 s even on a tiny model; parts b and c share the code paths of a.
@@ -25,19 +26,26 @@ def test_bench_hetero_reports_planned_vs_even_and_the_prediction(capsys: pytest.
                  "--warmup", "0.5", "--parts", "a,d"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert [d["slowdown"] for d in report["devices"]] == [1.0, 1.5, 3.0, 4.0]
-    assert report["even"]["objective"] == "even" and len(report["even"]["stages"]) == 4
+    devices = {d["name"] for d in report["devices"]}
     for side in ("planned", "even"):
-        assert report[side]["ms_per_token"] > 0 and len(report[side]["ms_per_token_all"]) == 1
-    assert report["planned_over_even"] == pytest.approx(
-        report["planned"]["tokens_per_s"] / report["even"]["tokens_per_s"])
-    prediction = report["prediction"]
-    assert prediction["predicted_ms_per_token"] > 0
-    assert prediction["head_over_predicted"] == pytest.approx(
-        prediction["head_ms_per_token"] / prediction["predicted_ms_per_token"])
-    assert set(report["targets"]) == {"planned_over_even", "pipelined_over_single", "rebalanced_over_static",
-                                      "prediction_error"}
-    assert "pipelined" not in report and "throttle" not in report
+        run = report[side]
+        # a plan the cluster ran: every piece of the model once, in order, on the emulated devices
+        assert pieces_of(run["stages"]) == list(range(report["pieces"])), run["stages"]
+        assert {stage.split(":")[0] for stage in run["stages"]} <= devices
+        assert len(run["ms_per_token_all"]) == 1 and 0 < run["ms_per_token"] < 10_000  # --reps 1, measured
+    assert len(report["even"]["stages"]) == len(devices)  # LinguaLinked's split: every device a stage
+    assert len(report["planned"]["stages"]) >= 2  # --mem-share 0.6: no device holds the whole model
+    assert report["prediction"]["predicted_ms_per_token"] > 0
+    assert "pipelined" not in report and "throttle" not in report  # parts b and c were not run
+
+
+def pieces_of(stages: list[str]) -> list[int]:
+    """The pieces of stages written "node:first-last", in stage order."""
+    out: list[int] = []
+    for stage in stages:
+        first, last = stage.split(":")[1].split("-")
+        out += range(int(first), int(last) + 1)
+    return out
 
 
 def test_bench_hetero_rejects_an_unknown_part(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -52,8 +60,6 @@ def test_bench_failover_reports_the_recovery_and_equal_output(capsys: pytest.Cap
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     (rep,) = report["reps"]
-    assert rep["victim"] == "n2" and len(rep["stages"]) == 3
-    assert 0 < rep["next_token_s"] <= rep["recovery_s"] < 60
-    assert report["median_recovery_s"] == rep["recovery_s"]
-    assert rep["equals_run_local"] and report["all_equal_run_local"]
-    assert report["target_s"] == 3.0
+    assert len(rep["stages"]) == 3 and rep["stages"][1].startswith(f"{rep['victim']}:")  # the middle stage's node
+    assert rep["events"] > 8 and 0 < rep["next_token_s"] and rep["recovery_s"] < 60  # text streamed after the kill
+    assert rep["equals_run_local"]

@@ -44,7 +44,7 @@ def test_a_publish_from_a_handler_leaves_before_the_handler_returns(url: str) ->
             release.set()
 
 
-def test_publishes_from_many_threads_arrive_whole_and_in_order(url: str) -> None:
+def test_publishes_from_many_threads_arrive_whole_and_in_order(url: str, callback_errors) -> None:
     """Four threads publish at once (sizes up to 96 KiB, so writes are partial) while the
     network thread writes PUBACKs for what the client receives: every message arrives
     intact, each thread's in its order."""
@@ -68,7 +68,7 @@ def test_publishes_from_many_threads_arrive_whole_and_in_order(url: str) -> None
         return b"%02d%06d" % (thread, seq) + body + hashlib.sha256(body).digest()
 
     with MqttClient(url=url, client_id="multi") as client, MqttClient(url=url, client_id="echo") as echo:
-        client.subscribe_raw("t/back", on_message, qos=1, wait=WAIT)
+        client.subscribe_raw("t/back", callback_errors.wrap(on_message), qos=1, wait=WAIT)
         echo.subscribe_raw("t/there", lambda msg: echo.publish_raw("t/back", msg.payload, qos=1), qos=1, wait=WAIT)
 
         def publish_all(thread: int) -> None:
@@ -81,5 +81,6 @@ def test_publishes_from_many_threads_arrive_whole_and_in_order(url: str) -> None
             worker.start()
         for worker in workers:
             worker.join(WAIT)
-        assert done.wait(max(WAIT - (time.monotonic() - started), 1.0)), {t: len(s) for t, s in got.items()}
+        assert callback_errors.wait(done, max(WAIT - (time.monotonic() - started), 1.0)), \
+            {t: len(s) for t, s in got.items()}
     assert all(seqs == list(range(per_thread)) for seqs in got.values())

@@ -21,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-from linguamq.tools.chaos.case import TABLE_HEADER, Case, ChaosContext, Outcome
+from linguamq.tools.chaos.case import TABLE_HEADER, Case, ChaosContext, Counts, Crashed, Outcome
 
 MODULES = ("faults", "inputs", "security")
 INTRO = """# Reliability and security
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = [c for c in cases if (not args.only or c.name in args.only) and not (args.quick and c.slow)]
     art = args.artifacts or tiny_model(args.workdir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    outcomes: list[Outcome] = []
+    outcomes: list[Outcome[Counts]] = []
     for case in chosen:
         workdir = args.workdir / "chaos-run" / stamp / case.name.replace(" ", "-")
         workdir.mkdir(parents=True, exist_ok=True)  # cases may make their scratch dirs inside it
@@ -87,15 +87,14 @@ def run(args: argparse.Namespace) -> int:
             outcome = case.run(ctx)
         except Exception as exc:  # a case that crashes is a row that says so
             traceback.print_exc()
-            outcome = Outcome(case=case.name, injected="(the case did not finish)",
-                              observed=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
-                              figure="-", ok=False)
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            outcome = Outcome(case=case.name, injected="(the case did not finish)", counts=Crashed(error), figure="-")
         log(f"   {'ok' if outcome.ok else 'FAILED'} in {time.monotonic() - t0:.0f} s: {outcome.observed}")
         outcomes.append(outcome)
     command = shlex.join(["linguamq", "bench", "chaos", *(sys.argv[3:] if sys.argv[1:3] == ["bench", "chaos"] else [])])
     args.out.write_text(render(outcomes, command=command.strip(), quick=args.quick))
     if args.json:
-        print(json.dumps([o.__dict__ for o in outcomes], indent=2))
+        print(json.dumps([o.as_json() for o in outcomes], indent=2))
     else:
         print(TABLE_HEADER)
         print("\n".join(o.row() for o in outcomes))
@@ -103,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(o.ok for o in outcomes) else 1
 
 
-def render(outcomes: list[Outcome], *, command: str, quick: bool) -> str:
+def render(outcomes: list[Outcome[Counts]], *, command: str, quick: bool) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, " \
               f"Python {platform.python_version()}"
     size = "quick counts (the tests')" if quick else "full counts"

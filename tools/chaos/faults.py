@@ -138,11 +138,18 @@ def longest_stall(sent: list[Sent], t: float) -> float:
     return max(gaps)
 
 
-def describe_failures(art: Path, sent: list[Sent]) -> str:
+def interrupted(sent: list[Sent], before: float, after: float) -> int:
+    """Requests that streamed text before ``before`` and again after ``after``: the fault
+    between them hit them mid-generation."""
+    return sum(1 for s in sent if any(e < before for e in s.events) and any(e > after for e in s.events))
+
+
+def failures(art: Path, sent: list[Sent]) -> tuple[str, ...]:
+    """What went wrong with the first three requests that are not token-identical."""
     bad = [s for s in sent if s.result is None or s.result.error is not None
            or s.result.tokens != reference(art, s.prompt, s.max_tokens)]
-    return "; ".join((s.failure or (s.result.error if s.result and s.result.error else "tokens differ"))[:160]
-                     for s in bad[:3])
+    return tuple((s.failure or (s.result.error if s.result and s.result.error else "tokens differ"))[:160]
+                 for s in bad[:3])
 
 
 def cluster_of(ctx: ChaosContext, name: str, nodes: list[NodeSpec], **kwargs) -> LocalCluster:
@@ -153,7 +160,26 @@ def cluster_of(ctx: ChaosContext, name: str, nodes: list[NodeSpec], **kwargs) ->
 # --- node kill -9 ----------------------------------------------------------------------------------
 
 
-def node_kill(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KillCounts:
+    requests: int
+    identical: int  # finished token-identical to run-local
+    interrupted: int  # streaming when the node died, and again after
+    plan_nodes: int  # nodes in the plan made after the kill
+    victim_in_plan: bool
+    epoch_before: int
+    epoch_after: int
+
+    @property
+    def ok(self) -> bool:
+        return self.identical == self.requests and not self.victim_in_plan
+
+    def observed(self) -> str:
+        return (f"{self.identical}/{self.requests} token-identical to run-local ({self.interrupted} interrupted "
+                f"mid-stream); replanned on {self.plan_nodes} nodes (epoch {self.epoch_before} -> {self.epoch_after})")
+
+
+def node_kill(ctx: ChaosContext) -> Outcome[KillCounts]:
     n, max_tokens = (20, 48) if ctx.full else (6, 32)
     nodes = [NodeSpec(f"n{i}", slowdown=3.0) for i in (1, 2, 3)]
     with cluster_of(ctx, "c-kill", nodes) as cluster, MqttClient(url=cluster.url, client_id="chaos-kill") as client:
@@ -166,16 +192,16 @@ def node_kill(ctx: ChaosContext) -> Outcome:
         ctx.log(f"node kill -9: killed {victim} during {n} requests")
         sent = load.finish()
         replanned = cluster.wait_ready(client, nodes=2, after_epoch=plan.epoch, timeout=60)
-    same = identical(ctx.artifacts, sent)
+    left = {s.node for s in replanned.stages}
+    counts = KillCounts(requests=n, identical=identical(ctx.artifacts, sent),
+                        interrupted=interrupted(sent, t_kill, t_kill), plan_nodes=len(left),
+                        victim_in_plan=victim in left, epoch_before=plan.epoch, epoch_after=replanned.epoch)
     nxt = first_event_after(sent, t_kill)
-    ok = same == n and victim not in {s.node for s in replanned.stages}
     return Outcome(case="node kill -9",
                    injected=f"kill -9 of {victim} (random of 3, even split) during {n} concurrent requests",
-                   observed=f"{same}/{n} token-identical to run-local; replanned on 2 nodes (epoch {plan.epoch} -> "
-                            f"{replanned.epoch})" + ("" if ok else f"; {describe_failures(ctx.artifacts, sent)}"),
+                   counts=counts, problems=failures(ctx.artifacts, sent),
                    figure=(f"longest wait for a token {longest_stall(sent, t_kill):.2f} s (next token {nxt:.2f} s "
-                           "after the kill)") if nxt is not None else "no token after the kill",
-                   ok=ok)
+                           "after the kill)") if nxt is not None else "no token after the kill")
 
 
 # --- no plan fits -------------------------------------------------------------------------------------
@@ -192,7 +218,35 @@ def stage_mb(manifest: ModelManifest, nodes: int) -> float:
     return most
 
 
-def no_plan_fits(ctx: ChaosContext) -> Outcome:
+NO_PLAN = "no plan fits"  # the start of the head's error when no placement fits the nodes online
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoFitCounts:
+    requests: int
+    identical: int  # finished token-identical (before the kill)
+    clear: int  # ended with the head's "no plan fits ..." error
+    hung: int  # never got a result
+    ended_s: float  # from the kill to the end of the last request
+    example: str  # the first clear error (or what went wrong)
+    late_error: str | None  # the result's error of a request sent after the kill
+    late_s: float  # how long that request took
+
+    @property
+    def ok(self) -> bool:
+        return (self.identical + self.clear == self.requests and self.clear > 0 and self.ended_s < 30
+                and NO_PLAN in (self.late_error or ""))
+
+    def observed(self) -> str:
+        other = self.requests - self.identical - self.clear - self.hung
+        late = (f"a new request refused in {self.late_s:.2f} s" if NO_PLAN in (self.late_error or "")
+                else f"a new request: {self.late_error or 'served'}")
+        return (f"{self.identical} finished token-identical before the kill, {self.clear} ended with a clear error, "
+                f"{self.hung} hung" + (f", {other} failed otherwise" if other else "")
+                + f"; {late}: \"{self.example[:140]}\"")
+
+
+def no_plan_fits(ctx: ChaosContext) -> Outcome[NoFitCounts]:
     n, max_tokens = (20, 48) if ctx.full else (4, 32)
     manifest = ModelManifest.from_json((ctx.artifacts / "manifest.json").read_bytes())
     three, two = stage_mb(manifest, 3), stage_mb(manifest, 2)
@@ -214,18 +268,15 @@ def no_plan_fits(ctx: ChaosContext) -> Outcome:
         t0 = time.monotonic()
         after = generate_remote(client, cluster.cluster, late, timeout=30)
         refused_s = time.monotonic() - t0
-    same = identical(ctx.artifacts, sent)
-    clear = [s for s in sent if s.result is not None and s.result.error and "no plan fits" in s.result.error]
-    ended_s = t_done - t_kill
-    ok = (same + len(clear) == n and len(clear) > 0 and after.error is not None and "no plan fits" in after.error
-          and ended_s < 30)
-    example = clear[0].result.error if clear else describe_failures(ctx.artifacts, sent)
+    clear = [s.result.error for s in sent if s.result is not None and s.result.error and NO_PLAN in s.result.error]
+    counts = NoFitCounts(requests=n, identical=identical(ctx.artifacts, sent), clear=len(clear),
+                         hung=sum(1 for s in sent if s.result is None), ended_s=t_done - t_kill,
+                         example=clear[0] if clear else "; ".join(failures(ctx.artifacts, sent)),
+                         late_error=after.error, late_s=refused_s)
     return Outcome(case="no plan fits",
                    injected=f"kill -9 of {victim} during {n} requests; each node's --mem-budget {budget:.3f} MB "
                             f"holds a third of the model, not half",
-                   observed=f"{same} finished token-identical before the kill, {len(clear)} ended with a clear "
-                            f"error, 0 hung; a new request refused in {refused_s:.2f} s: \"{example[:140]}\"",
-                   figure=f"every request ended {ended_s:.1f} s after the kill", ok=ok)
+                   counts=counts, figure=f"every request ended {counts.ended_s:.1f} s after the kill")
 
 
 # --- node SIGSTOP ------------------------------------------------------------------------------------
@@ -248,7 +299,28 @@ class Hops(Follower):
             return sum(1 for h in self.hops if h.node == node and h.t_start > after)
 
 
-def node_freeze(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FreezeCounts:
+    requests: int  # those running during the freeze and those sent after the thaw
+    identical: int  # finished token-identical to run-local
+    after_thaw: int  # requests sent after the thaw
+    interrupted: int  # streaming before the freeze, and again after the thaw
+    victim: str
+    steps_after_thaw: int  # stage visits the frozen node computed after the thaw
+    epoch_before: int
+    epoch_after: int
+
+    @property
+    def ok(self) -> bool:
+        return self.identical == self.requests and self.steps_after_thaw > 0
+
+    def observed(self) -> str:
+        return (f"{self.identical}/{self.requests} token-identical ({self.after_thaw} sent after the thaw, "
+                f"{self.interrupted} interrupted mid-stream); {self.victim} ran {self.steps_after_thaw} steps after "
+                f"the thaw; epoch {self.epoch_before} -> {self.epoch_after}")
+
+
+def node_freeze(ctx: ChaosContext) -> Outcome[FreezeCounts]:
     n, max_tokens, freeze_s = (8, 48, 10.0) if ctx.full else (4, 32, 4.0)
     nodes = [NodeSpec(f"n{i}", slowdown=3.0) for i in (1, 2, 3)]
     with cluster_of(ctx, "c-freeze", nodes) as cluster, \
@@ -269,23 +341,49 @@ def node_freeze(ctx: ChaosContext) -> Outcome:
         sent_all = sent + again
         worked = hops.computed_by(victim, wall_cont)
         epochs = cluster.wait_ready(client, timeout=30).epoch
-    same = identical(ctx.artifacts, sent_all)
+    counts = FreezeCounts(requests=len(sent_all), identical=identical(ctx.artifacts, sent_all),
+                          after_thaw=len(again), interrupted=interrupted(sent, t_stop, t_cont), victim=victim,
+                          steps_after_thaw=worked, epoch_before=plan.epoch, epoch_after=epochs)
     nxt = first_event_after(sent, t_cont)
     resumed = f"next token {nxt:.2f} s after SIGCONT" if nxt is not None else "no token after SIGCONT"
-    ok = same == len(sent_all) and worked > 0
     return Outcome(case="node SIGSTOP",
                    injected=f"SIGSTOP of {victim} (a middle stage) for {freeze_s:g} s during {n} requests, "
                             "then SIGCONT",
-                   observed=f"{same}/{len(sent_all)} token-identical (2 sent after the thaw); {victim} ran {worked} "
-                            f"steps after the thaw; epoch {plan.epoch} -> {epochs}"
-                            + ("" if ok else f"; {describe_failures(ctx.artifacts, sent_all)}"),
-                   figure=f"{resumed} (stalled {t_cont - t_stop:.1f} s)", ok=ok)
+                   counts=counts, problems=failures(ctx.artifacts, sent_all),
+                   figure=f"{resumed} (stalled {t_cont - t_stop:.1f} s)")
 
 
 # --- hub restart ---------------------------------------------------------------------------------------
 
 
-def hub_restart(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HubRestartCounts:
+    requests: int
+    identical: int  # finished token-identical to run-local
+    interrupted: int  # streaming before the hub died, and again after the new one was up
+    resends: int  # requests the clients published again after reconnecting
+    reconnect_s: dict[str, float | None]  # node -> seconds from the new broker to its status (None: never)
+    epoch_before: int
+    epoch_after: int
+
+    @property
+    def nodes_back(self) -> int:
+        return sum(1 for s in self.reconnect_s.values() if s is not None)
+
+    @property
+    def ok(self) -> bool:
+        slowest = max((s for s in self.reconnect_s.values() if s is not None), default=None)
+        return (self.identical == self.requests and self.nodes_back == len(self.reconnect_s)
+                and slowest is not None and slowest <= 5.0 and self.epoch_after > self.epoch_before)
+
+    def observed(self) -> str:
+        back = ", ".join(f"{k} {v:.1f} s" if v is not None else f"{k} never" for k, v in sorted(self.reconnect_s.items()))
+        return (f"{self.identical}/{self.requests} resumed token-identical ({self.resends} re-sent requests, "
+                f"{self.interrupted} interrupted mid-stream); nodes back {back}; epoch {self.epoch_before} -> "
+                f"{self.epoch_after}")
+
+
+def hub_restart(ctx: ChaosContext) -> Outcome[HubRestartCounts]:
     n, max_tokens = (8, 48) if ctx.full else (3, 32)
     nodes = [NodeSpec(f"n{i}", slowdown=3.0) for i in (1, 2, 3)]
     with cluster_of(ctx, "c-hub", nodes) as cluster:
@@ -303,23 +401,19 @@ def hub_restart(ctx: ChaosContext) -> Outcome:
             replanned = cluster.wait_ready(client, nodes=3, timeout=60)
         finally:
             client.stop()
-    same = identical(ctx.artifacts, sent)
+    counts = HubRestartCounts(requests=n, identical=identical(ctx.artifacts, sent),
+                              interrupted=interrupted(sent, t_kill, t_ready), resends=sum(s.resends for s in sent),
+                              reconnect_s=reconnect, epoch_before=plan.epoch, epoch_after=replanned.epoch)
     nxt = first_event_after(sent, t_ready)
-    resends = sum(s.resends for s in sent)
     back = [v for v in reconnect.values() if v is not None]
-    ok = (same == n and len(back) == len(nodes) and max(back) <= 5.0 and replanned.epoch > plan.epoch)
     worst = f"{max(back):.1f}" if back else "-"
     return Outcome(case="hub restart",
                    injected=f"kill -9 of the hub (broker, planner, head) during {n} requests; a new hub on the same "
                             f"port",
-                   observed=f"{same}/{n} resumed token-identical ({resends} re-sent requests); nodes back "
-                            + ", ".join(f"{k} {v:.1f} s" if v is not None else f"{k} never"
-                                        for k, v in sorted(reconnect.items()))
-                            + f"; epoch {plan.epoch} -> {replanned.epoch}"
-                            + ("" if ok else f"; {describe_failures(ctx.artifacts, sent)}"),
+                   counts=counts, problems=failures(ctx.artifacts, sent),
                    figure=f"nodes reconnected within {worst} s of the new broker; first new token "
                           + (f"{nxt:.1f} s after it was up" if nxt is not None else "never")
-                          + f" (hub down {ready_wall - wall_kill:.1f} s)", ok=ok)
+                          + f" (hub down {ready_wall - wall_kill:.1f} s)")
 
 
 def node_reconnects(cluster: LocalCluster, names: list[str], since: float, timeout: float) -> dict[str, float | None]:
@@ -409,7 +503,26 @@ class Responses(Follower):
                 self.events.setdefault(value.request, []).append(value)
 
 
-def duplicates(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DuplicateCounts:
+    requests: int
+    identical: int  # finished token-identical to run-local
+    act_copies: int  # extra deliveries of activations
+    out_copies: int  # extra deliveries of tail outputs
+    repeated: int  # streamed tokens out of order or twice
+    skipped: int  # requests whose stream missed a token or streamed a wrong one
+
+    @property
+    def ok(self) -> bool:
+        return (self.identical == self.requests and self.repeated == self.skipped == 0
+                and self.act_copies > 0 and self.out_copies > 0)
+
+    def observed(self) -> str:
+        return (f"{self.identical}/{self.requests} token-identical; {self.repeated} repeated and {self.skipped} "
+                "skipped/wrong streamed tokens")
+
+
+def duplicates(ctx: ChaosContext) -> Outcome[DuplicateCounts]:
     n, max_tokens = (20, 48) if ctx.full else (4, 32)
     nodes = [NodeSpec(f"n{i}") for i in (1, 2, 3)]
     with cluster_of(ctx, "c-dup", nodes) as cluster, MqttClient(url=cluster.url, client_id="chaos-dup") as client:
@@ -430,13 +543,13 @@ def duplicates(ctx: ChaosContext) -> Outcome:
                         if b.index < a.index or (b.index == a.index and b.text == a.text))
         text = "".join(e.text for e in got)
         skipped += int(not s.result.text.startswith(text) or any(e.token != s.result.tokens[e.index] for e in got))
-    ok = same == n and repeated == 0 and skipped == 0 and copies["act"] > 0 and copies["out"] > 0
+    counts = DuplicateCounts(requests=n, identical=same, act_copies=copies["act"], out_copies=copies["out"],
+                             repeated=repeated, skipped=skipped)
     return Outcome(case="duplicated deliveries",
                    injected=f"every act/ and sessions/ envelope delivered 3 times (again at once, and 0.2 s late) "
                             f"during {n} concurrent requests: {copies['act']} act + {copies['out']} out copies",
-                   observed=f"{same}/{n} token-identical; {repeated} repeated and {skipped} skipped/wrong streamed "
-                            "tokens" + ("" if ok else f"; {describe_failures(ctx.artifacts, sent)}"),
-                   figure=f"{repeated + skipped} duplicated or skipped tokens", ok=ok)
+                   counts=counts, problems=failures(ctx.artifacts, sent),
+                   figure=f"{repeated + skipped} duplicated or skipped tokens")
 
 
 CASES = [Case("node kill -9", node_kill), Case("no plan fits", no_plan_fits), Case("node SIGSTOP", node_freeze),

@@ -275,13 +275,52 @@ def _valid_and_malformed(cls: type, n: int, seed: int) -> Iterator[fuzz.Fuzz]:
             yield valid
 
 
-def hostile_input(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HostileCounts:
+    topics: int  # followed topics fuzzed
+    per_topic: int  # malformed payloads on each
+    sent: int  # malformed payloads published in all
+    dead: tuple[str, ...]  # processes of the cluster that died
+    valid_identical: int  # valid requests meanwhile, token-identical to run-local
+    valid_wrong: int
+    valid_failed: int
+    reports: int  # ErrorReports on errors/, every reporter
+    codes: dict[str, int]  # ErrorReports by code
+    misanswered: int  # (topic, follower) pairs not answered exactly once per payload
+    reported: dict[str, int]  # reporter -> its ErrorReports (the planner's under the head, whose telemetry has them)
+    counted: dict[str, int]  # reporter -> the rejections its telemetry counted meanwhile
+    rss_before_mb: dict[str, float]  # process -> RSS before the payloads
+    rss_after_mb: dict[str, float]
+
+    @property
+    def rss_bounded(self) -> bool:
+        return all(self.rss_after_mb[k] <= 1.25 * self.rss_before_mb[k] + 32 for k in self.rss_before_mb)
+
+    @property
+    def ok(self) -> bool:
+        return (not self.dead and self.valid_identical > 0 and self.valid_wrong == self.valid_failed == 0
+                and self.misanswered == 0 and self.codes.get("internal", 0) == 0 and self.reported == self.counted
+                and self.rss_bounded)
+
+    def observed(self) -> str:
+        alive = f"dead: {', '.join(self.dead)}" if self.dead else "processes alive"
+        once = ("exactly one per refusal and follower" if not self.misanswered
+                else f"{self.misanswered} topic/follower pairs not answered once per payload")
+        codes = ", ".join(f"{c} {k:,}" for c, k in sorted(self.codes.items(), key=lambda ck: -ck[1]))
+        telemetry = ("all counted in telemetry" if self.reported == self.counted
+                     else f"telemetry counted {self.counted}, reports {self.reported}")
+        return (f"{alive}; {self.valid_identical} valid requests token-identical to run-local, {self.valid_wrong} "
+                f"wrong, {self.valid_failed} failed; {self.reports:,} ErrorReports, {once} ({codes}), {telemetry}"
+                + ("" if self.rss_bounded else "; RSS grew"))
+
+
+def hostile_input(ctx: ChaosContext) -> Outcome[HostileCounts]:
     n = 10_000 if ctx.full else 200
     expected = reference_tokens(ctx.artifacts, PROMPTS, NEW_TOKENS)
     manifest = ModelManifest.from_json((ctx.artifacts / "manifest.json").read_bytes())
     names = ["n1", "n2"]
     specs = [NodeSpec(name, args=("--max-envelope-mb", str(NODE_LIMIT_MB))) for name in names]
-    problems: list[str] = []
+    misanswered: list[str] = []  # one line per topic and follower that did not answer once per payload
     with running(ctx, "hostile", specs) as (cluster, client, plan):
         watcher = Watcher(client, cluster.cluster)
         fuzzer = MqttClient(url=cluster.url, client_id="fuzzer").start()
@@ -292,47 +331,43 @@ def hostile_input(ctx: ChaosContext) -> Outcome:
             procs = processes(cluster)
             rss_before = {name: rss_mb(pid) for name, pid in procs.items()}
             base = {who: watcher.rejected.get(who, 0) for who in [*names, HEAD]}
-            base_reports = collections.Counter(watcher.by_reporter)
+            base_reports, base_codes = collections.Counter(watcher.by_reporter), collections.Counter(watcher.codes)
             sent = 0
+            fuzzed = targets(cluster.cluster, plan, manifest, names, seed=7)
             with Traffic(cluster.url, cluster.cluster, expected, name="valid") as traffic:
-                for target in targets(cluster.cluster, plan, manifest, names, seed=7):
+                for target in fuzzed:
                     ctx.log(f"hostile input: {n} payloads on {target.topic}")
-                    sent += _inject(fuzzer, watcher, target, n, problems)
+                    sent += _inject(fuzzer, watcher, target, n, misanswered)
                 traffic.stop()
-            dead = [name for name, up in alive(cluster).items() if not up]
+            dead = tuple(name for name, up in alive(cluster).items() if not up)
             time.sleep(2.5)  # the last telemetry carries the last rejections
             rss_after = {name: rss_mb(pid) for name, pid in procs.items()}
         finally:
             fuzzer.stop()
     reports = collections.Counter(watcher.by_reporter) - base_reports
-    codes = collections.Counter()
-    for (_, code), count in watcher.codes.items():
+    codes: collections.Counter[str] = collections.Counter()
+    for (_, code), count in (collections.Counter(watcher.codes) - base_codes).items():
         codes[code] += count
     answered = sum(reports.values())
     reports[HEAD] += reports.pop("planner", 0)  # the head's telemetry counts the planner's too
-    uncounted = {who: (reports[who], watcher.rejected.get(who, 0) - base[who]) for who in base
-                 if reports[who] != watcher.rejected.get(who, 0) - base[who]}
-    growth = {name: rss_after[name] - rss_before[name] for name in rss_before}
-    bounded = all(rss_after[k] <= 1.25 * rss_before[k] + 32 for k in rss_before)
-    problems += [f"dead: {dead}"] if dead else []
     internal = [r.message for r in watcher.samples if r.code == "internal"]
+    problems = list(misanswered)
     problems += [f"internal errors (a handler failed): {internal[:3]}"] if internal else []
-    problems += [f"telemetry vs reports (reports, counted): {uncounted}"] if uncounted else []
-    problems += [] if bounded else [f"RSS grew: {({k: round(v) for k, v in growth.items()})}"]
     problems += [f"valid requests: {traffic.errors[:3]}"] if traffic.wrong or traffic.failed else []
-    ok = not problems and traffic.ok > 0
+    counts = HostileCounts(
+        topics=len(fuzzed), per_topic=n, sent=sent, dead=dead, valid_identical=traffic.ok, valid_wrong=traffic.wrong,
+        valid_failed=traffic.failed, reports=answered, codes=dict(codes), misanswered=len(misanswered),
+        reported={who: reports[who] for who in base},
+        counted={who: watcher.rejected.get(who, 0) - base[who] for who in base},
+        rss_before_mb=rss_before, rss_after_mb=rss_after)
     return Outcome(
         case="hostile input",
-        injected=f"{sent:,} malformed payloads ({n:,} on each of {len(targets(cluster.cluster, plan, manifest, names, 7))}"
-                 f" topics: random bytes, truncated frames, gigabyte shapes, bad dtypes, deep/huge JSON, NaN/inf, "
-                 f"unknown versions, other messages, bad ids, stale epochs) while valid requests ran",
-        observed=(f"processes alive; {traffic.ok} valid requests token-identical to run-local, {traffic.wrong} wrong, "
-                  f"{traffic.failed} failed; {answered:,} ErrorReports, exactly one per refusal and follower "
-                  f"({', '.join(f'{c} {k:,}' for c, k in codes.most_common())}), all counted in telemetry"
-                  if ok else "; ".join(problems)[:600]),
+        injected=f"{sent:,} malformed payloads ({n:,} on each of {len(fuzzed)} topics: random bytes, truncated "
+                 f"frames, gigabyte shapes, bad dtypes, deep/huge JSON, NaN/inf, unknown versions, other messages, "
+                 f"bad ids, stale epochs) while valid requests ran",
+        counts=counts, problems=tuple(problems),
         figure="RSS MB before -> after: " + ", ".join(f"{k} {rss_before[k]:.0f} -> {rss_after[k]:.0f}"
-                                                      for k in rss_before),
-        ok=ok)
+                                                      for k in rss_before))
 
 
 def _inject(fuzzer: MqttClient, watcher: Watcher, target: Target, n: int, problems: list[str]) -> int:
@@ -370,7 +405,38 @@ def _settle(watcher: Watcher, target: Target, before: dict[str, int], want: int,
 # --- limits ------------------------------------------------------------------------------
 
 
-def limits(ctx: ChaosContext) -> Outcome:
+CLEAR = {"payload": "exceeds max_payload", "broker": "closed", "max_tokens": "exceeds this hub's cap",
+         "kv": "more than the cap", "sessions": "--max-sessions", "rate": "rate limited"}  # limit -> what its error says
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LimitCounts:
+    refusals: dict[str, str]  # limit (a key of CLEAR) -> the error a user got ("served": none)
+    sessions: int  # requests at once on nodes with --max-sessions 1
+    sessions_refused: int
+    sessions_identical: int  # of those served, token-identical to run-local
+    burst: int  # requests in a row from one client
+    rate_limited: int  # of those, answered "rate limited"
+    other_client_identical: bool  # another client's request meanwhile, served token-identical
+    dead: tuple[str, ...]  # processes of the cluster that died
+
+    def unclear(self) -> list[str]:
+        return [k for k, want in CLEAR.items() if want not in self.refusals.get(k, "")]
+
+    @property
+    def ok(self) -> bool:
+        return (not self.unclear() and self.sessions_refused == 1 and self.sessions_identical == self.sessions - 1
+                and self.rate_limited > 0 and self.other_client_identical and not self.dead)
+
+    def observed(self) -> str:
+        refused = ("each refused with a clear error (too_large, overloaded, rate_limited)" if not self.unclear() else
+                   "not refused clearly: " + ", ".join(f"{k} {self.refusals.get(k)!r}" for k in self.unclear()))
+        served = self.sessions_identical == self.sessions - self.sessions_refused and self.other_client_identical
+        return (refused + (", the others served token-identical" if served else ", the others NOT all served")
+                + (f"; dead: {', '.join(self.dead)}" if self.dead else ""))
+
+
+def limits(ctx: ChaosContext) -> Outcome[LimitCounts]:
     """Each limit refused with a clear error while the requests within limits are served."""
     expected = reference_tokens(ctx.artifacts, PROMPTS[:2], NEW_TOKENS)
     manifest = ModelManifest.from_json((ctx.artifacts / "manifest.json").read_bytes())
@@ -416,23 +482,20 @@ def limits(ctx: ChaosContext) -> Outcome:
         other = gen(PROMPTS[1], client_id="polite")
         if other.error or other.tokens != expected[PROMPTS[1]]:
             problems.append(f"another client was affected: {other.error}")
-        if not limited:
-            problems.append("no request was rate limited")
-        dead = [name for name, up in alive(cluster).items() if not up]
-    checks = {"payload": "exceeds max_payload", "broker": "closed", "max_tokens": "exceeds this hub's cap",
-              "kv": "more than the cap", "sessions": "--max-sessions", "rate": "rate limited"}
-    problems += [f"{k}: {seen.get(k)!r}" for k, want in checks.items() if want not in seen.get(k, "")]
-    problems += [f"dead: {dead}"] if dead else []
-    ok = not problems
+        dead = tuple(name for name, up in alive(cluster).items() if not up)
+    counts = LimitCounts(refusals=seen, sessions=len(pair), sessions_refused=len(refused),
+                         sessions_identical=sum(1 for p, r in served if r.tokens == expected[p]), burst=len(burst),
+                         rate_limited=len(limited),
+                         other_client_identical=other.error is None and other.tokens == expected[PROMPTS[1]],
+                         dead=dead)
     return Outcome(
         case="limits",
         injected=f"a payload over max_payload (our client, then a raw one), max_tokens 100 over --max-tokens 12, a "
                  f"120-token prompt whose KV exceeds --kv-max-mb {kv_mb:.3f} (40 positions), 2 sessions on nodes with --max-sessions 1, 8 requests "
                  "in a row from one client (--rate 0.2 --burst 3)",
-        observed=("each refused with a clear error (too_large, overloaded, rate_limited), the others served "
-                  "token-identical" if ok else "; ".join(problems)[:600]),
-        figure=f"rate: {len(limited)}/8 limited; sessions: {len(refused)}/2 refused",
-        ok=ok)
+        counts=counts, problems=tuple(problems),
+        figure=f"rate: {counts.rate_limited}/{counts.burst} limited; sessions: {counts.sessions_refused}/"
+               f"{counts.sessions} refused")
 
 
 def _prompt_of_tokens(art: Path, tokens: int) -> str:
@@ -480,7 +543,26 @@ def _remaining(n: int) -> bytes:
 # --- soak --------------------------------------------------------------------------------
 
 
-def soak(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SoakCounts:
+    requests: int
+    identical: int  # token-identical to run-local
+    wrong: int
+    lost: int  # failed, or never done
+    growth: dict[str, float]  # process -> RSS growth after warm-up, as a fraction
+    dead: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.wrong == 0 and not self.dead and all(g < 0.10 for g in self.growth.values())
+
+    def observed(self) -> str:
+        return (f"{self.identical} token-identical to run-local, {self.wrong} wrong, {self.lost} lost; RSS growth "
+                "after warm-up: " + ", ".join(f"{k} {g:+.1%}" for k, g in sorted(self.growth.items()))
+                + (f"; dead: {list(self.dead)}" if self.dead else ""))
+
+
+def soak(ctx: ChaosContext) -> Outcome[SoakCounts]:
     total, minutes = (500, 10.0) if ctx.full else (30, 1.0)
     expected = reference_tokens(ctx.artifacts, PROMPTS, NEW_TOKENS)
     specs = [NodeSpec(f"n{i}") for i in (1, 2, 3)]
@@ -502,20 +584,17 @@ def soak(ctx: ChaosContext) -> Outcome:
             traffic.wait(120)
         elapsed = time.monotonic() - t0
         rss_end = {name: rss_mb(pid) for name, pid in procs.items()}
-        dead = [name for name, up in alive(cluster).items() if not up]
+        dead = tuple(name for name, up in alive(cluster).items() if not up)
     growth = {k: (rss_end[k] - rss_start[k]) / rss_start[k] for k in rss_start if k != "hub" and rss_start[k]}
-    worst = max(growth, key=growth.get)
-    lost = total - traffic.done + traffic.failed
-    ok = lost == 0 and traffic.wrong == 0 and not dead and all(g < 0.10 for g in growth.values())
+    worst = max(growth, key=lambda k: growth[k])
+    counts = SoakCounts(requests=total, identical=traffic.ok, wrong=traffic.wrong,
+                        lost=total - traffic.done + traffic.failed, growth=growth, dead=dead)
     return Outcome(
         case="soak",
         injected=f"{total} requests ({NEW_TOKENS} tokens each, {concurrency} clients) over {elapsed / 60:.1f} min on "
                  f"3 nodes",
-        observed=f"{traffic.ok} token-identical to run-local, {traffic.wrong} wrong, {lost} lost; "
-                 f"RSS growth after warm-up: " + ", ".join(f"{k} {g:+.1%}" for k, g in sorted(growth.items()))
-                 + (f"; dead: {dead}" if dead else "") + (f"; {traffic.errors[:2]}" if traffic.errors else ""),
-        figure=f"worst RSS growth {worst} {growth[worst]:+.1%} ({rss_start[worst]:.0f} -> {rss_end[worst]:.0f} MB)",
-        ok=ok)
+        counts=counts, problems=tuple(traffic.errors[:2]),
+        figure=f"worst RSS growth {worst} {growth[worst]:+.1%} ({rss_start[worst]:.0f} -> {rss_end[worst]:.0f} MB)")
 
 
 CASES = [Case("hostile input", hostile_input), Case("limits", limits), Case("soak", soak, slow=True)]

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import socket
 import statistics
@@ -200,7 +201,28 @@ def _refused(attempt: Callable[[], MqttClient]) -> bool:
 # --- embedded broker ----------------------------------------------------------------------------
 
 
-def embedded_acl(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AclCounts:
+    bad_connects: int  # CONNECTs that must be refused
+    refused_connects: int
+    holder_connected: bool  # the client whose id was tried by another user is still connected
+    attacks: int  # forbidden publishes (retained included)
+    dropped: int  # of those, delivered to nobody
+    leaked: int  # messages delivered to a user who may not read them
+    missing: int  # legitimate deliveries that did not happen
+
+    @property
+    def ok(self) -> bool:
+        return (self.refused_connects == self.bad_connects and self.holder_connected and self.dropped == self.attacks
+                and self.leaked == self.missing == 0)
+
+    def observed(self) -> str:
+        return (f"{self.refused_connects}/{self.bad_connects} CONNECTs refused (the node holding the id stayed "
+                f"{'connected' if self.holder_connected else 'DISCONNECTED'}); {self.dropped}/{self.attacks} attacks "
+                f"dropped; {self.leaked} messages leaked; {self.missing} legitimate deliveries missing")
+
+
+def embedded_acl(ctx: ChaosContext) -> Outcome[AclCounts]:
     credentials = Credentials(make_users(), hub_secret="hub-secret-of-this-run")
     guesses = 100 if ctx.full else 10
     with BrokerThread(broker=EmbeddedBroker(**secured(credentials))) as running:
@@ -222,24 +244,44 @@ def embedded_acl(ctx: ChaosContext) -> Outcome:
         retained, live = run_roles(login)
     refused, attacks, leaked, missing = score(retained, live)
     connects = len(strangers) + guesses
-    ok = refused_connects == connects and holder_alive and refused == attacks and leaked == 0 and missing == 0
+    counts = AclCounts(bad_connects=connects, refused_connects=refused_connects, holder_connected=holder_alive,
+                       attacks=attacks, dropped=refused, leaked=leaked, missing=missing)
     return Outcome(case="embedded ACL",
                    injected=f"{connects} bad CONNECTs (anonymous, unknown user, forged hub secret, another user's "
                             f"client id, {guesses} password guesses); {attacks} forbidden publishes (node as another "
                             "node, client activations/tokens/requests in another's name); 5 users watching lmq/# "
                             "with retained model/plan/assign/status",
-                   observed=f"{refused_connects}/{connects} CONNECTs refused (the node holding the id stayed "
-                            f"{'connected' if holder_alive else 'DISCONNECTED'}); {refused}/{attacks} attacks "
-                            f"dropped; {leaked} messages leaked; {missing} legitimate deliveries missing",
+                   counts=counts,
                    figure=f"{statistics.median(times):.0f} ms from CONNECT to CONNACK 5 per password guess "
-                          "(PBKDF2-SHA512, 40,000 iterations)",
-                   ok=ok)
+                          "(PBKDF2-SHA512, 40,000 iterations)")
 
 
 # --- mosquitto with the exported files ----------------------------------------------------------
 
 
-def mosquitto_parity(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParityCounts:
+    outcomes: int  # live messages and users' retained views compared
+    identical: int  # of those, the same on mosquitto as on the embedded broker
+    bad_logins: int  # on mosquitto
+    refused_logins: int
+    attacks: int  # forbidden publishes, on mosquitto
+    dropped: int
+    leaked: int
+    missing: int
+
+    @property
+    def ok(self) -> bool:
+        return (self.identical == self.outcomes and self.refused_logins == self.bad_logins
+                and self.dropped == self.attacks and self.leaked == self.missing == 0)
+
+    def observed(self) -> str:
+        return (f"{self.identical}/{self.outcomes} outcomes identical to the embedded broker's; on mosquitto "
+                f"{self.dropped}/{self.attacks} attacks dropped, {self.leaked} leaked, {self.refused_logins}/"
+                f"{self.bad_logins} bad logins refused")
+
+
+def mosquitto_parity(ctx: ChaosContext) -> Outcome[ParityCounts]:
     users = make_users()
     root = Path(tempfile.mkdtemp(prefix="mosq-", dir=ctx.workdir))
     save_users(root / "users", users.values())
@@ -257,20 +299,36 @@ def mosquitto_parity(ctx: ChaosContext) -> Outcome:
     same += sum(1 for u in RETAINED_SEEN if ours[0][u] == theirs[0][u])
     total = len(LIVE) + len(RETAINED_SEEN)
     refused, attacks, leaked, missing = score(*theirs)
-    ok = same == total and strangers_refused == 2 and refused == attacks and leaked == missing == 0
+    counts = ParityCounts(outcomes=total, identical=same, bad_logins=2, refused_logins=strangers_refused,
+                          attacks=attacks, dropped=refused, leaked=leaked, missing=missing)
     return Outcome(case="mosquitto parity",
                    injected=f"the embedded ACL scenario on mosquitto 2 with `users export-mosquitto`'s "
                             f"password_file and acl_file ({len(users)} users, 3 roles)",
-                   observed=f"{same}/{total} outcomes identical to the embedded broker's; on mosquitto "
-                            f"{refused}/{attacks} attacks dropped, {leaked} leaked, {strangers_refused}/2 bad "
-                            "logins refused",
-                   figure=f"{same}/{total} identical", ok=ok)
+                   counts=counts, figure=f"{same}/{total} identical")
 
 
 # --- a real cluster ---------------------------------------------------------------------------------
 
 
-def secured_cluster(ctx: ChaosContext) -> Outcome:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SecuredCounts:
+    blocked: dict[str, bool]  # attack -> it got nothing through
+    generations: int  # a client's requests over TLS meanwhile
+    identical: int  # of those, token-identical to run-local
+
+    @property
+    def ok(self) -> bool:
+        return all(self.blocked.values()) and self.identical == self.generations
+
+    def observed(self) -> str:
+        failed = [a for a, ok in self.blocked.items() if not ok]
+        return (f"{len(self.blocked) - len(failed)}/{len(self.blocked)} attacks got nothing through"
+                + (f" (FAILED: {', '.join(failed)})" if failed else "")
+                + f"; client alice over TLS: {self.identical}/{self.generations} generations token-identical "
+                  "to run-local")
+
+
+def secured_cluster(ctx: ChaosContext) -> Outcome[SecuredCounts]:
     from linguamq.tools.local import generate_local, open_local
     root = Path(tempfile.mkdtemp(prefix="secure-", dir=ctx.workdir))
     save_users(root / "users", make_users().values())
@@ -331,18 +389,12 @@ def secured_cluster(ctx: ChaosContext) -> Outcome:
         identical += result is not None and result.error is None and result.tokens == ref
         if result is not None and result.ms_per_token:
             ms_per_token.append(result.ms_per_token)
-    blocked = sum(attacks.values())
-    failed = [a for a, ok in attacks.items() if not ok]
     return Outcome(case="secured cluster",
                    injected=f"hub --users --tls-only, 2 nodes as their users; {len(attacks)} attacks: "
                             + ", ".join(attacks),
-                   observed=f"{blocked}/{len(attacks)} attacks got nothing through"
-                            + (f" (FAILED: {', '.join(failed)})" if failed else "")
-                            + f"; client alice over TLS: {identical}/{len(prompts)} generations token-identical "
-                              "to run-local",
+                   counts=SecuredCounts(blocked=attacks, generations=len(prompts), identical=identical),
                    figure=(f"{statistics.median(ms_per_token):.1f} ms/token over TLS with ACLs" if ms_per_token
-                           else "no generation"),
-                   ok=blocked == len(attacks) and identical == len(prompts))
+                           else "no generation"))
 
 
 def _plaintext_refused(url: str) -> bool:
