@@ -16,6 +16,7 @@ import structlog
 
 from linguamq import topics
 from linguamq.schemas.blobs import BlobRequest, encode_chunk
+from linguamq.schemas.requests import ErrorCode
 from linguamq.topics.client import MqttClient, MqttError
 
 log = structlog.get_logger()
@@ -84,6 +85,6 @@ class BlobServer:
     def _reject(self, topic: str, payload: bytes, exc: Exception) -> None:
         self._report(topic, self._reporter, str(exc))
 
-    def _report(self, topic: str, to: str, message: str, code: str = "bad_request") -> None:
+    def _report(self, topic: str, to: str, message: str, code: ErrorCode = "bad_request") -> None:
         self._client.report_error(self._cluster, reporter=self._reporter, to=to, topic=topic,
                                   code=code, message=message)

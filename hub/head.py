@@ -46,6 +46,7 @@ from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import (
     CancelRequest,
+    ErrorCode,
     ErrorReport,
     GenerateRequest,
     GenerateResult,
@@ -105,7 +106,7 @@ class _Session:
     request: GenerateRequest
     prompt: list[int]
     reply_to: str | None = None  # the client of `requests/{client}`; None: the open `requests` topic
-    stream: TextStream | None = None
+    stream: TextStream = dataclasses.field(init=False)  # made right after the session: it streams to it
     tokens: list[int] = dataclasses.field(default_factory=list)
     epoch: int = 0
     step: int = 0
@@ -266,7 +267,7 @@ class Head:
         self._queue.append((ticket, prompt))
         self._admit()
 
-    def _fail_waiting(self, ticket: _Ticket, message: str, *, code: str) -> None:
+    def _fail_waiting(self, ticket: _Ticket, message: str, *, code: ErrorCode) -> None:
         del self._waiting[ticket.key]
         self._fail(ticket.request, message, code=code, reply_to=ticket.reply_to)
 
@@ -277,7 +278,7 @@ class Head:
             del self._waiting[ticket.key]
             request = ticket.request
             session = _Session(request=request, prompt=prompt, reply_to=ticket.reply_to)
-            session.stream = TextStream(self._decode, request.stop, lambda text, s=session: self._stream(s, text))
+            session.stream = TextStream(self._decode, request.stop, functools.partial(self._stream, session))
             self._sessions[session.id] = session
             session.t_start = time.perf_counter()
             self._prefill(session)
@@ -521,7 +522,7 @@ class Head:
 
     # --- rejects -----------------------------------------------------------------------
 
-    def _fail(self, request: GenerateRequest, message: str, *, code: str, reply_to: str | None) -> None:
+    def _fail(self, request: GenerateRequest, message: str, *, code: ErrorCode, reply_to: str | None) -> None:
         self.rejected += 1
         self._answer(request, reply_to, "error", message)
         self._client.report_error(self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
@@ -541,7 +542,7 @@ class Head:
         request_id, client = _salvage_ids(payload)
         private = _topic_client(topic)  # on `requests/{c}`: c, whatever the payload claims
         client = private or client
-        code = "too_large" if "exceeds" in str(exc) else "bad_payload"
+        code: ErrorCode = "too_large" if "exceeds" in str(exc) else "bad_payload"
         if request_id is not None:
             result = GenerateResult(request=request_id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
                                     ms_per_token=0.0, stop_reason="error", error=str(exc)[:1024])

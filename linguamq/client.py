@@ -66,14 +66,15 @@ class Client:
             topics.validate_id("cluster", cluster)
         self.broker_url, self.cluster, self.timeout = broker_url, cluster, timeout
         self._connect_timeout = connect_timeout
-        self._login = {"username": username, "password": password, "cafile": cafile}
+        self._username, self._password, self._cafile = username, password, cafile
         self._mqtt: MqttClient | None = None
         self._lock = threading.Lock()
 
     def connect(self) -> Self:
         with self._lock, _translated():
             if self._mqtt is None:
-                mqtt = MqttClient(url=self.broker_url, client_id=f"gen-{new_request_id()[1:9]}", **self._login)
+                mqtt = MqttClient(url=self.broker_url, client_id=f"gen-{new_request_id()[1:9]}",
+                                  username=self._username, password=self._password, cafile=self._cafile)
                 try:
                     # nothing listening is said at once: the user named this broker, now
                     self._mqtt = mqtt.start(self._connect_timeout, wait_for_broker=False)
@@ -268,7 +269,7 @@ def generate_remote(client: MqttClient, cluster: str, request: GenerateRequest, 
         try:
             text = next(events)
         except StopIteration as end:
-            return end.value  # type: ignore[no-any-return]
+            return end.value
         if on_text is not None:
             on_text(text)
 

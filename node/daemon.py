@@ -40,9 +40,19 @@ from linguamq.node.profile import make_profile, probe_compute, probe_link, probe
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
 from linguamq.schemas import envelope
-from linguamq.schemas.cluster import Assignment, NodeControl, NodeStatus, PieceTiming, Profile, Segment, Telemetry
+from linguamq.schemas.cluster import (
+    Assignment,
+    NodeControl,
+    NodeState,
+    NodeStatus,
+    PieceTiming,
+    Profile,
+    Segment,
+    Telemetry,
+)
 from linguamq.schemas.envelope import ActHeader, Hop
 from linguamq.schemas.manifest import ModelManifest
+from linguamq.schemas.requests import ErrorCode
 from linguamq.topics.client import MqttClient, MqttError, Will
 
 log = structlog.get_logger()
@@ -95,7 +105,7 @@ class NodeDaemon:
         self._stages: dict[int, _Stage] = {}  # first piece -> stage
         self.profile: Profile | None = None  # measured when the manifest arrives
         self.slowdown = settings.slowdown  # changeable at run time (NodeControl)
-        self._state = "online"
+        self._state: NodeState = "online"
         self._timings: dict[int, PieceTiming] = {}
         self._rejected = 0
         self._seq = 0
@@ -174,7 +184,7 @@ class NodeDaemon:
     def _reject(self, topic: str, payload: bytes, exc: Exception) -> None:
         self._report("bad_payload", str(exc), topic=topic)
 
-    def _report(self, code: str, message: str, *, topic: str = "", ref: str | None = None) -> None:
+    def _report(self, code: ErrorCode, message: str, *, topic: str = "", ref: str | None = None) -> None:
         self._rejected += 1
         self._log.warning("rejected", code=code, error=message, ref=ref)
         self._client.report_error(self._cluster, reporter=self.name, to=self.name, topic=topic, code=code,
@@ -248,6 +258,8 @@ class NodeDaemon:
     def _prefetch(self, pieces: tuple[int, ...]) -> None:
         """Download (not load) boundary pieces so that moving a boundary needs no transfer."""
         manifest = self._manifest
+        if manifest is None:  # assignments are taken only after the manifest; nothing to fetch without it
+            return
         try:
             for index in pieces:
                 self._blobs.ensure(manifest.pieces[index].sha256)
@@ -396,6 +408,7 @@ class NodeDaemon:
                                         sampling=header.sampling, hops=hops)
             name = topics.ACT.build(self._cluster, piece=nxt)
             return self._client.publish(topics.ACT, name, envelope.encode(head, out))
+        assert self._manifest is not None  # a node runs pieces only once it holds the manifest
         head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                     epoch=header.epoch, piece=len(self._manifest.pieces),
                                     start_pos=header.start_pos + steps, hops=hops)
@@ -428,7 +441,7 @@ class NodeDaemon:
 
     # --- status and telemetry -----------------------------------------------------------
 
-    def _publish_status(self, state: str, wait: float | None = None) -> None:
+    def _publish_status(self, state: NodeState, wait: float | None = None) -> None:
         self._state = state
         status = NodeStatus(node=self.name, state=state, ts=time.time(), version=linguamq.__version__,
                             platform=system.platform_name(), threads=self.settings.threads,

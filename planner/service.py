@@ -29,6 +29,7 @@ import dataclasses
 import statistics
 import threading
 import time
+from typing import Literal
 
 import structlog
 
@@ -45,7 +46,12 @@ RETRY_S = 1.0  # pause after a failed replanning round before the next
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PlannerSettings:
-    objective: str = "latency"  # "latency", "throughput", or "even" (LinguaLinked's baseline)
+    objective: Literal["latency", "throughput", "even"] = "latency"  # even: LinguaLinked's baseline
+
+    @property
+    def scored(self) -> cost.Objective:
+        """The objective a plan's speed is judged by (an even split is judged as a single stream)."""
+        return "latency" if self.objective == "even" else self.objective
     max_sessions: int = 1  # KV memory reserved per node, and sessions in flight (throughput)
     settle_s: float = 1.0
     min_nodes: int = 1  # the first plan waits for this many nodes
@@ -64,7 +70,7 @@ class PlannerService:
         self._manifest, self._manifest_sha = manifest, manifest_sha256
         self._costs = cost.CostSettings(max_context=manifest.max_context, max_sessions=settings.max_sessions)
         self._placement = (even_split if settings.objective == "even" else
-                           planned(settings.objective, settings=self._costs, time_limit_s=settings.time_limit_s))
+                           planned(settings.scored, settings=self._costs, time_limit_s=settings.time_limit_s))
         self._lock = threading.Lock()
         self._status: dict[str, NodeStatus] = {}
         self._joined: dict[str, float] = {}
@@ -199,7 +205,7 @@ class PlannerService:
         """``plan``'s objective under the current (corrected) profiles."""
         problem = self._problem([s.node for s in plan.stages])
         times = [cost.stage_ms(problem, d, s.first, s.last) for d, s in zip(problem.devices, plan.stages)]
-        return cost.objective_value(self.settings.objective, times, self._costs.max_sessions)
+        return cost.objective_value(self.settings.scored, times, self._costs.max_sessions)
 
     # --- replanning (own thread) -----------------------------------------------------
 
@@ -317,11 +323,9 @@ class PlannerService:
             stages = tuple(dataclasses.replace(s, measured_ms=self._measured[s.node] + max(
                 s.predicted_ms - self._predicted_compute(s), 0.0)) if s.node in self._measured else s
                 for s in plan.stages)
-            if all(s.measured_ms is not None for s in stages):
-                times = [s.measured_ms for s in stages]
-                measured = cost.objective_value(
-                    "latency" if self.settings.objective == "even" else self.settings.objective, times,
-                    self._costs.max_sessions)
+            times = [s.measured_ms for s in stages if s.measured_ms is not None]
+            if len(times) == len(stages):
+                measured = cost.objective_value(self.settings.scored, times, self._costs.max_sessions)
             else:
                 measured = None
             explained = dataclasses.replace(plan, stages=stages, measured_ms_per_token=measured)

@@ -98,6 +98,10 @@ class GenerateResult(Message):
     seed: int | None = spec(ge=0, le=SEED_MAX, default=None, doc="the sampling seed used: send it to replay the answer")
 
 
+ErrorCode = Literal["bad_payload", "bad_request", "unknown_session", "stale_epoch",
+                  "too_large", "overloaded", "rate_limited", "internal"]
+
+
 @struct
 class ErrorReport(Message):
     """Published on `errors/{client}` by whoever rejected a message."""
@@ -106,8 +110,7 @@ class ErrorReport(Message):
 
     reporter: str = spec(pattern=ID_PATTERN, doc="who rejected the message")
     topic: str = spec(max_len=1024, doc="where the rejected message was published")
-    code: Literal["bad_payload", "bad_request", "unknown_session", "stale_epoch",
-                  "too_large", "overloaded", "rate_limited", "internal"]
+    code: ErrorCode
     message: str = spec(max_len=1024)
     ref: str | None = spec(max_len=128, default=None, doc="request or session id, if known")
     ts: float = spec(ge=0)
@@ -116,8 +119,10 @@ class ErrorReport(Message):
 def decode_response(payload: bytes | bytearray | memoryview | str) -> TokenEvent | GenerateResult:
     """A message of `responses/{request}`: a TokenEvent or the final GenerateResult."""
     doc = parse_json(payload, max_bytes=GenerateResult.MAX_BYTES)
-    kinds = {TokenEvent.TYPE: TokenEvent, GenerateResult.TYPE: GenerateResult}
-    cls = kinds.get(doc.get("type")) if isinstance(doc, dict) else None
+    kinds: dict[str, type[TokenEvent] | type[GenerateResult]] = {TokenEvent.TYPE: TokenEvent,
+                                                                 GenerateResult.TYPE: GenerateResult}
+    tag = doc.get("type") if isinstance(doc, dict) else None
+    cls = kinds.get(tag) if isinstance(tag, str) else None
     if cls is None:
         raise SchemaError(f"expected one of {sorted(kinds)}", field="type")
     return cls.from_dict(doc)

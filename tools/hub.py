@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import secrets
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from tokenizers import Tokenizer
@@ -39,7 +40,7 @@ class HubSettings:
     broker_in_process: bool = True  # the embedded broker in a child process (its own GIL)
     min_nodes: int = 1
     settle_s: float = 1.0
-    objective: str = "latency"  # or "throughput", or "even" (LinguaLinked's baseline split)
+    objective: Literal["latency", "throughput", "even"] = "latency"  # even: LinguaLinked's baseline split
     max_sessions: int = 64
     plan_sessions: int = 1  # sessions the planner plans for: KV per node, in flight for "throughput"
     drift_ratio: float = 1.3  # replan when a node's measured time is this far off; inf: never

@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+import typing
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ import structlog
 
 from linguamq.schemas import blobs, envelope, requests
 from linguamq.schemas.errors import SchemaError
-from linguamq.schemas.requests import ErrorReport
+from linguamq.schemas.requests import ErrorCode, ErrorReport
 from linguamq.schemas.wire import Message
 from linguamq.topics.errors import TopicError
 from linguamq.topics.namespace import ERRORS, Topic
@@ -234,16 +235,17 @@ class MqttClient:
         decode = decoder_for(topic)
 
         def deliver(msg: paho.MQTTMessage) -> None:
+            payload = typing.cast(bytes, msg.payload)  # paho reads bytes (its annotation adds bytearray)
             try:
-                if len(msg.payload) > self.max_payload:
-                    raise SchemaError(f"payload of {len(msg.payload)} bytes exceeds this client's limit of "
+                if len(payload) > self.max_payload:
+                    raise SchemaError(f"payload of {len(payload)} bytes exceeds this client's limit of "
                                       f"{self.max_payload}")
-                value = decode(msg.payload)
+                value = decode(payload)
             except SchemaError as exc:
                 self.rejected += 1
                 reject = on_reject or self.default_reject
                 if reject is not None:
-                    reject(msg.topic, msg.payload, exc)
+                    reject(msg.topic, payload, exc)
                 else:
                     log.warning("rejected message", topic=msg.topic, error=str(exc))
                 return
@@ -261,6 +263,8 @@ class MqttClient:
             rc, mid = self._client.subscribe(filter_, qos)
             if rc != paho.MQTT_ERR_SUCCESS:
                 raise MqttError(f"subscribe to {filter_} failed: {paho.error_string(rc)}")
+            if mid is None:
+                raise MqttError(f"subscribe to {filter_} failed: paho gave no message id")
             if wait is not None:
                 self._acks[mid] = acked
         if wait is not None and not acked.wait(wait):
@@ -296,7 +300,7 @@ class MqttClient:
             if not info.is_published():
                 raise MqttTimeout(f"publish to {name} not acknowledged within {wait} s")
 
-    def report_error(self, cluster: str, *, reporter: str, to: str, topic: str, code: str, message: str,
+    def report_error(self, cluster: str, *, reporter: str, to: str, topic: str, code: ErrorCode, message: str,
                      ref: str | None = None) -> None:
         """Publish an ErrorReport on `errors/{to}` (``to``: the sender if known, else the reporter)."""
         report = ErrorReport(reporter=reporter, topic=topic[:1024], code=code, message=message[:1024], ref=ref,
@@ -391,7 +395,7 @@ class _TrackedContext(ssl.SSLContext):
 
     last: ssl.SSLSocket | None = None
 
-    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         self.last = super().wrap_socket(*args, **kwargs)
         return self.last
 
@@ -401,7 +405,7 @@ class _TrackedContext(ssl.SSLContext):
             sock.close()
 
 
-def _no_delay(client: paho.Client, userdata: Any, sock: socket.socket) -> None:
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
     # paho leaves Nagle on: a small activation would wait up to 40 ms for a delayed ACK.
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

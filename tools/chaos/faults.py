@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import heapq
 import random
@@ -456,7 +457,7 @@ class Duplicator:
         self._thread.start()
         filters = (("act", topics.ACT.filter(self._cluster)), ("out", topics.SESSION_OUT.filter(self._cluster)))
         for kind, filter_ in filters:
-            self._client.subscribe_raw(filter_, lambda msg, k=kind: self._on(k, msg), qos=1, wait=10.0)
+            self._client.subscribe_raw(filter_, functools.partial(self._on, kind), qos=1, wait=10.0)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import socket
 import threading
 import time
@@ -76,6 +77,7 @@ def children(pid: int) -> list[int]:
 
 def processes(cluster: LocalCluster) -> dict[str, int]:
     """name -> pid of every process of a local cluster: nodes, the hub and its broker."""
+    assert cluster.hub is not None, "the cluster is not running"
     procs = {name: p.pid for name, p in cluster.node_procs.items()}
     procs["hub"] = cluster.hub.pid
     for i, pid in enumerate(children(cluster.hub.pid)):
@@ -85,7 +87,7 @@ def processes(cluster: LocalCluster) -> dict[str, int]:
 
 def alive(cluster: LocalCluster) -> dict[str, bool]:
     state = {name: p.poll() is None for name, p in cluster.node_procs.items()}
-    state["hub"] = cluster.hub.poll() is None
+    state["hub"] = cluster.hub is not None and cluster.hub.poll() is None
     return state
 
 
@@ -167,6 +169,8 @@ class Traffic:
         return self.ok + self.wrong + self.failed
 
     def _loop(self, i: int) -> None:
+        client = self._client
+        assert client is not None, "start() first"
         prompts = list(self._expected)
         while not self._stop.is_set():
             with self._lock:
@@ -176,7 +180,7 @@ class Traffic:
                 prompt = prompts[(self._sent + i) % len(prompts)]
             request = GenerateRequest(id=new_request_id(), prompt=prompt, max_tokens=NEW_TOKENS, client=self._name)
             try:
-                result = generate_remote(self._client, self._cluster, request, timeout=120)
+                result = generate_remote(client, self._cluster, request, timeout=120)
             except MqttError as exc:
                 result = None
                 error = f"{request.id}: {exc}"
@@ -263,11 +267,11 @@ def targets(cluster: str, plan: Plan, manifest: ModelManifest, nodes: list[str],
     for topic, cls in ((topics.NODE_STATUS, NodeStatus), (topics.NODE_TELEMETRY, Telemetry)):
         # a node id that breaks the topic rules: valid payloads too are refused (they cannot be its)
         out.append(Target(topic.filter(cluster).replace("+", "bad id!"),
-                          lambda n, cls=cls: _valid_and_malformed(cls, n, seed), ("planner",)))
+                          functools.partial(_valid_and_malformed, cls, seed=seed), ("planner",)))
     return out
 
 
-def _valid_and_malformed(cls: type, n: int, seed: int) -> Iterator[fuzz.Fuzz]:
+def _valid_and_malformed(cls: type[NodeStatus] | type[Telemetry], n: int, seed: int) -> Iterator[fuzz.Fuzz]:
     valid = fuzz.Fuzz(f"valid {cls.TYPE}", examples.EXAMPLES[cls].to_json())
     for i, item in enumerate(fuzz.json_payloads(cls, n - n // 2, seed=seed)):
         yield item
@@ -472,13 +476,13 @@ def limits(ctx: ChaosContext) -> Outcome[LimitCounts]:
             pair = list(pool.map(lambda p: gen(p, client_id=f"c{PROMPTS.index(p)}"), PROMPTS[:2]))
         refused = [r for r in pair if r.error]
         served = [(p, r) for p, r in zip(PROMPTS[:2], pair) if not r.error]
-        seen["sessions"] = refused[0].error if refused else "both served"
+        seen["sessions"] = str(refused[0].error) if refused else "both served"
         if len(refused) != 1 or any(r.tokens != expected[p] for p, r in served):
             problems.append(f"max-sessions: {[(r.error, r.tokens) for r in pair]}")
         # per-client rate: a burst beyond --burst is answered rate_limited; another client unaffected
         burst = [gen(PROMPTS[0], max_tokens=1, client_id="greedy") for _ in range(8)]
         limited = [r for r in burst if r.error and "rate limited" in r.error]
-        seen["rate"] = limited[0].error if limited else "not limited"
+        seen["rate"] = str(limited[0].error) if limited else "not limited"
         other = gen(PROMPTS[1], client_id="polite")
         if other.error or other.tokens != expected[PROMPTS[1]]:
             problems.append(f"another client was affected: {other.error}")

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import paho.mqtt.client as paho
+
 from linguamq import topics as T
 from linguamq.broker.acl import mosquitto_acl, secured
 from linguamq.broker.embedded import BrokerThread, EmbeddedBroker
@@ -100,8 +102,9 @@ Login = Callable[..., MqttClient]  # login(name, client_id) -> a started MqttCli
 
 def login_to(url: str, *, cafile: str | None = None) -> Login:
     def login(name: str | None, client_id: str, *, password: str | None = None) -> MqttClient:
-        kwargs = {} if name is None else {"username": name, "password": password or PASSWORDS[name]}
-        return MqttClient(url=url, client_id=client_id, cafile=cafile, **kwargs).start(WAIT)
+        username, password = (None, None) if name is None else (name, password or PASSWORDS[name])
+        return MqttClient(url=url, client_id=client_id, cafile=cafile, username=username,
+                          password=password).start(WAIT)
     return login
 
 
@@ -144,9 +147,9 @@ class _Closing:
         self.client.stop()
 
 
-def _until(inbox: queue.Queue, marker: str, payload: bytes = b"x-done") -> list:
+def _until(inbox: queue.Queue[paho.MQTTMessage], marker: str, payload: bytes = b"x-done") -> list[paho.MQTTMessage]:
     """Messages before ``payload`` on ``marker``; markers (a copy per matching filter) left out."""
-    out = []
+    out: list[paho.MQTTMessage] = []
     while True:
         msg = inbox.get(timeout=WAIT)
         if msg.topic == marker and bytes(msg.payload).endswith(b"-done"):
@@ -355,7 +358,8 @@ def secured_cluster(ctx: ChaosContext) -> Outcome[SecuredCounts]:
             admin.subscribe(T.ERRORS, T.ERRORS.filter("secure"), lambda _t, r, _r: reports.put(r), wait=WAIT)
             with contextlib.closing(_Closing(login("bob", "bob-snoops"))) as bob_box, \
                     contextlib.closing(_Closing(login("n2", "evil-n2"))) as evil_box:
-                bob_inbox, evil_inbox = queue.Queue(), queue.Queue()
+                bob_inbox: queue.Queue[paho.MQTTMessage] = queue.Queue()
+                evil_inbox: queue.Queue[paho.MQTTMessage] = queue.Queue()
                 bob_marker = T.ERRORS.build("secure", client="bob")
                 evil_marker = T.NODE_CONTROL.build("secure", node="n2")
                 for f in (f"{T.ROOT}/#", bob_marker):
