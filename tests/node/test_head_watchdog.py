@@ -68,10 +68,11 @@ def test_a_retry_whose_publish_fails_is_counted_and_the_step_retried_again() -> 
                                        NodeStatus(node="n1", state="ready", ts=1.0, epoch=3), True)
         client.handlers["requests"](topics.REQUESTS.build(CLUSTER),
                                     GenerateRequest(id="r1", prompt="abc", max_tokens=2), False)
-        assert client.count() == 1
+        wait_until(lambda: client.count() == 1)  # the prefill (tokenized on the head's intake thread)
         wait_until(lambda: client.count() == 2)  # retried again after the failed retry
-        retry = client.acts[-1]
-        assert (retry.session, retry.step, retry.epoch, retry.start_pos) == ("r1", 0, 3, 0)
+        first, retry = client.acts
+        assert (retry.request, retry.session, retry.step, retry.epoch, retry.start_pos) == (
+            "r1", first.session, 0, 3, 0)
         assert head.errors == 1 and head.retries == 2
     finally:
         head.stop()
