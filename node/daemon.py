@@ -57,7 +57,7 @@ from linguamq.topics.client import MqttClient, MqttError, Will
 
 log = structlog.get_logger()
 MAX_TRACKED_STEPS = 65536  # (session, stage) pairs whose last step is remembered, least recent dropped
-
+LATE_ENDS_MAX = 4096  # end envelopes kept while the work queue is full (ends are tiny; any node may send them)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NodeSettings:
@@ -97,6 +97,9 @@ class NodeDaemon:
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=settings.queue_size)
         self._control: dict[str, Any] = {}  # "manifest", "assign": the newest of each, never dropped
         self._control_lock = threading.Lock()
+        # End envelopes that found the work queue full: never dropped (the session's KV would
+        # stay until its TTL), run once the work queued before them is done.
+        self._late_ends: collections.deque[tuple[str, Any]] = collections.deque()
         self._kv = self._new_cache()
         self._manifest: ModelManifest | None = None
         self._manifest_sha = ""
@@ -173,7 +176,14 @@ class NodeDaemon:
 
     def _on_act(self, topic: str, value: tuple[ActHeader, np.ndarray], retained: bool) -> None:
         header, array = value
-        self._enqueue(("act", (topic, header, array, time.time())), ref=header.session)
+        item = ("act", (topic, header, array, time.time()))
+        if header.end:
+            try:
+                return self._work.put_nowait(item)
+            except queue.Full:
+                if len(self._late_ends) < LATE_ENDS_MAX:
+                    return self._late_ends.append(item)
+        self._enqueue(item, ref=header.session)
 
     def _enqueue(self, item: tuple[str, Any], *, ref: str | None) -> None:
         try:
@@ -201,6 +211,8 @@ class NodeDaemon:
             for control in self._take_control():  # before the activation: a new epoch stales it anyway
                 self._do(*control)
             self._do(kind, item)
+            while self._late_ends and self._work.empty():  # after all that was queued before them
+                self._do(*self._late_ends.popleft())
 
     def _take_control(self) -> list[tuple[str, Any]]:
         """The newest manifest, then the newest assignment (which may need that manifest)."""

@@ -108,6 +108,35 @@ def test_a_node_whose_activation_queue_is_full_still_adopts_a_new_assignment(clu
     wait_until(lambda: node.epoch == 2 and node.state == "ready")
 
 
+def test_a_sessions_end_that_finds_the_queue_full_still_frees_its_kv(cluster: Cluster) -> None:
+    """A cancelled or finished session's `end` envelope must free the node's KV even when it
+    arrives while the work queue is full (it used to be dropped as `overloaded`)."""
+    node = cluster.node
+    busy, release = threading.Event(), threading.Event()
+
+    def stuck(_compute_s: float) -> None:
+        busy.set()
+        release.wait(WAIT)
+
+    try:
+        cluster.act("s1")
+        wait_until(lambda: "s1" in node._kv.sessions())  # s1 holds KV here
+        node._emulate_slowdown = stuck  # type: ignore[method-assign]
+        cluster.act("s2")
+        assert busy.wait(WAIT)
+        cluster.act("s3")
+        cluster.act("s4")  # the queue of 2 is full
+        empty = np.zeros((1, 0), dtype=np.int64)
+        end = ActHeader.for_tensor(empty, session="s1", request="s1", step=0, epoch=1, piece=0, start_pos=0,
+                                   end=True)
+        cluster.hub.publish(topics.ACT, topics.ACT.build(CLUSTER, piece=0), envelope.encode(end, empty), wait=WAIT)
+        time.sleep(0.2)  # let the end reach the node while it is still stuck (no assertion rests on this)
+    finally:
+        release.set()
+    wait_until(lambda: {"s2", "s3", "s4"} <= set(node._kv.sessions()))  # the queued work ran...
+    wait_until(lambda: "s1" not in node._kv.sessions())  # ...and the end freed s1's KV
+
+
 def test_the_tails_sampling_is_in_its_stage_not_in_the_transfer(cluster: Cluster,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     sampled: list[tuple[float, float]] = []
