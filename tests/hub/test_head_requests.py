@@ -11,60 +11,11 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
-
 from linguamq import topics
-from linguamq.hub.head import Head, HeadSettings
-from linguamq.schemas import envelope
-from linguamq.schemas.cluster import NodeStatus, Plan, Stage
 from linguamq.schemas.envelope import ActHeader
-from linguamq.schemas.examples import MANIFEST
 from linguamq.schemas.requests import CancelRequest, GenerateRequest, GenerateResult, Sampling, TokenEvent
 
 CLUSTER = "t-req"
-
-
-class FakeClient:
-    """Records what the head publishes, by topic name."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, object] = {}
-        self.published: list[tuple[str, object]] = []  # (topic name, decoded value)
-        self.errors: list[dict] = []
-
-    def subscribe(self, topic, filter_, handler, **_kw) -> None:
-        self.handlers[topic.kind] = handler
-
-    def publish(self, topic, name, payload, **_kw) -> None:
-        value = envelope.decode(payload) if topic.payload == "envelope" else payload
-        self.published.append((name, value))
-
-    def report_error(self, cluster, **fields) -> None:
-        self.errors.append(fields)
-
-    def acts(self) -> list[ActHeader]:
-        return [v[0] for _, v in self.published if isinstance(v, tuple) and not v[0].end]
-
-    def ends(self) -> list[ActHeader]:
-        return [v[0] for _, v in self.published if isinstance(v, tuple) and v[0].end]
-
-    def on(self, name: str) -> list[TokenEvent | GenerateResult]:
-        return [v for n, v in self.published if n == name]
-
-
-def make_head(encode=lambda text: [5] * len(text), **settings) -> tuple[Head, FakeClient]:
-    client = FakeClient()
-    head = Head(client=client, manifest=MANIFEST, encode=encode,
-                decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
-                settings=HeadSettings(cluster=CLUSTER, retry_min_s=30.0, **settings))
-    head.start()
-    plan = Plan(epoch=4, objective="even", stages=(Stage(node="n1", first=0, last=3, predicted_ms=0.0),),
-                predicted_ms_per_token=0.0)
-    client.handlers["plan"](topics.PLAN.build(CLUSTER), plan, True)
-    client.handlers["node_status"](topics.NODE_STATUS.build(CLUSTER, node="n1"),
-                                   NodeStatus(node="n1", state="ready", ts=1.0, epoch=4), True)
-    assert head.ready
-    return head, client
 
 
 def within(predicate, timeout: float = 5.0) -> bool:
@@ -81,57 +32,30 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
     assert within(predicate, timeout), "timed out"
 
 
-def ask(client: FakeClient, request: GenerateRequest, user: str | None = None) -> None:
-    """Publish ``request`` as ``user`` (on `requests/{user}`; None: the open `requests`) and
-    wait until the head answered it somehow (a step, a result or a report)."""
-    before = len(client.published) + len(client.errors)
-    if user is None:
-        client.handlers["requests"](topics.REQUESTS.build(CLUSTER), request, False)
-    else:
-        client.handlers["requests_from"](topics.REQUESTS_FROM.build(CLUSTER, client=user), request, False)
-    wait_until(lambda: len(client.published) + len(client.errors) > before)
-
-
-def cancel(client: FakeClient, cancel: CancelRequest, user: str | None = None) -> None:
-    """Publish ``cancel`` as ``user`` (on `cancel/{user}`; None: the open `cancel`)."""
-    if user is None:
-        client.handlers["cancel"](topics.CANCEL.build(CLUSTER), cancel, False)
-    else:
-        client.handlers["cancel_from"](topics.CANCEL_FROM.build(CLUSTER, client=user), cancel, False)
-
-
-def token(client: FakeClient, header: ActHeader, value: int) -> None:
-    """The tail's output for the step ``header`` sent."""
-    out = np.array([[value]], dtype=np.int64)
-    reply = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
-                                 epoch=header.epoch, piece=len(MANIFEST.pieces), start_pos=header.start_pos + 1)
-    client.handlers["session_out"](topics.SESSION_OUT.build(CLUSTER, session=header.session), (reply, out), False)
-
-
-def last_act(client: FakeClient, prompt_len: int) -> ActHeader:
+def last_act(client, prompt_len: int) -> ActHeader:
     """The latest step of the session whose prompt had ``prompt_len`` tokens."""
     firsts = {a.session for a in client.acts() if a.step == 0 and a.shape == (1, prompt_len)}
     return [a for a in client.acts() if a.session in firsts][-1]
 
 
-def answers(client: FakeClient, user: str, request: str) -> tuple[str, GenerateResult | None]:
+def answers(client, user: str, request: str) -> tuple[str, GenerateResult | None]:
     """(streamed text, final result) on `responses/{user}/{request}`."""
-    got = client.on(topics.response_topic(CLUSTER, request, user))
+    got = client.on(topics.response_topic(client.cluster, request, user))
     results = [v for v in got if isinstance(v, GenerateResult)]
     return "".join(v.text for v in got if isinstance(v, TokenEvent)), (results[-1] if results else None)
 
 
-def test_another_users_request_with_the_same_id_does_not_disturb_the_stream() -> None:
-    head, client = make_head()
+def test_another_users_request_with_the_same_id_does_not_disturb_the_stream(make_head) -> None:
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0)
     try:
-        ask(client, GenerateRequest(id="r1", prompt="abc", max_tokens=3), user="alice")
-        token(client, last_act(client, 3), 0)  # "a"
+        client.ask(GenerateRequest(id="r1", prompt="abc", max_tokens=3), user="alice")
+        client.token(last_act(client, 3), 0)  # "a"
         # bob, on his own topic, claims alice's id and name: refused, and answered to bob only
-        ask(client, GenerateRequest(id="r1", prompt="zz", max_tokens=3, client="alice"), user="bob")
+        client.ask(GenerateRequest(id="r1", prompt="zz", max_tokens=3, client="alice"), user="bob")
         refused = answers(client, "bob", "r1")[1]
         assert refused is not None and refused.stop_reason == "error" and "came on the topic of 'bob'" in refused.error
-        token(client, last_act(client, 3), 1)  # "b"
-        token(client, last_act(client, 3), 3)  # "d"
+        client.token(last_act(client, 3), 1)  # "b"
+        client.token(last_act(client, 3), 3)  # "d"
         text, result = answers(client, "alice", "r1")
         assert result is not None and (result.error, result.tokens, text) == (None, (0, 1, 3), "abd")
         assert client.on(topics.response_topic(CLUSTER, "r1")) == []  # nothing of hers went astray
@@ -140,19 +64,19 @@ def test_another_users_request_with_the_same_id_does_not_disturb_the_stream() ->
         head.stop()
 
 
-def test_two_users_may_use_the_same_request_id_at_once() -> None:
-    head, client = make_head()
+def test_two_users_may_use_the_same_request_id_at_once(make_head) -> None:
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0)
     try:
-        ask(client, GenerateRequest(id="same", prompt="abc", max_tokens=2), user="alice")
-        ask(client, GenerateRequest(id="same", prompt="wxyz", max_tokens=2), user="bob")
+        client.ask(GenerateRequest(id="same", prompt="abc", max_tokens=2), user="alice")
+        client.ask(GenerateRequest(id="same", prompt="wxyz", max_tokens=2), user="bob")
         assert client.errors == []  # bob's is no duplicate of alice's
         alice, bob = last_act(client, 3), last_act(client, 4)
         assert alice.session != bob.session and alice.request == bob.request == "same"
         assert all(topics.is_id("session", s) for s in (alice.session, bob.session))
-        token(client, bob, 20)  # "u"
-        token(client, alice, 0)  # "a"
-        token(client, last_act(client, 4), 21)  # "v"
-        token(client, last_act(client, 3), 1)  # "b"
+        client.token(bob, 20)  # "u"
+        client.token(alice, 0)  # "a"
+        client.token(last_act(client, 4), 21)  # "v"
+        client.token(last_act(client, 3), 1)  # "b"
         assert answers(client, "alice", "same")[0] == "ab" and answers(client, "alice", "same")[1].tokens == (0, 1)
         assert answers(client, "bob", "same")[0] == "uv" and answers(client, "bob", "same")[1].tokens == (20, 21)
         assert {e.session for e in client.ends()} == {alice.session, bob.session}  # each one's KV freed
@@ -160,18 +84,18 @@ def test_two_users_may_use_the_same_request_id_at_once() -> None:
         head.stop()
 
 
-def test_the_same_user_resending_an_id_in_flight_is_reported_not_run_twice() -> None:
-    head, client = make_head()
+def test_the_same_user_resending_an_id_in_flight_is_reported_not_run_twice(make_head) -> None:
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0)
     try:
-        ask(client, GenerateRequest(id="r2", prompt="abc", max_tokens=1), user="alice")
-        ask(client, GenerateRequest(id="r2", prompt="abc", max_tokens=1), user="alice")
+        client.ask(GenerateRequest(id="r2", prompt="abc", max_tokens=1), user="alice")
+        client.ask(GenerateRequest(id="r2", prompt="abc", max_tokens=1), user="alice")
         assert "already in flight" in client.errors[-1]["message"] and client.errors[-1]["to"] == "alice"
         assert len(client.acts()) == 1
     finally:
         head.stop()
 
 
-def test_a_prompt_being_tokenized_holds_up_no_other_sessions_tokens() -> None:
+def test_a_prompt_being_tokenized_holds_up_no_other_sessions_tokens(make_head) -> None:
     """paho's thread delivers a big request, then a token of a session already streaming:
     that token reaches its client while the big prompt is still being tokenized."""
     release = threading.Event()
@@ -183,16 +107,16 @@ def test_a_prompt_being_tokenized_holds_up_no_other_sessions_tokens() -> None:
             raise ValueError("cannot read this")
         return [5] * min(len(text), 200)
 
-    head, client = make_head(encode=encode)
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0, encode=encode)
     network = None
     try:
-        ask(client, GenerateRequest(id="small", prompt="abc", max_tokens=3), user="alice")
+        client.ask(GenerateRequest(id="small", prompt="abc", max_tokens=3), user="alice")
         streaming = last_act(client, 3)
 
         def deliver() -> None:  # in order, on one thread, as paho does
             client.handlers["requests_from"](topics.REQUESTS_FROM.build(CLUSTER, client="bob"),
                                              GenerateRequest(id="big", prompt="big " * 1000, max_tokens=2), False)
-            token(client, streaming, 0)
+            client.token(streaming, 0)
 
         network = threading.Thread(target=deliver, daemon=True)
         network.start()
@@ -200,7 +124,7 @@ def test_a_prompt_being_tokenized_holds_up_no_other_sessions_tokens() -> None:
         release.set()
         assert arrived, "alice's token waited for bob's prompt to be tokenized"
         wait_until(lambda: any(a.shape == (1, 200) for a in client.acts()))  # then bob's prefill leaves
-        ask(client, GenerateRequest(id="odd", prompt="odd"), user="bob")  # a tokenizer error is still answered
+        client.ask(GenerateRequest(id="odd", prompt="odd"), user="bob")  # a tokenizer error is still answered
         refused = answers(client, "bob", "odd")[1]
         assert refused is not None and refused.error == "cannot tokenize the prompt: cannot read this"
     finally:
@@ -210,67 +134,67 @@ def test_a_prompt_being_tokenized_holds_up_no_other_sessions_tokens() -> None:
         head.stop()
 
 
-def test_a_request_without_a_seed_gets_a_fresh_one_and_its_result_names_it() -> None:
-    head, client = make_head()
+def test_a_request_without_a_seed_gets_a_fresh_one_and_its_result_names_it(make_head) -> None:
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0)
     try:
         hot = Sampling(temperature=1.0)
         for rid, prompt, sampling in (("a", "abc", hot), ("b", "wxyz", hot), ("c", "ab", Sampling(temperature=1.0,
                                                                                                  seed=5))):
-            ask(client, GenerateRequest(id=rid, prompt=prompt, max_tokens=1, sampling=sampling), user="alice")
+            client.ask(GenerateRequest(id=rid, prompt=prompt, max_tokens=1, sampling=sampling), user="alice")
         a, b, c = (last_act(client, n) for n in (3, 4, 2))
         assert a.sampling.seed is not None and b.sampling.seed is not None and a.sampling.seed != b.sampling.seed
         assert c.sampling.seed == 5  # an explicit seed is kept
         for header in (a, b, c):
-            token(client, header, 9)
+            client.token(header, 9)
         assert [answers(client, "alice", r)[1].seed for r in "abc"] == [a.sampling.seed, b.sampling.seed, 5]
     finally:
         head.stop()
 
 
-def test_a_cancel_ends_the_request_within_a_step_and_frees_its_kv() -> None:
-    head, client = make_head()
+def test_a_cancel_ends_the_request_within_a_step_and_frees_its_kv(make_head) -> None:
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0)
     try:
-        ask(client, GenerateRequest(id="r1", prompt="abc", max_tokens=50), user="alice")
-        token(client, last_act(client, 3), 0)  # "a"
+        client.ask(GenerateRequest(id="r1", prompt="abc", max_tokens=50), user="alice")
+        client.token(last_act(client, 3), 0)  # "a"
         in_flight = last_act(client, 3)  # step 1 is computing
-        cancel(client, CancelRequest(id="r1"), user="alice")
+        client.cancel(CancelRequest(id="r1"), user="alice")
         text, result = answers(client, "alice", "r1")
         assert result is not None and (result.stop_reason, result.tokens, result.text, text) == (
             "cancelled", (0,), "a", "a")
         (end,) = client.ends()  # the nodes free the session's KV
         assert end.session == in_flight.session
         steps = len(client.acts())
-        token(client, in_flight, 1)  # the step in flight answers after the cancel: dropped
+        client.token(in_flight, 1)  # the step in flight answers after the cancel: dropped
         assert len(client.acts()) == steps and [r for r in client.on(topics.response_topic(CLUSTER, "r1", "alice"))
                                                 if isinstance(r, GenerateResult)] == [result]
     finally:
         head.stop()
 
 
-def test_only_the_requests_own_client_may_cancel_it() -> None:
-    head, client = make_head()
+def test_only_the_requests_own_client_may_cancel_it(make_head) -> None:
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0)
     try:
-        ask(client, GenerateRequest(id="r1", prompt="abc", max_tokens=2), user="alice")
-        cancel(client, CancelRequest(id="r1"), user="bob")  # bob's r1: there is none
-        cancel(client, CancelRequest(id="r1", client="alice"), user="bob")  # in alice's name, on bob's topic
-        cancel(client, CancelRequest(id="r1", client="alice"))  # on the open topic
+        client.ask(GenerateRequest(id="r1", prompt="abc", max_tokens=2), user="alice")
+        client.cancel(CancelRequest(id="r1"), user="bob")  # bob's r1: there is none
+        client.cancel(CancelRequest(id="r1", client="alice"), user="bob")  # in alice's name, on bob's topic
+        client.cancel(CancelRequest(id="r1", client="alice"))  # on the open topic
         assert [(e["to"], e["code"]) for e in client.errors] == [("bob", "bad_request"), ("bob", "bad_request"),
                                                                  ("alice", "bad_request")]
-        ask(client, GenerateRequest(id="r2", prompt="wxyz", max_tokens=2, client="c1"))  # on the open topic
-        cancel(client, CancelRequest(id="r2", client="c2"))
-        cancel(client, CancelRequest(id="r2"))
+        client.ask(GenerateRequest(id="r2", prompt="wxyz", max_tokens=2, client="c1"))  # on the open topic
+        client.cancel(CancelRequest(id="r2", client="c2"))
+        client.cancel(CancelRequest(id="r2"))
         assert answers(client, "alice", "r1")[1] is None and client.on(topics.response_topic(CLUSTER, "r2")) == []
-        token(client, last_act(client, 3), 0)
-        token(client, last_act(client, 3), 1)
+        client.token(last_act(client, 3), 0)
+        client.token(last_act(client, 3), 1)
         assert answers(client, "alice", "r1")[1].stop_reason == "max_tokens"  # alice's ran to its end
-        cancel(client, CancelRequest(id="r2", client="c1"))  # its own client may
+        client.cancel(CancelRequest(id="r2", client="c1"))  # its own client may
         (result,) = client.on(topics.response_topic(CLUSTER, "r2"))
         assert result.stop_reason == "cancelled" and len(client.errors) == 5
     finally:
         head.stop()
 
 
-def test_a_request_cancelled_before_it_started_never_starts() -> None:
+def test_a_request_cancelled_before_it_started_never_starts(make_head) -> None:
     started, release = threading.Event(), threading.Event()
 
     def encode(text: str) -> list[int]:
@@ -279,18 +203,18 @@ def test_a_request_cancelled_before_it_started_never_starts() -> None:
             release.wait(30)  # still being tokenized when the cancel comes
         return [5] * min(len(text), 8)
 
-    head, client = make_head(encode=encode, max_sessions=1)
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0, encode=encode, max_sessions=1)
     try:
-        ask(client, GenerateRequest(id="running", prompt="abc", max_tokens=1), user="alice")
+        client.ask(GenerateRequest(id="running", prompt="abc", max_tokens=1), user="alice")
         for rid, prompt in (("queued", "wxyz"), ("tokenizing", "bigbig")):
             client.handlers["requests_from"](topics.REQUESTS_FROM.build(CLUSTER, client="alice"),
                                              GenerateRequest(id=rid, prompt=prompt), False)
         assert started.wait(10)  # prompts are tokenized in order: "queued" waits for room by now
         for rid in ("queued", "tokenizing"):
-            cancel(client, CancelRequest(id=rid), user="alice")
+            client.cancel(CancelRequest(id=rid), user="alice")
         release.set()
-        token(client, last_act(client, 3), 0)  # room for another session now
-        ask(client, GenerateRequest(id="after", prompt="xy", max_tokens=1), user="alice")  # tokenized after them
+        client.token(last_act(client, 3), 0)  # room for another session now
+        client.ask(GenerateRequest(id="after", prompt="xy", max_tokens=1), user="alice")  # tokenized after them
         assert [answers(client, "alice", r)[1].stop_reason for r in ("running", "queued", "tokenizing")] == [
             "max_tokens", "cancelled", "cancelled"]
         assert [a.shape for a in client.acts()] == [(1, 3), (1, 2)] and client.errors == []  # neither started

@@ -13,78 +13,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from linguamq import topics
-from linguamq.hub.head import Head, HeadSettings
-from linguamq.schemas import envelope
-from linguamq.schemas.cluster import NodeStatus, Plan, Stage
+from linguamq.schemas.cluster import Plan
 from linguamq.schemas.envelope import ActHeader
-from linguamq.schemas.examples import MANIFEST
-from linguamq.schemas.requests import GenerateRequest, GenerateResult, TokenEvent
+from linguamq.schemas.requests import GenerateRequest
 
-CLUSTER = "t-retry"
-REQUESTS = topics.REQUESTS.build(CLUSTER)
 EOS = 2  # examples.MANIFEST's
-
-
-class FakeClient:
-    def __init__(self) -> None:
-        self.handlers: dict[str, object] = {}
-        self.published: list[tuple[str, object]] = []
-        self.errors: list[dict] = []
-
-    def subscribe(self, topic, filter_, handler, **_kw) -> None:
-        self.handlers[topic.kind] = handler
-
-    def publish(self, topic, name, payload, **_kw) -> None:
-        value = envelope.decode(payload) if topic.payload == "envelope" else payload
-        self.published.append((topic.kind, value))
-
-    def report_error(self, cluster, **fields) -> None:
-        self.errors.append(fields)
-
-    def acts(self) -> list[ActHeader]:
-        return [v[0] for k, v in self.published if k == "act" and not v[0].end]
-
-    def results(self) -> list[GenerateResult]:
-        return [v for k, v in self.published if k == "responses" and isinstance(v, GenerateResult)]
-
-    def events(self) -> list[TokenEvent]:
-        return [v for k, v in self.published if k == "responses" and isinstance(v, TokenEvent)]
-
-
-def make_head(encode=lambda text: [5, 6, 7][:max(1, len(text) % 4)], **settings) -> tuple[Head, FakeClient]:
-    client = FakeClient()
-    head = Head(client=client, manifest=MANIFEST, encode=encode,
-                decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
-                settings=HeadSettings(cluster=CLUSTER, **settings))
-    head.start()
-    client.handlers["requests"] = answered(client, client.handlers["requests"])
-    plan = Plan(epoch=4, objective="even", stages=(Stage(node="n1", first=0, last=3, predicted_ms=0.0),),
-                predicted_ms_per_token=0.0)
-    client.handlers["plan"](topics.PLAN.build(CLUSTER), plan, True)
-    client.handlers["node_status"](topics.NODE_STATUS.build(CLUSTER, node="n1"),
-                                   NodeStatus(node="n1", state="ready", ts=1.0, epoch=4), True)
-    assert head.ready
-    return head, client
-
-
-def answered(client: FakeClient, handler):
-    """The request handler, returning once the head answered (a step, a result or a report):
-    prompts are tokenized on the head's intake thread."""
-    def handle(*args) -> None:
-        before = len(client.published) + len(client.errors)
-        handler(*args)
-        wait_until(lambda: len(client.published) + len(client.errors) > before)
-    return handle
-
-
-def token(client: FakeClient, header: ActHeader, value: int) -> None:
-    out = np.array([[value]], dtype=np.int64)
-    reply = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
-                                 epoch=header.epoch, piece=len(MANIFEST.pieces), start_pos=header.start_pos + 1)
-    client.handlers["session_out"](topics.SESSION_OUT.build(CLUSTER, session=header.session), (reply, out), False)
 
 
 def wait_until(predicate, timeout: float = 5.0) -> None:
@@ -94,12 +28,12 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def test_a_lost_step_is_resent_as_a_reprefill_with_backoff_then_resumes() -> None:
+def test_a_lost_step_is_resent_as_a_reprefill_with_backoff_then_resumes(make_head) -> None:
     head, client = make_head(retry_min_s=0.3, max_retries=3, step_timeout_s=30)
     try:
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="r1", prompt="abc", max_tokens=3), False)
+        client.ask(GenerateRequest(id="r1", prompt="abc", max_tokens=3))
         first = client.acts()[0]
-        token(client, first, 11)  # step 0 answered
+        client.token(first, 11)  # step 0 answered
         step1 = client.acts()[-1]
         assert (step1.step, step1.start_pos, step1.shape) == (1, 3, (1, 1))
         t0 = time.monotonic()
@@ -110,9 +44,9 @@ def test_a_lost_step_is_resent_as_a_reprefill_with_backoff_then_resumes() -> Non
         assert 0.25 < waited < 1.5
         wait_until(lambda: len(client.acts()) == 4)  # again, after about twice as long
         assert time.monotonic() - t0 > 0.8
-        token(client, step1, 12)  # the original's answer arrives late: accepted once
-        token(client, retry, 12)  # ... and the retry's copy is a duplicate: ignored
-        token(client, client.acts()[-1], 13)
+        client.token(step1, 12)  # the original's answer arrives late: accepted once
+        client.token(retry, 12)  # ... and the retry's copy is a duplicate: ignored
+        client.token(client.acts()[-1], 13)
         (result,) = client.results()
         assert result.error is None and result.tokens == (11, 12, 13)
         assert [e.index for e in client.events()] == [0, 1, 2]
@@ -121,10 +55,10 @@ def test_a_lost_step_is_resent_as_a_reprefill_with_backoff_then_resumes() -> Non
         head.stop()
 
 
-def test_a_step_that_never_answers_fails_clearly_after_max_retries() -> None:
+def test_a_step_that_never_answers_fails_clearly_after_max_retries(make_head) -> None:
     head, client = make_head(retry_min_s=0.1, max_retries=2, step_timeout_s=30)
     try:
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="r2", prompt="abc", max_tokens=3), False)
+        client.ask(GenerateRequest(id="r2", prompt="abc", max_tokens=3))
         wait_until(lambda: client.results(), timeout=5)
         (result,) = client.results()
         assert result.stop_reason == "error" and "after 2 retries" in result.error
@@ -133,29 +67,29 @@ def test_a_step_that_never_answers_fails_clearly_after_max_retries() -> None:
         head.stop()
 
 
-def test_a_resent_request_id_is_reported_not_failed() -> None:
+def test_a_resent_request_id_is_reported_not_failed(make_head) -> None:
     head, client = make_head(retry_min_s=5.0)
     try:
         request = GenerateRequest(id="r3", prompt="abc", max_tokens=1, client="c1")
-        client.handlers["requests"](REQUESTS, request, False)
-        client.handlers["requests"](REQUESTS, request, False)  # a client that reconnected sends it again
+        client.ask(request)
+        client.ask(request)  # a client that reconnected sends it again
         assert client.results() == [] and "already in flight" in client.errors[-1]["message"]
         assert client.errors[-1]["to"] == "c1"
-        token(client, client.acts()[0], 9)
+        client.token(client.acts()[0], 9)
         (result,) = client.results()
         assert result.error is None and result.tokens == (9,)
     finally:
         head.stop()
 
 
-def test_an_empty_plan_fails_requests_with_its_reason() -> None:
+def test_an_empty_plan_fails_requests_with_its_reason(make_head) -> None:
     head, client = make_head(retry_min_s=5.0)
     try:
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="r4", prompt="abc", max_tokens=4), False)
+        client.ask(GenerateRequest(id="r4", prompt="abc", max_tokens=4))
         empty = Plan(epoch=5, objective="even", stages=(), predicted_ms_per_token=0.0,
                      reason="left: n2; no placement: n1 would need 0.6 MB")
-        client.handlers["plan"](topics.PLAN.build(CLUSTER), empty, True)
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="r5", prompt="abc", max_tokens=4), False)
+        client.plan(empty)
+        client.ask(GenerateRequest(id="r5", prompt="abc", max_tokens=4))
         assert [(r.request, r.stop_reason) for r in client.results()] == [("r4", "error"), ("r5", "error")]
         assert all("no plan fits the nodes online: left: n2" in r.error for r in client.results())
     finally:
@@ -167,79 +101,73 @@ def test_topics_used_exist() -> None:  # the fake keys handlers by topic kind
         "plan", "node_status", "session_out", "requests"}
 
 
-def kinds(client) -> list[str]:
-    return [("step" if isinstance(v, tuple) and not v[0].end else "end") if k == "act"
-            else ("event" if isinstance(v, TokenEvent) else "result") for k, v in client.published
-            if k in ("act", "responses")]
-
-
-def test_the_next_step_leaves_before_the_text_of_the_token() -> None:
+def test_the_next_step_leaves_before_the_text_of_the_token(make_head) -> None:
     head, client = make_head()
     try:
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="r1", prompt="abc", max_tokens=3), False)
-        token(client, client.acts()[0], 11)
-        assert kinds(client) == ["step", "step", "event"]
+        client.ask(GenerateRequest(id="r1", prompt="abc", max_tokens=3))
+        client.token(client.acts()[0], 11)
+        assert client.kinds() == ["step", "step", "event"]
         assert client.acts()[-1].step == 1
     finally:
         head.stop()
 
 
-def test_a_stop_string_ends_the_request_and_the_step_sent_ahead_is_dropped() -> None:
+def test_a_stop_string_ends_the_request_and_the_step_sent_ahead_is_dropped(make_head) -> None:
     # decode maps id i to chr(97 + i % 26): ids 0, 1, 2(=EOS), 3 are "a", "b", "c", "d".
     head, client = make_head()
     try:
         request = GenerateRequest(id="r2", prompt="abc", max_tokens=10, stop=("bd",))
-        client.handlers["requests"](REQUESTS, request, False)
-        token(client, client.acts()[0], 0)  # "a"
-        token(client, client.acts()[-1], 1)  # "ab": "b" may start the stop string, held back
+        client.ask(request)
+        client.token(client.acts()[0], 0)  # "a"
+        client.token(client.acts()[-1], 1)  # "ab": "b" may start the stop string, held back
         ahead: ActHeader = client.acts()[-1]
-        token(client, ahead, 3)  # "abd": the stop string; step 3 had already left
+        client.token(ahead, 3)  # "abd": the stop string; step 3 had already left
         (result,) = client.results()
         assert (result.stop_reason, result.text, result.tokens) == ("stop", "a", (0, 1, 3))
         sent = client.acts()[-1]
         assert sent.step == 3  # the step sent ahead ...
-        token(client, sent, 4)  # ... answers after the end: dropped
+        client.token(sent, 4)  # ... answers after the end: dropped
         assert client.results() == [result] and "".join(e.text for e in client.events()) == "a"
-        assert kinds(client) == ["step", "step", "event", "step", "step", "result", "end"]
+        assert client.kinds() == ["step", "step", "event", "step", "step", "result", "end"]
     finally:
         head.stop()
 
 
-def test_no_step_is_sent_after_eos_or_the_last_allowed_token() -> None:
+def test_no_step_is_sent_after_eos_or_the_last_allowed_token(make_head) -> None:
     head, client = make_head()
     try:
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="r3", prompt="abc", max_tokens=5), False)
-        token(client, client.acts()[0], EOS)
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="r4", prompt="abc", max_tokens=1), False)
-        token(client, client.acts()[-1], 11)
+        client.ask(GenerateRequest(id="r3", prompt="abc", max_tokens=5))
+        client.token(client.acts()[0], EOS)
+        client.ask(GenerateRequest(id="r4", prompt="abc", max_tokens=1))
+        client.token(client.acts()[-1], 11)
         assert [a.step for a in client.acts()] == [0, 0]  # two prompts, no step after either token
         assert sorted(r.stop_reason for r in client.results()) == ["eos", "max_tokens"]
     finally:
         head.stop()
 
 
-def test_a_long_prompt_gets_the_time_prefills_take_before_a_retry_or_a_timeout() -> None:
+def test_a_long_prompt_gets_the_time_prefills_take_before_a_retry_or_a_timeout(make_head) -> None:
     """A prompt 10x longer than one whose prefill took 0.3 s is not re-sent after the
     decode-based wait (0.5 s here) but only once ~10x that prefill time has passed, and
     does not fail at the 4 s step timeout meanwhile."""
     head, client = make_head(encode=lambda text: [5] * len(text), retry_min_s=0.5, retry_factor=2.0,
                              step_timeout_s=4)
     try:
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="short", prompt="abcd", max_tokens=3), False)
+        client.ask(GenerateRequest(id="short", prompt="abcd", max_tokens=3))
         time.sleep(0.3)
         assert head.retries == 0
-        token(client, client.acts()[-1], 11)  # 4 prompt tokens in 0.3 s
-        token(client, client.acts()[-1], 12)  # decode steps answer at once
-        token(client, client.acts()[-1], 13)
-        client.handlers["requests"](REQUESTS, GenerateRequest(id="long", prompt="a" * 40, max_tokens=2), False)
+        client.token(client.acts()[-1], 11)  # 4 prompt tokens in 0.3 s
+        client.token(client.acts()[-1], 12)  # decode steps answer at once
+        client.token(client.acts()[-1], 13)
+        client.ask(GenerateRequest(id="long", prompt="a" * 40, max_tokens=2))
         t0 = time.monotonic()
         time.sleep(1.5)  # a decode-based wait (2 x ~0 s, at least 0.5 s) would have re-sent it by now
         assert [a.request for a in client.acts()].count("long") == 1 and head.retries == 0
         wait_until(lambda: [a.request for a in client.acts()].count("long") == 2, timeout=10)
         assert time.monotonic() - t0 > 4.0  # 2 x 40 x 0.075 s = 6 s
         assert head.retries == 1 and len(client.results()) == 1  # only "short": "long" did not time out
-        token(client, client.acts()[-1], 14)  # the re-sent prefill answers
-        token(client, client.acts()[-1], 15)
+        client.token(client.acts()[-1], 14)  # the re-sent prefill answers
+        client.token(client.acts()[-1], 15)
         assert [(r.request, r.error, r.tokens) for r in client.results()][-1] == ("long", None, (14, 15))
     finally:
         head.stop()
