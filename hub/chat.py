@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -24,6 +24,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import ChatMessage
+
+NO_TEMPLATE = "this model has no chat template: send a prompt instead of messages"
+ChatEncoder = Callable[[Sequence[ChatMessage]], list[int]]  # messages -> prompt token ids, or ChatError
 
 
 class ChatError(Exception):
@@ -37,14 +40,17 @@ class ChatTemplate:
                                             extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
+        self._template: jinja2.Template | None = None
         try:
             self._template = env.from_string(source)
-        except jinja2.TemplateError as exc:
-            raise ChatError(f"the model's chat template does not compile: {exc}") from exc
+        except jinja2.TemplateError as exc:  # said on use: the model still serves plain prompts
+            self._broken = ChatError(f"the model's chat template does not compile: {exc}")
         self._tokens = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
 
     def render(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text for `messages`, ending where the assistant's answer begins."""
+        if self._template is None:
+            raise self._broken
         turns = [{"role": m.role, "content": m.content} for m in messages]
         try:
             return self._template.render(messages=turns, add_generation_prompt=True, **self._tokens)
@@ -63,10 +69,24 @@ def load_template(artifacts: Path, manifest: ModelManifest) -> ChatTemplate | No
     return ChatTemplate(source, bos_token=spec.bos_token, eos_token=spec.eos_token)
 
 
+def chat_encoder(template: ChatTemplate | None, encode_text: Callable[[str], list[int]]) -> ChatEncoder:
+    """messages -> prompt ids, as the head and run-local both tokenize a chat. `encode_text`
+    must add no special tokens: the template writes those it wants (transformers'
+    `apply_chat_template` does the same; a BOS added twice would change the answer)."""
+    def encode(messages: Sequence[ChatMessage]) -> list[int]:
+        return encode_text(render(template, messages))
+    return encode
+
+
+def no_chat(messages: Sequence[ChatMessage]) -> list[int]:
+    """The ChatEncoder of a model without a chat template."""
+    raise ChatError(NO_TEMPLATE)
+
+
 def render(template: ChatTemplate | None, messages: Sequence[ChatMessage]) -> str:
     """`messages` as prompt text, or ChatError saying why not (a model without a template)."""
     if template is None:
-        raise ChatError("this model has no chat template: send a prompt instead of messages")
+        raise ChatError(NO_TEMPLATE)
     return template.render(messages)
 
 

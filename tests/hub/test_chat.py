@@ -42,7 +42,7 @@ def test_an_unsafe_attribute_is_undefined_as_in_transformers() -> None:
 
 def test_a_template_that_fails_or_does_not_compile_says_so() -> None:
     with pytest.raises(ChatError, match="does not compile"):
-        ChatTemplate("{% for m in messages %}")
+        ChatTemplate("{% for m in messages %}").render(CHAT)
     with pytest.raises(ChatError, match="failed"):
         ChatTemplate("{{ messages[0]['content'] + 1 }}").render(CHAT)
 
