@@ -77,6 +77,27 @@ def test_messages_to_a_model_without_a_template_get_a_clear_error(artifacts, tmp
     assert "no chat template: send a prompt instead of messages" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "why"), [
+    (["--system", "Be brief.", "--prompt", "Hi"], "--system goes with --chat"),
+    (["--prompt", "Hi", "--chat", "Hi"], "argument --chat: not allowed with argument --prompt"),
+])
+def test_chat_flags_used_wrongly_are_named(artifacts, capsys, argv: list[str], why: str) -> None:
+    for command in (["run-local", str(artifacts["llama"])], ["generate", "--broker", "mqtt://127.0.0.1:1"]):
+        try:
+            code = main([*command, *argv])
+        except SystemExit as exc:  # argparse's own refusal
+            code = exc.code
+        assert code == 2 and why in capsys.readouterr().err
+
+
+def test_a_request_with_both_prompt_and_messages_is_refused_before_sending(cluster) -> None:
+    with linguamq.Client(cluster.url, cluster="home", timeout=60) as client:
+        with pytest.raises(linguamq.RequestError, match="either prompt or messages"):
+            client.generate("Hi", messages=[{"role": "user", "content": "Hi"}])
+        with pytest.raises(linguamq.RequestError, match="role"):
+            client.generate(messages=[{"role": "robot", "content": "Hi"}])
+
+
 def _answer(local, messages: tuple[ChatMessage, ...]) -> str:
     result = generate_local(local.runtime, prompt_ids=local.encode_chat(messages), max_tokens=8,
                             eos_token_ids=local.manifest.eos_token_ids,
