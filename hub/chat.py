@@ -53,7 +53,9 @@ class ChatTemplate:
             raise self._broken
         turns = [{"role": m.role, "content": m.content} for m in messages]
         try:
-            return self._template.render(messages=turns, add_generation_prompt=True, **self._tokens)
+            # tools and documents as transformers passes them when there are none
+            return self._template.render(messages=turns, tools=None, documents=None, add_generation_prompt=True,
+                                         **self._tokens)
         except jinja2.TemplateError as exc:  # raise_exception's message, the sandbox's refusals
             raise ChatError(f"the chat template refused the messages: {exc}") from exc
         except Exception as exc:  # a template may fail on anything: a type error, a bad index
