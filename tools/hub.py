@@ -115,7 +115,8 @@ class Hub:
                                                            max_tokens=s.max_tokens, rate=s.rate, burst=s.burst)))
         planner_ = self.planner
         self.head.also_rejected = lambda: planner_.rejected  # the head's telemetry counts the whole hub
-        log.info("hub started", url=self.url, cluster=s.cluster, model=self.manifest.name)
+        log.info("hub started", url=self.url, cluster=s.cluster, model=self.manifest.name,
+                 chat_template=self.manifest.chat_template is not None)
         return self
 
     def stop(self) -> None:

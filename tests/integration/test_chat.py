@@ -72,9 +72,16 @@ def test_the_chat_command_sends_the_history_with_each_turn(cluster, chat_artifac
     assert seen.empty()
 
 
-def test_messages_to_a_model_without_a_template_get_a_clear_error(artifacts, tmp_path, capsys) -> None:
+def test_a_model_without_a_template_is_told_at_once(artifacts, tmp_path, capsys) -> None:
     assert main(["run-local", str(artifacts["llama"]), "--chat", "Hi"]) == 2
     assert "no chat template: send a prompt instead of messages" in capsys.readouterr().err
+    with LocalCluster(artifacts=artifacts["llama"], nodes=[NodeSpec("p1")], cluster="home", workdir=tmp_path) as c:
+        with MqttClient(url=c.url, client_id="plain-wait") as waiter:
+            c.wait_ready(waiter, nodes=1, timeout=90)
+        out = subprocess.run(linguamq_argv("--log-level", "error", "chat", "--broker", c.url), input="Hi\nAgain\n",
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == "linguamq chat: error: this model has no chat template: send a prompt instead of messages\n"
 
 
 @pytest.mark.parametrize(("argv", "why"), [

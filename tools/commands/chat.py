@@ -3,7 +3,8 @@
 Each line read is a user message; the answer streams back as it is generated. The whole
 conversation goes with every request (the hub renders it with the model's chat template),
 so the model sees what was said before. Ctrl-C during an answer stops that answer (the
-turn is forgotten); Ctrl-D (end of input) ends the chat. Piped input works: one message a
+turn is forgotten, as is one the cluster failed); Ctrl-D (end of input) ends the chat, as
+does a model without a chat template. Piped input works: one message a
 line, and then only the answers are printed.
 """
 
@@ -14,6 +15,7 @@ import sys
 
 import linguamq
 from linguamq.errors import GenerationError, LinguamqError
+from linguamq.hub.chat import NO_TEMPLATE
 from linguamq.schemas.requests import ChatMessage, GenerateResult
 from linguamq.tools.args import add_connection_arguments, connection_kwargs
 
@@ -74,6 +76,8 @@ def _answer(client: linguamq.Client, messages: list[ChatMessage], args: argparse
         print(flush=True)
         return stream.result
     except GenerationError as exc:
+        if exc.result.error == NO_TEMPLATE:
+            raise  # every turn would fail alike: the chat ends
         print(f"\nlinguamq chat: {exc}", file=sys.stderr)
     except KeyboardInterrupt:  # leaving the stream has cancelled the request
         print("\n[stopped]", file=sys.stderr)
