@@ -38,6 +38,7 @@ import numpy as np
 import structlog
 
 from linguamq import topics
+from linguamq.hub.chat import ChatEncoder, ChatError, no_chat
 from linguamq.hub.textstream import TextStream, stop_reason
 from linguamq.schemas import envelope
 from linguamq.schemas.cluster import NodeStatus, Plan, Telemetry
@@ -127,9 +128,10 @@ class _Session:
 
 class Head:
     def __init__(self, *, client: MqttClient, manifest: ModelManifest, encode: Callable[[str], list[int]],
-                 decode: Callable[[list[int]], str], settings: HeadSettings = HeadSettings(),
-                 rss_mb: Callable[[], float] = lambda: 0.0) -> None:
+                 decode: Callable[[list[int]], str], encode_chat: ChatEncoder = no_chat,
+                 settings: HeadSettings = HeadSettings(), rss_mb: Callable[[], float] = lambda: 0.0) -> None:
         self._client, self._manifest, self.settings = client, manifest, settings
+        self._encode_chat = encode_chat  # a request's messages -> prompt ids (hub/chat.py; injected like encode)
         self._rss_mb = rss_mb  # this process's memory, for its telemetry (the hub passes node.system's)
         self._eos = frozenset(manifest.eos_token_ids)
         self._encode, self._decode = encode, decode
@@ -243,9 +245,13 @@ class Head:
                 log.exception("request intake failed", request=ticket.request.id)
 
     def _tokenize(self, request: GenerateRequest) -> list[int] | str:
-        """The prompt's token ids, or why it cannot be tokenized."""
+        """The prompt's token ids (its text, or its messages in the chat template), or why not."""
         try:
+            if request.prompt is None:
+                return self._encode_chat(request.messages)
             return self._encode(request.prompt)
+        except ChatError as exc:  # no template, or the template refused the messages
+            return str(exc)
         except Exception as exc:  # a tokenizer may raise anything on odd input
             return f"cannot tokenize the prompt: {exc}"
 

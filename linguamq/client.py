@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 import structlog
@@ -41,9 +41,10 @@ import structlog
 from linguamq import topics
 from linguamq.errors import ConnectionFailed, GenerationError, NotAuthorized, RequestError, Timeout
 from linguamq.schemas.errors import SchemaError
-from linguamq.schemas.requests import CancelRequest, GenerateRequest, GenerateResult, Sampling, TokenEvent
+from linguamq.schemas.requests import CancelRequest, ChatMessage, GenerateRequest, GenerateResult, Sampling, TokenEvent
 from linguamq.topics.client import MqttClient, MqttError, MqttNotAuthorized, MqttTimeout
 
+Messages = Sequence[ChatMessage | Mapping[str, str]]  # [{"role": "user", "content": "Hi"}, ...]
 Result = GenerateResult  # text, tokens, prompt_tokens, ttft_ms, ms_per_token, stop_reason, error
 RESEND_S = 5.0  # after a reconnect, publish the request again this often until something arrives
 CANCEL_WAIT_S = 2.0  # a cancel waits this long for the broker's acknowledgement (Ctrl-C must not hang)
@@ -94,24 +95,26 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] | list[str] = (),
-                 request_id: str | None = None) -> Result:
+    def generate(self, prompt: str | None = None, *, messages: Messages = (), max_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: tuple[str, ...] | list[str] = (), request_id: str | None = None) -> Result:
         """Generate and return the whole answer. GenerationError if the cluster failed it."""
-        stream = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed, stop=stop, request_id=request_id)
+        stream = self.stream(prompt, messages=messages, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, stop=stop, request_id=request_id)
         with stream:
             for _ in stream:
                 pass
         assert stream.result is not None  # a finished stream always holds its result
         return stream.result
 
-    def stream(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] | list[str] = (),
-               request_id: str | None = None) -> Stream:
+    def stream(self, prompt: str | None = None, *, messages: Messages = (), max_tokens: int = 64,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               stop: tuple[str, ...] | list[str] = (), request_id: str | None = None) -> Stream:
         """Generate, yielding the text as it is produced; ``stream.result`` holds the whole
-        answer once the iteration ends (GenerationError at the end if the cluster failed it)."""
-        request = _request(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        answer once the iteration ends (GenerationError at the end if the cluster failed it).
+        Give the prompt text, or ``messages`` (a chat: the hub renders it with the model's
+        chat template), not both."""
+        request = _request(prompt, messages, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, stop=stop, request_id=request_id)
         mqtt = self.connect()._mqtt
         assert mqtt is not None
@@ -176,11 +179,11 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def generate(self, prompt: str, **options: Any) -> Result:
+    async def generate(self, prompt: str | None = None, **options: Any) -> Result:
         """As ``Client.generate``."""
         return await asyncio.to_thread(self._client.generate, prompt, **options)
 
-    def stream(self, prompt: str, **options: Any) -> AsyncStream:
+    def stream(self, prompt: str | None = None, **options: Any) -> AsyncStream:
         """As ``Client.stream``: ``async for piece in client.stream(...)``."""
         return AsyncStream(lambda: self._client.stream(prompt, **options))
 
@@ -358,12 +361,13 @@ class _Resume:
         return True
 
 
-def _request(prompt: str, *, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-             stop: tuple[str, ...] | list[str], request_id: str | None) -> GenerateRequest:
-    with _translated():
+def _request(prompt: str | None, messages: Messages, *, max_tokens: int, temperature: float, top_k: int,
+             top_p: float, seed: int | None, stop: tuple[str, ...] | list[str], request_id: str | None) -> GenerateRequest:
+    with _translated():  # both or neither of prompt and messages: RequestError, from the schema's check
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        return GenerateRequest(id=request_id or new_request_id(), prompt=prompt, max_tokens=max_tokens,
-                               sampling=sampling, stop=tuple(stop))
+        chat = tuple(m if isinstance(m, ChatMessage) else ChatMessage.from_dict(m) for m in messages)
+        return GenerateRequest(id=request_id or new_request_id(), prompt=prompt, messages=chat,
+                               max_tokens=max_tokens, sampling=sampling, stop=tuple(stop))
 
 
 def _log_through_stdlib_unless_configured() -> None:

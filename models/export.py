@@ -25,6 +25,7 @@ import structlog
 import torch
 from torch import nn
 
+from linguamq.models.chat_template import export_chat_template
 from linguamq.models.config import ModelConfig
 from linguamq.models.costs import piece_costs
 from linguamq.models.errors import ExportError
@@ -62,7 +63,7 @@ class ExportOptions:
 
 def export_model(model_path: Path | str, out_dir: Path | str, options: ExportOptions = ExportOptions(),
                  progress: Progress | None = None) -> ModelManifest:
-    """Write one .onnx per piece, the tokenizer and manifest.json into `out_dir`."""
+    """Write one .onnx per piece, the tokenizer (and chat template) and manifest.json into `out_dir`."""
     if options.quantize == "int8" and options.dtype != "fp32":
         raise ExportError("--quantize int8 needs --dtype fp32 (weights are quantized from float32)")
     model_dir = open_model_dir(model_path)
@@ -74,7 +75,8 @@ def export_model(model_path: Path | str, out_dir: Path | str, options: ExportOpt
     pieces = tuple(_export_all(model, cfg, out, options, progress))
     tokenizer = out / "tokenizer.json"
     shutil.copyfile(model_dir.tokenizer_file, tokenizer)
-    manifest = _manifest(model_dir, options, max_context, pieces, tokenizer)
+    manifest = dataclasses.replace(_manifest(model_dir, options, max_context, pieces, tokenizer),
+                                   chat_template=export_chat_template(model_dir.path, out))
     (out / MANIFEST).write_bytes(manifest.to_json())
     return manifest
 

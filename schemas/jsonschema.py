@@ -36,7 +36,8 @@ def schema_for(cls: type[Message]) -> dict[str, Any]:
     if not cls.TAG_OPTIONAL:
         body["required"] = ["type", "v", *body["required"]]
     out = {"$schema": DRAFT, "$id": f"https://linguamq.dev/schemas/{cls.TYPE}.v{cls.VERSION}.json",
-           "title": cls.__name__, "description": (cls.__doc__ or "").strip().split("\n\n")[0], **body}
+           "title": cls.__name__, "description": (cls.__doc__ or "").strip().split("\n\n")[0], **body,
+           **cls.SCHEMA_RULES}
     if defs:
         out["$defs"] = dict(sorted(defs.items()))
     return out

@@ -47,6 +47,16 @@ class PieceSpec(Struct):
 
 
 @struct
+class ChatTemplateSpec(Struct):
+    """The model's chat template, a Jinja file beside the tokenizer, and the special tokens it names."""
+
+    file: str = spec(max_len=256)
+    sha256: str = spec(pattern=SHA256_PATTERN)
+    bos_token: str | None = spec(max_len=256, default=None)
+    eos_token: str | None = spec(max_len=256, default=None)
+
+
+@struct
 class ModelManifest(Message):
     TYPE = "model_manifest"
 
@@ -67,6 +77,7 @@ class ModelManifest(Message):
     eos_token_ids: tuple[int, ...] = spec(ge=0, max_len=64)
     bos_token_id: int | None = spec(ge=0)
     pieces: tuple[PieceSpec, ...] = spec(max_len=10_000)
+    chat_template: ChatTemplateSpec | None = spec(default=None, doc="none: the model takes no `messages`")
 
     def __post_init__(self) -> None:
         Struct.__post_init__(self)
@@ -90,4 +101,4 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["ModelManifest", "PieceSpec", "TensorSpec", "ID_PATTERN", "file_sha256"]
+__all__ = ["ChatTemplateSpec", "ModelManifest", "PieceSpec", "TensorSpec", "ID_PATTERN", "file_sha256"]

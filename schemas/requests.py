@@ -10,6 +10,7 @@ from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.wire import ID_PATTERN, Message, Struct, parse_json, spec, struct
 
 MAX_PROMPT_CHARS = 65536
+MAX_MESSAGES = 256
 MAX_TOKENS_LIMIT = 8192
 SEED_MAX = 2**63 - 1
 
@@ -30,20 +31,40 @@ class Sampling(Struct):
 
 
 @struct
+class ChatMessage(Struct):
+    """One turn of a conversation; the head renders them with the model's chat template."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = spec(max_len=MAX_PROMPT_CHARS)
+
+
+@struct
 class GenerateRequest(Message):
     """Published on `requests`. "type" and "v" may be left out, so that
-    `mosquitto_pub -t lmq/home/requests -m '{"id":"r1","prompt":"Hello","max_tokens":16}'` works."""
+    `mosquitto_pub -t lmq/home/requests -m '{"id":"r1","prompt":"Hello","max_tokens":16}'` works.
+    Exactly one of `prompt` (raw text) and `messages` (a chat, for instruct models) is given."""
 
     TYPE = "generate_request"
     TAG_OPTIONAL = True
     MAX_BYTES = 256 * 1024
+    SCHEMA_RULES = {"oneOf": [{"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                              {"required": ["messages"], "properties": {"messages": {"minItems": 1}}}]}
 
     id: str = spec(pattern=ID_PATTERN)
-    prompt: str = spec(max_len=MAX_PROMPT_CHARS)
+    prompt: str | None = spec(max_len=MAX_PROMPT_CHARS, default=None, doc="raw text; or give messages")
+    messages: tuple[ChatMessage, ...] = spec(max_len=MAX_MESSAGES, default=(),
+                                             doc="a chat, rendered with the model's chat template; or give prompt")
     max_tokens: int = spec(ge=1, le=MAX_TOKENS_LIMIT, default=64)
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = spec(max_len=16, default=())
     client: str | None = spec(pattern=ID_PATTERN, default=None, doc="where errors are reported")
+
+    def __post_init__(self) -> None:
+        Struct.__post_init__(self)
+        if (self.prompt is None) == (not self.messages):
+            raise SchemaError("give either prompt or messages, not both or neither", field="prompt")
+        if sum(len(m.content) for m in self.messages) > MAX_PROMPT_CHARS:
+            raise SchemaError(f"the messages hold more than {MAX_PROMPT_CHARS} characters", field="messages")
 
     def seeded(self) -> GenerateRequest:
         """This request with a seed: its own, or a fresh one (users expect a new answer each

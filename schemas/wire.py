@@ -89,6 +89,8 @@ class Message(Struct):
     # Messages typed by people (mosquitto_pub) may leave out "type" and "v".
     TAG_OPTIONAL: ClassVar[bool] = False
     MAX_BYTES: ClassVar[int] = MAX_JSON_BYTES
+    # Cross-field rules that JSON Schema can state too (merged into the message's schema file).
+    SCHEMA_RULES: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def _envelope_keys(cls) -> tuple[str, ...]:

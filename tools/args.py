@@ -6,10 +6,17 @@ import argparse
 import os
 from typing import TypedDict
 
+from linguamq.schemas.requests import ChatMessage
+
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """--prompt, --max-tokens, sampling and --stop, as run-local and generate take them."""
-    parser.add_argument("--prompt", required=True, help="prompt text")
+    """--prompt or --chat (and --system), --max-tokens, sampling and --stop, as run-local and
+    generate take them."""
+    text = parser.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="prompt text, given to the model as it is")
+    text.add_argument("--chat", metavar="TEXT",
+                      help="a user message, rendered with the model's chat template (for instruct models)")
+    parser.add_argument("--system", metavar="TEXT", help="a system message before --chat")
     parser.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
@@ -18,6 +25,16 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling seed (default: a fresh one, reported at the end: pass it to replay)")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help="stop once the text contains STR (repeatable)")
+
+
+def chat_messages(args: argparse.Namespace) -> tuple[ChatMessage, ...]:
+    """The conversation of --system and --chat; () for --prompt. ValueError for --system alone."""
+    if args.chat is None:
+        if args.system is not None:
+            raise ValueError("--system goes with --chat (a prompt has no chat template)")
+        return ()
+    system = (ChatMessage(role="system", content=args.system),) if args.system is not None else ()
+    return (*system, ChatMessage(role="user", content=args.chat))
 
 
 PASSWORD_ENV = "LINGUAMQ_PASSWORD"

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "hub": "run the hub: MQTT broker, retained manifest, planner and head",
     "node": "run a node: fetch assigned pieces, run them, pass activations on",
     "generate": "generate text through a running cluster (same JSON keys as run-local)",
+    "chat": "chat with a running cluster's model in the terminal (keeps the conversation; needs a chat template)",
     "plan": "place a model on a set of devices offline (Pyomo/GLPK) and explain the plan",
     "demo": "run a hub and three local nodes on a tiny model, generate, compare with run-local",
     "pub": "publish one message (or one per line): mosquitto_pub's flags (-h is the host; --help)",

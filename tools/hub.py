@@ -19,6 +19,7 @@ from linguamq.broker.embedded import BrokerThread, EmbeddedBroker
 from linguamq.broker.process import BrokerOptions, BrokerProcess, broker_kwargs
 from linguamq.broker.users import HUB_USERNAME, load_users
 from linguamq.hub.blobs import BlobServer
+from linguamq.hub.chat import ChatEncoder, chat_encoder, load_template
 from linguamq.hub.head import Head, HeadSettings
 from linguamq.node import system
 from linguamq.planner.service import PlannerService, PlannerSettings
@@ -63,10 +64,12 @@ def load_manifest(artifacts: Path) -> tuple[ModelManifest, bytes]:
 
 
 def tokenizer_codec(artifacts: Path, manifest: ModelManifest):
-    """(encode, decode) of the model's tokenizer, as run-local uses them."""
+    """(encode, decode, encode_chat) of the model's tokenizer and chat template, as run-local uses them."""
     tokenizer = Tokenizer.from_file(str(artifacts / manifest.tokenizer_file))
+    encode_chat: ChatEncoder = chat_encoder(load_template(artifacts, manifest),  # as tools/local.py
+                                            lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
     return (lambda text: tokenizer.encode(text).ids,
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True), encode_chat)
 
 
 class Hub:
@@ -105,14 +108,15 @@ class Hub:
                                   max_sessions=s.plan_sessions, drift_ratio=s.drift_ratio)
         self.planner = self._start(PlannerService(client=control, cluster=s.cluster, manifest=self.manifest,
                                                   manifest_sha256=manifest_sha, settings=planner))
-        encode, decode = tokenizer_codec(s.artifacts, self.manifest)
+        encode, decode, encode_chat = tokenizer_codec(s.artifacts, self.manifest)
         self.head = self._start(Head(client=self._client(f"head-{s.cluster}"), manifest=self.manifest,
-                                     encode=encode, decode=decode, rss_mb=system.rss_mb,
+                                     encode=encode, decode=decode, encode_chat=encode_chat, rss_mb=system.rss_mb,
                                      settings=HeadSettings(cluster=s.cluster, max_sessions=s.max_sessions,
                                                            max_tokens=s.max_tokens, rate=s.rate, burst=s.burst)))
         planner_ = self.planner
         self.head.also_rejected = lambda: planner_.rejected  # the head's telemetry counts the whole hub
-        log.info("hub started", url=self.url, cluster=s.cluster, model=self.manifest.name)
+        log.info("hub started", url=self.url, cluster=s.cluster, model=self.manifest.name,
+                 chat_template=self.manifest.chat_template is not None)
         return self
 
     def stop(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from linguamq.hub.chat import ChatEncoder, chat_encoder, load_template
 from linguamq.hub.textstream import StopReason, TextStream, stop_reason
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
@@ -44,6 +45,7 @@ class LocalModel:
     manifest: ModelManifest
     runtime: SegmentRuntime
     tokenizer: Tokenizer
+    encode_chat: ChatEncoder  # messages -> prompt ids, as the head makes them (ChatError: no template)
 
 
 def open_local(artifact_dir: Path | str, settings: RuntimeSettings = RuntimeSettings()) -> LocalModel:
@@ -53,7 +55,9 @@ def open_local(artifact_dir: Path | str, settings: RuntimeSettings = RuntimeSett
     runtime = SegmentRuntime(manifest=manifest, artifact_dir=artifact_dir, first=0,
                              last=len(manifest.pieces) - 1, settings=settings)
     tokenizer = Tokenizer.from_file(str(artifact_dir / manifest.tokenizer_file))
-    return LocalModel(manifest=manifest, runtime=runtime, tokenizer=tokenizer)
+    return LocalModel(manifest=manifest, runtime=runtime, tokenizer=tokenizer,
+                      encode_chat=chat_encoder(load_template(artifact_dir, manifest),  # as tools/hub.py
+                                               lambda text: tokenizer.encode(text, add_special_tokens=False).ids))
 
 
 def generate_local(runtime: SegmentRuntime, *, prompt_ids: Sequence[int], max_tokens: int,

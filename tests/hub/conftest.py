@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from linguamq import topics
+from linguamq.hub.chat import no_chat
 from linguamq.hub.head import Head, HeadSettings
 from linguamq.schemas import envelope
 from linguamq.schemas.cluster import NodeStatus, Plan, Stage
@@ -111,15 +112,15 @@ MakeHead = Callable[..., tuple[Head, FakeClient]]
 
 @pytest.fixture
 def make_head() -> Iterator[MakeHead]:
-    """``make_head(cluster=..., encode=..., **HeadSettings fields)`` -> (a started head whose
+    """``make_head(cluster=..., encode=..., encode_chat=..., **HeadSettings fields)`` -> (a started head whose
     one-stage plan on n1 is ready at epoch 4, its fake client); heads stop at the test's end.
     ``decode`` maps token id i to chr(97 + i % 26); examples.MANIFEST's EOS is 2."""
     heads: list[Head] = []
 
     def make(*, cluster: str = "t-head", encode: Callable[[str], list[int]] = lambda text: [5] * len(text),
-             **settings: Any) -> tuple[Head, FakeClient]:
+             encode_chat: Any = no_chat, **settings: Any) -> tuple[Head, FakeClient]:
         client = FakeClient(cluster)
-        head = Head(client=client, manifest=MANIFEST, encode=encode,  # type: ignore[arg-type]
+        head = Head(client=client, manifest=MANIFEST, encode=encode, encode_chat=encode_chat,  # type: ignore[arg-type]
                     decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
                     settings=HeadSettings(cluster=cluster, **settings))
         head.start()

@@ -12,8 +12,9 @@ import threading
 import time
 
 from linguamq import topics
+from linguamq.hub.chat import ChatTemplate, chat_encoder
 from linguamq.schemas.envelope import ActHeader
-from linguamq.schemas.requests import CancelRequest, GenerateRequest, GenerateResult, Sampling, TokenEvent
+from linguamq.schemas.requests import CancelRequest, ChatMessage, GenerateRequest, GenerateResult, Sampling, TokenEvent
 
 CLUSTER = "t-req"
 
@@ -220,4 +221,42 @@ def test_a_request_cancelled_before_it_started_never_starts(make_head) -> None:
         assert [a.shape for a in client.acts()] == [(1, 3), (1, 2)] and client.errors == []  # neither started
     finally:
         release.set()
+        head.stop()
+
+
+# --- messages (a chat) --------------------------------------------------------------
+
+HI = (ChatMessage(role="user", content="Hi"),)
+
+
+def result_of(client, request: str) -> GenerateResult:
+    name = topics.response_topic(CLUSTER, request)
+    wait_until(lambda: any(isinstance(v, GenerateResult) for v in client.on(name)))
+    return next(v for v in client.on(name) if isinstance(v, GenerateResult))
+
+
+def test_messages_to_a_model_without_a_template_fail_with_one_clear_line(make_head) -> None:
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0)
+    try:
+        client.ask(GenerateRequest(id="c1", messages=HI, max_tokens=4))
+        result = result_of(client, "c1")
+        assert (result.stop_reason, result.error) == ("error", "this model has no chat template: "
+                                                      "send a prompt instead of messages")
+    finally:
+        head.stop()
+
+
+def test_a_template_that_refuses_fails_that_request_and_the_head_goes_on(make_head) -> None:
+    strict = ChatTemplate("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message "
+                          "comes first') }}{% endif %}ok")
+    rendered: list[str] = []
+    encode_chat = chat_encoder(strict, lambda text: rendered.append(text) or [5, 6])
+    head, client = make_head(cluster=CLUSTER, retry_min_s=30.0, encode_chat=encode_chat)
+    try:
+        client.ask(GenerateRequest(id="c1", messages=HI, max_tokens=4))
+        assert result_of(client, "c1").error == "the chat template refused the messages: a system message comes first"
+        client.ask(GenerateRequest(id="c2", messages=(ChatMessage(role="system", content="Be brief."), *HI),
+                                    max_tokens=4))
+        assert rendered == ["ok"] and last_act(client, 2).step == 0  # rendered, tokenized, its prefill sent
+    finally:
         head.stop()

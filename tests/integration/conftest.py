@@ -5,6 +5,7 @@ pytest runs with --import-mode=importlib: tests get these through fixtures only.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,22 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         export_model(root / "hf", root / "art", ExportOptions())
         out[family] = root / "art"
     return out
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # SmolLM2's, in short
+
+
+@pytest.fixture(scope="session")
+def chat_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama whose tokenizer_config.json holds a ChatML chat template, exported."""
+    root = tmp_path_factory.mktemp("chat-llama")
+    make_tiny(TinySpec(family="llama", layers=3, hidden=64, heads=4, vocab=512, seed=23), root / "hf")
+    config_file = root / "hf" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"chat_template": CHATML}))
+    export_model(root / "hf", root / "art", ExportOptions())
+    return root / "art"
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,10 @@ INVALID = [
     (GenerateRequest, _set(["stop"], [1]), "stop[0]"),
     (GenerateRequest, _set(["surprise"], 1), "surprise"),
     (GenerateRequest, _drop("prompt"), "prompt"),
+    (GenerateRequest, _set(["prompt"], None), "prompt"),
+    (GenerateRequest, _set(["messages"], [{"role": "user", "content": "Hi"}]), "prompt"),  # both
+    (GenerateRequest, _set(["messages"], [{"role": "robot", "content": "Hi"}]), "messages[0].role"),
+    (GenerateRequest, _set(["messages"], [{"role": "user"}]), "messages[0].content"),
     (NodeStatus, _set(["state"], "sleepy"), "state"),
     (NodeStatus, _set(["ts"], -1), "ts"),
     (NodeStatus, _drop("node"), "node"),
@@ -155,6 +159,14 @@ def test_blob_chunks_round_trip_and_are_hash_checked() -> None:
 
 
 # --- JSON Schema files: in sync with the classes, and they agree on every example ---------
+
+def test_a_chat_request_is_accepted_by_both(validators) -> None:
+    doc = {"id": "r1", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    request = GenerateRequest.from_dict(doc)
+    assert (request.prompt, [m.role for m in request.messages]) == (None, ["system", "user"])
+    validators[GenerateRequest].validate(json.loads(request.to_json()))
+    validators[GenerateRequest].validate(doc)
+
 
 def test_every_message_has_an_example_and_a_committed_schema_file() -> None:
     assert {c.TYPE for c in all_messages()} - {"act"} == {c.TYPE for c in EXAMPLES}

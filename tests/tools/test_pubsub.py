@@ -577,6 +577,13 @@ def our_messages() -> dict[str, bytes]:
     }
 
 
+def test_sub_decode_shows_a_chat_request_turn_by_turn() -> None:
+    payload = b'{"id": "r1", "messages": [{"role": "user", "content": "Hi"}]}'
+    text = render.render(topics.REQUESTS.build("c1"), payload)
+    assert text.startswith("requests cluster=c1\n") and '"messages": [\n    {\n      "role": "user",' in text
+    assert "(not a valid" in render.render(topics.REQUESTS.build("c1"), b'{"id": "r1"}')  # neither prompt nor messages
+
+
 def test_render_each_kind_of_message() -> None:
     msgs = our_messages()
     status, act, chunk, token, broken, binary, escape = msgs.values()

@@ -1,4 +1,4 @@
-"""`linguamq generate --broker URL --prompt TEXT`: generate through a running cluster
+"""`linguamq generate --broker URL --prompt TEXT` (or `--chat TEXT`): generate through a running cluster
 (built on the Python API, ``linguamq.Client``). Ctrl-C cancels the request (exit 130)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import linguamq
 from linguamq.errors import GenerationError, LinguamqError
-from linguamq.tools.args import add_connection_arguments, add_generation_arguments, connection_kwargs
+from linguamq.tools.args import add_connection_arguments, add_generation_arguments, chat_messages, connection_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        messages = chat_messages(args)
         client = linguamq.Client(args.broker, cluster=args.cluster, timeout=args.timeout, **connection_kwargs(args))
-        with client, client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+        with client, client.stream(args.prompt, messages=messages, max_tokens=args.max_tokens, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
                                    request_id=args.id) as stream:
             for piece in stream:
