@@ -43,6 +43,7 @@ class GGUFTokenizerSpec:
     eos_token_id: int | None
     add_bos_token: bool
     add_eos_token: bool = False
+    end_of_generation_ids: tuple[int, ...] = ()  # EOT, EOM: ends a turn like EOS
 
 
 def build_tokenizer(spec: GGUFTokenizerSpec) -> Tokenizer:

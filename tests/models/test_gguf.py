@@ -31,6 +31,13 @@ BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
        "lm_head.weight": "output.weight"}
+BLOOM_BLOCK = {"input_layernorm": "attn_norm", "self_attention.query_key_value": "attn_qkv",
+               "self_attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+               "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+BLOOM_TOP = {"transformer.word_embeddings.weight": "token_embd.weight",
+             "transformer.word_embeddings_layernorm.weight": "token_embd_norm.weight",
+             "transformer.word_embeddings_layernorm.bias": "token_embd_norm.bias",
+             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
 
 
@@ -38,23 +45,31 @@ CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf-hf")
     out = {}
-    for family in ("llama", "qwen2"):
+    for family in ("llama", "qwen2", "bloom"):
         make_tiny(TinySpec(family=family, layers=2, hidden=64, heads=4, vocab=512, seed=3), root / family)
         out[family] = root / family
     return out
 
 
-def write_gguf(hf_dir: Path, path: Path, *, qtype: Any, pre: str, add_bos: bool, arch: str | None = None) -> Path:
+def write_gguf(hf_dir: Path, path: Path, *, qtype: Any, pre: str, add_bos: bool, arch: str | None = None,
+               eot: int | None = None) -> Path:
     """The tiny HF directory as llama.cpp's converter would write it (Q/K permuted for llama)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = arch or cfg["model_type"]
     writer = gguf.GGUFWriter(str(path), arch)
     _write_hparams(writer, arch, cfg)
     _write_tokenizer(writer, hf_dir / "tokenizer.json", pre=pre, add_bos=add_bos)
-    for key, value in load_file(str(hf_dir / "model.safetensors")).items():
+    if eot is not None:
+        writer.add_eot_token_id(eot)
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    if cfg["model_type"] == "bloom":  # llama.cpp writes the tied head out too
+        tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"]
+    for key, value in tensors.items():
         if cfg["model_type"] == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg["num_attention_heads"] if "q_proj" in key else cfg["num_key_value_heads"]
             value = _permute(value, heads)
+        if key.endswith("query_key_value.weight") or key.endswith("query_key_value.bias"):
+            value = _group_qkv(value, cfg["n_head"])
         _add_tensor(writer, _gguf_name(key), value, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -64,6 +79,9 @@ def write_gguf(hf_dir: Path, path: Path, *, qtype: Any, pre: str, add_bos: bool,
 
 
 def _write_hparams(writer: Any, arch: str, cfg: dict[str, Any]) -> None:
+    if cfg["model_type"] == "bloom":
+        _write_bloom_hparams(writer, cfg)
+        return
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -73,6 +91,16 @@ def _write_hparams(writer: Any, arch: str, cfg: dict[str, Any]) -> None:
     writer.add_rope_dimension_count(cfg["head_dim"])
     writer.add_rope_freq_base(cfg["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+
+
+def _write_bloom_hparams(writer: Any, cfg: dict[str, Any]) -> None:
+    writer.add_context_length(2048)
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["n_layer"])
+    writer.add_feed_forward_length(4 * cfg["hidden_size"])
+    writer.add_head_count(cfg["n_head"])
+    writer.add_head_count_kv(cfg["n_head"])
+    writer.add_layer_norm_eps(cfg["layer_norm_epsilon"])
 
 
 def _write_tokenizer(writer: Any, file: Path, *, pre: str, add_bos: bool) -> None:
@@ -96,12 +124,18 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _group_qkv(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's BLOOM converter: per-head (q, k, v) rows become all q, all k, all v."""
+    grouped = w.reshape(heads, 3, w.shape[0] // heads // 3, *w.shape[1:])
+    return np.concatenate([grouped[:, i].reshape(-1, *w.shape[1:]) for i in range(3)], axis=0)
+
+
 def _gguf_name(key: str) -> str:
-    if key in TOP:
-        return TOP[key]
+    if key in TOP or key in BLOOM_TOP:
+        return TOP.get(key) or BLOOM_TOP[key]
     _, _, layer, rest = key.split(".", 3)
     module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{BLOCK[module]}.{kind}"
+    return f"blk.{layer}.{BLOCK.get(module) or BLOOM_BLOCK[module]}.{kind}"
 
 
 def _add_tensor(writer: Any, name: str, value: np.ndarray, qtype: Any) -> None:
@@ -131,7 +165,8 @@ def _hf_greedy(folder: Path, name: str, prompt: str) -> tuple[list[int], list[in
 CASES = [("llama", Q.F32, "llama-bpe", True), ("llama", Q.F16, "default", False),
          ("llama", Q.Q8_0, "smollm", True), ("llama", Q.Q4_0, "llama-bpe", False),
          ("qwen2", Q.F32, "qwen2", False), ("qwen2", Q.F16, "qwen2", True),
-         ("qwen2", Q.Q8_0, "qwen2", False), ("qwen2", Q.Q4_1, "qwen2", False)]
+         ("qwen2", Q.Q8_0, "qwen2", False), ("qwen2", Q.Q4_1, "qwen2", False),
+         ("bloom", Q.F16, "default", False), ("bloom", Q.Q8_0, "default", True)]
 
 
 @pytest.mark.slow
@@ -157,13 +192,15 @@ def test_greedy_tokens_match_transformers(family: str, qtype: Any, pre: str, add
 
 
 def test_model_dir_carries_chat_template_bos_and_limits(tiny_hf: dict[str, Path], tmp_path: Path) -> None:
-    file = write_gguf(tiny_hf["qwen2"], tmp_path / "m.gguf", qtype=Q.F16, pre="qwen2", add_bos=False)
+    file = write_gguf(tiny_hf["qwen2"], tmp_path / "m.gguf", qtype=Q.F16, pre="qwen2", add_bos=False, eot=7)
     out = gguf_to_model_dir(file, tmp_path / "hf")
+    manifest = export_model(out, tmp_path / "art", ExportOptions(max_context=64))
+    assert manifest.eos_token_ids == (0, 7)  # EOT ends generation too, as in llama.cpp
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert (tok_cfg["chat_template"], tok_cfg["add_bos_token"], tok_cfg["eos_token"]) == (
         CHAT_TEMPLATE, False, "<|endoftext|>")
-    assert (cfg["max_position_embeddings"], cfg["tie_word_embeddings"], cfg["eos_token_id"]) == (2048, True, 0)
+    assert (cfg["max_position_embeddings"], cfg["tie_word_embeddings"]) == (2048, True)
     assert find_gguf(tmp_path) == file  # a directory holding one .gguf names it
 
 
@@ -187,7 +224,7 @@ def test_unknown_architecture_fails_with_one_line(tiny_hf: dict[str, Path], tmp_
     file = write_gguf(tiny_hf["llama"], tmp_path / "m.gguf", qtype=Q.F32, pre="default", add_bos=False,
                       arch="gptneox")
     err = _export_error(file, tmp_path / "art", capsys)
-    assert "architecture 'gptneox'" in err and "supported: llama, qwen2" in err
+    assert "architecture 'gptneox'" in err and "supported: llama, qwen2, bloom" in err
 
 
 def test_unknown_tensor_type_fails_with_one_line(tiny_hf: dict[str, Path], tmp_path: Path,
