@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,10 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for family in ("llama", "qwen2", "bloom"):
         make_tiny(TinySpec(family=family, layers=2, hidden=64, heads=4, vocab=512, seed=3), root / family)
         out[family] = root / family
+    for family in ("llama", "qwen2"):  # K-quant blocks hold 256 weights: rows must be that long
+        wide = root / f"{family}-wide"
+        make_tiny(TinySpec(family=family, layers=2, hidden=256, heads=4, intermediate=512, vocab=512, seed=3), wide)
+        out[f"{family}-wide"] = wide
     return out
 
 
@@ -138,13 +143,39 @@ def _gguf_name(key: str) -> str:
     return f"blk.{layer}.{BLOCK.get(module) or BLOOM_BLOCK[module]}.{kind}"
 
 
+# Per K-quant type: byte offset of each block's float16 scale d and, for the types with a
+# minimum, dmin / d that centres random blocks on zero (a mean of 7.5 or 15.5 quanta).
+K_SCALES = {Q.Q4_K: (0, 7.5), Q.Q5_K: (0, 15.5), Q.Q6_K: (208, 0.0)}
+
+
 def _add_tensor(writer: Any, name: str, value: np.ndarray, qtype: Any) -> None:
     if value.ndim == 1 or qtype == Q.F32:  # llama.cpp keeps norms and biases in F32
         writer.add_tensor(name, value.astype(np.float32))
+    elif qtype in K_SCALES:
+        writer.add_tensor(name, _random_k_blocks(value.shape, qtype, zlib.crc32(name.encode())), raw_dtype=qtype)
     elif qtype in (Q.F16, Q.F64):  # F64: a type no GGUF model uses and we do not read
         writer.add_tensor(name, value.astype(np.float16 if qtype == Q.F16 else np.float64))
     else:
         writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+
+
+def _random_k_blocks(shape: tuple[int, ...], qtype: Any, seed: int) -> np.ndarray:
+    """Random valid blocks of a K-quant type (gguf.quants cannot quantize to them): both readers
+    see the same bytes, so this checks the layout, not the weights. Scaled to std 1/sqrt(fan_in)."""
+    block_weights, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(seed).integers(0, 256, (shape[0], shape[1] // block_weights * block_bytes),
+                                               dtype=np.uint8)
+    _set_k_scales(raw.reshape(-1, block_bytes), qtype, 0.01)
+    _set_k_scales(raw.reshape(-1, block_bytes), qtype,
+                  0.01 / np.sqrt(shape[1]) / float(gguf.quants.dequantize(raw, qtype).std()))
+    return raw
+
+
+def _set_k_scales(blocks: np.ndarray, qtype: Any, d: float) -> None:
+    offset, min_ratio = K_SCALES[qtype]
+    blocks[:, offset:offset + 2] = np.full((len(blocks), 1), d, np.float16).view(np.uint8)
+    if min_ratio:  # dmin follows d in Q4_K and Q5_K
+        blocks[:, offset + 2:offset + 4] = np.full((len(blocks), 1), d * min_ratio, np.float16).view(np.uint8)
 
 
 def _hf_greedy(folder: Path, name: str, prompt: str) -> tuple[list[int], list[int]]:
@@ -166,7 +197,9 @@ CASES = [("llama", Q.F32, "llama-bpe", True), ("llama", Q.F16, "default", False)
          ("llama", Q.Q8_0, "smollm", True), ("llama", Q.Q4_0, "llama-bpe", False),
          ("qwen2", Q.F32, "qwen2", False), ("qwen2", Q.F16, "qwen2", True),
          ("qwen2", Q.Q8_0, "qwen2", False), ("qwen2", Q.Q4_1, "qwen2", False),
-         ("bloom", Q.F16, "default", False), ("bloom", Q.Q8_0, "default", True)]
+         ("bloom", Q.F16, "default", False), ("bloom", Q.Q8_0, "default", True),
+         ("llama-wide", Q.Q4_K, "llama-bpe", True), ("qwen2-wide", Q.Q6_K, "qwen2", False),
+         ("llama-wide", Q.Q5_K, "default", False)]
 
 
 @pytest.mark.slow
