@@ -187,7 +187,10 @@ def _tokenizer_spec(meta: _Metadata) -> GGUFTokenizerSpec:
         bos_token_id=None if bos is None else int(bos), eos_token_id=None if eos is None else int(eos),
         end_of_generation_ids=tuple(int(i) for i in (meta.get("tokenizer.ggml.eot_token_id"),
                                                      meta.get("tokenizer.ggml.eom_token_id")) if i is not None),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        scores=tuple(float(x) for x in meta.get("tokenizer.ggml.scores") or ()),
+        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+        # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
         add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
 
 

@@ -4,7 +4,9 @@ GGUF stores no tokenizer.json, only llama.cpp's description of one: the vocabula
 (`tokenizer.ggml.tokens`, already in the byte-level alphabet for "gpt2" models), the
 merges, a token type per id (3 = control, 4 = user-defined), the name of the
 pre-tokenizer (`tokenizer.ggml.pre`, which picks the split regex) and BOS/EOS with
-`add_bos_token`. We rebuild a byte-level BPE from that; BOS is added by the
+`add_bos_token`. We rebuild a byte-level BPE from that ("gpt2"), or for SentencePiece
+vocabularies ("llama": scores, <0xXX> byte tokens, "▁" for spaces) a BPE with byte
+fallback whose merges follow the scores when the file lists none. BOS is added by the
 post-processor, so every path that calls `encode` agrees with the file.
 """
 
@@ -17,6 +19,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from linguamq.models.errors import UnsupportedArchitectureError
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+SPACE = "\u2581"  # SentencePiece's visible space
 
 # Split regexes as llama.cpp's pre-tokenizer types define them (llama-vocab.cpp).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -34,7 +37,7 @@ SUPPORTED_PRES = (*SPLITS, *GPT2_PRES, *DIGIT_PRES)
 class GGUFTokenizerSpec:
     """The tokenizer metadata of a GGUF file, decoded."""
 
-    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) is what we build
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece BPE)
     pre: str  # tokenizer.ggml.pre
     tokens: tuple[str, ...]
     token_types: tuple[int, ...]
@@ -44,21 +47,58 @@ class GGUFTokenizerSpec:
     add_bos_token: bool
     add_eos_token: bool = False
     end_of_generation_ids: tuple[int, ...] = ()  # EOT, EOM: ends a turn like EOS
+    scores: tuple[float, ...] = ()  # SentencePiece: a higher score merges first
+    add_space_prefix: bool = True  # SentencePiece: "▁" before the text
 
 
 def build_tokenizer(spec: GGUFTokenizerSpec) -> Tokenizer:
-    """A byte-level BPE Tokenizer equivalent to the one the GGUF file describes."""
-    if spec.model != "gpt2":
+    """A Tokenizer equivalent to the one the GGUF file describes."""
+    if spec.model == "gpt2":
+        tok = _byte_level(spec)
+    elif spec.model == "llama":
+        tok = _sentencepiece(spec)
+    else:
         raise UnsupportedArchitectureError(f"GGUF tokenizer model {spec.model!r} is not supported "
-                                           "(only 'gpt2', byte-level BPE)")
-    vocab = {token: index for index, token in enumerate(spec.tokens)}
-    merges = [_merge(m) for m in spec.merges]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = _pre_tokenizer(spec.pre)
-    tok.decoder = decoders.ByteLevel()
+                                           "(only 'gpt2', byte-level BPE, and 'llama', SentencePiece BPE)")
     _add_special_tokens(tok, spec)
     tok.post_processor = _post_processor(spec)
     return tok
+
+
+def _byte_level(spec: GGUFTokenizerSpec) -> Tokenizer:
+    vocab = {token: index for index, token in enumerate(spec.tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[_merge(m) for m in spec.merges], fuse_unk=False))
+    tok.pre_tokenizer = _pre_tokenizer(spec.pre)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece(spec: GGUFTokenizerSpec) -> Tokenizer:
+    """Spaces become "▁" (one before the text when add_space_prefix), characters outside the
+    vocabulary fall back to their <0xXX> byte tokens."""
+    vocab = {token: index for index, token in enumerate(spec.tokens)}
+    merges = [_merge(m) for m in spec.merges] if spec.merges else _merges_from_scores(vocab, spec.scores)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, split=False,
+                                                 prepend_scheme="first" if spec.add_space_prefix else "never")
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if spec.add_space_prefix else []))
+    return tok
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: tuple[float, ...]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens is a merge ranked by the token's score (ties: the
+    longer left part first, then the token's and the parts' order): how transformers reads these
+    files, and what SentencePiece's highest-score-first merging amounts to."""
+    if len(scores) != len(vocab):
+        raise UnsupportedArchitectureError("a SentencePiece GGUF vocabulary needs one score per token")
+    ranked: list[tuple[float, int, int, str, str]] = []
+    for token, score in zip(vocab, scores, strict=True):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        ranked.extend((score, len(left), len(right), left, right) for left, right in splits)
+    ranked.sort(key=lambda m: m[:3], reverse=True)  # stable: equal keys keep the order above
+    return [(left, right) for *_, left, right in ranked]
 
 
 def _merge(merge: str) -> tuple[str, str]:

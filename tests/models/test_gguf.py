@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from linguamq.models.errors import ModelsError
 from linguamq.models.export import ExportOptions, export_model
@@ -56,14 +56,17 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def write_gguf(hf_dir: Path, path: Path, *, qtype: Any, pre: str, add_bos: bool, arch: str | None = None,
+def write_gguf(hf_dir: Path, path: Path, *, qtype: Any, pre: str, add_bos: bool | None, arch: str | None = None,
                eot: int | None = None) -> Path:
     """The tiny HF directory as llama.cpp's converter would write it (Q/K permuted for llama)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = arch or cfg["model_type"]
     writer = gguf.GGUFWriter(str(path), arch)
     _write_hparams(writer, arch, cfg)
-    _write_tokenizer(writer, hf_dir / "tokenizer.json", pre=pre, add_bos=add_bos)
+    if pre == "sentencepiece":
+        _write_sentencepiece(writer, hf_dir / "tokenizer.json", cfg["vocab_size"])
+    else:
+        _write_tokenizer(writer, hf_dir / "tokenizer.json", pre=pre, add_bos=bool(add_bos))
     if eot is not None:
         writer.add_eot_token_id(eot)
     tensors = load_file(str(hf_dir / "model.safetensors"))
@@ -124,6 +127,26 @@ def _write_tokenizer(writer: Any, file: Path, *, pre: str, add_bos: bool) -> Non
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
+def _write_sentencepiece(writer: Any, file: Path, size: int) -> None:
+    """A SentencePiece-style vocabulary ("llama" model): <unk> <s> </s>, 256 byte tokens, then
+    the tiny BPE's tokens as text ("▁" for a space) scored by rank; no merges, no add_bos_token
+    (llama.cpp's default for this model is to add BOS)."""
+    pieces: dict[str, None] = {}
+    for token, _ in sorted(Tokenizer.from_file(str(file)).get_vocab().items(), key=lambda kv: kv[1]):
+        text = decoders.ByteLevel().decode([token]).replace(" ", "\u2581")
+        if text and "\ufffd" not in text and not text.startswith("<|"):
+            pieces.setdefault(text)
+    specials, byte_tokens = ["<unk>", "<s>", "</s>"], [f"<0x{b:02X}>" for b in range(256)]
+    words = list(pieces)[:size - len(specials) - len(byte_tokens)]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(specials + byte_tokens + words)
+    writer.add_token_scores([0.0] * (len(specials) + len(byte_tokens)) + [-float(i) for i in range(len(words))])
+    writer.add_token_types([2, 3, 3] + [6] * len(byte_tokens) + [1] * len(words))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf: RoPE pairs become adjacent rows."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -178,7 +201,7 @@ def _set_k_scales(blocks: np.ndarray, qtype: Any, d: float) -> None:
         blocks[:, offset + 2:offset + 4] = np.full((len(blocks), 1), d * min_ratio, np.float16).view(np.uint8)
 
 
-def _hf_greedy(folder: Path, name: str, prompt: str) -> tuple[list[int], list[int]]:
+def _hf_greedy(folder: Path, name: str, prompt: str, eos: int) -> tuple[list[int], list[int]]:
     """transformers on the same GGUF: (prompt ids, greedy ids up to and including EOS)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,9 +211,9 @@ def _hf_greedy(folder: Path, name: str, prompt: str) -> tuple[list[int], list[in
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=0, pad_token_id=0)
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=eos)
     new = out[0, ids.shape[1]:].tolist()
-    return ids[0].tolist(), new[:new.index(0) + 1] if 0 in new else new
+    return ids[0].tolist(), new[:new.index(eos) + 1] if eos in new else new
 
 
 CASES = [("llama", Q.F32, "llama-bpe", True), ("llama", Q.F16, "default", False),
@@ -199,13 +222,13 @@ CASES = [("llama", Q.F32, "llama-bpe", True), ("llama", Q.F16, "default", False)
          ("qwen2", Q.Q8_0, "qwen2", False), ("qwen2", Q.Q4_1, "qwen2", False),
          ("bloom", Q.F16, "default", False), ("bloom", Q.Q8_0, "default", True),
          ("llama-wide", Q.Q4_K, "llama-bpe", True), ("qwen2-wide", Q.Q6_K, "qwen2", False),
-         ("llama-wide", Q.Q5_K, "default", False)]
+         ("llama-wide", Q.Q5_K, "default", False), ("llama", Q.Q8_0, "sentencepiece", None)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("family", "qtype", "pre", "add_bos"), CASES,
                          ids=[f"{f}-{q.name}-{p}" for f, q, p, _ in CASES])
-def test_greedy_tokens_match_transformers(family: str, qtype: Any, pre: str, add_bos: bool,
+def test_greedy_tokens_match_transformers(family: str, qtype: Any, pre: str, add_bos: bool | None,
                                           tiny_hf: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "gguf"
     folder.mkdir()
@@ -213,11 +236,12 @@ def test_greedy_tokens_match_transformers(family: str, qtype: Any, pre: str, add
     art = tmp_path / "art"
     export_model(gguf_to_model_dir(file, tmp_path / "hf"), art, ExportOptions(max_context=128))
     local = open_local(art)
+    bos = local.manifest.bos_token_id
     for prompt in PROMPTS:
-        hf_prompt, hf_tokens = _hf_greedy(folder, file.name, prompt)
+        hf_prompt, hf_tokens = _hf_greedy(folder, file.name, prompt, local.manifest.eos_token_ids[0])
         ours = local.tokenizer.encode(prompt).ids
         assert ours == hf_prompt, prompt
-        assert (ours[0] == 0) == add_bos
+        assert (ours[0] == bos) == (add_bos is not False)  # SentencePiece: BOS unless the file says not
         result = generate_local(local.runtime, prompt_ids=ours, max_tokens=NEW_TOKENS,
                                 eos_token_ids=local.manifest.eos_token_ids)
         assert list(result.tokens) == hf_tokens, prompt
