@@ -66,8 +66,10 @@ def find_gguf(path: Path | str) -> Path | None:
 
 def gguf_to_model_dir(file: Path | str, out: Path | str, progress: ReadProgress | None = None) -> Path:
     """Write the Hugging Face-style directory `out` for GGUF `file`; returns `out`."""
-    from gguf import GGUFReader  # the export extra only
-
+    try:
+        from gguf import GGUFReader  # the export extra only
+    except ImportError as exc:
+        raise ModelDirError("reading a GGUF file needs the gguf package (pip install 'linguamq[export]')") from exc
     file, out = Path(file), Path(out)
     try:
         reader = GGUFReader(file)
