@@ -77,7 +77,7 @@ def gguf_to_model_dir(file: Path | str, out: Path | str, progress: ReadProgress 
         raise ModelDirError(f"{file.name} is not a readable GGUF file: {exc}") from exc
     meta = _Metadata(reader, file.name)
     arch = _architecture(meta)
-    _check_tensor_types(reader, file.name)
+    _check_tensors(reader, file.name, arch)
     tokenizer = _tokenizer_spec(meta)
     config = _config(meta, arch, {t.name for t in reader.tensors}, _vocab_rows(reader)) | _special_ids(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,8 +115,12 @@ def _architecture(meta: _Metadata) -> str:
     return arch
 
 
-def _check_tensor_types(reader: Any, file_name: str) -> None:
+def _check_tensors(reader: Any, file_name: str, arch: str) -> None:
+    """Refuse an unknown tensor (name or type) before the long read starts."""
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # Llama 3.1+: per-frequency factors
+            raise UnsupportedArchitectureError(f"{file_name}: llama3 RoPE scaling (rope_freqs) is not supported")
+        _hf_name(tensor.name, arch)
         if tensor.tensor_type.name not in TENSOR_TYPES:
             raise UnsupportedDtypeError(f"tensor {tensor.name!r} in {file_name} has GGUF type "
                                         f"{tensor.tensor_type.name}; supported: {', '.join(TENSOR_TYPES)}")
@@ -153,8 +157,6 @@ def _llama_config(meta: _Metadata, arch: str, tensors: set[str], vocab: int) -> 
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
     if int(meta.get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
         raise UnsupportedArchitectureError(f"{meta.file_name}: partial rotary embeddings are not supported")
-    if "rope_freqs.weight" in tensors:
-        raise UnsupportedArchitectureError(f"{meta.file_name}: llama3 RoPE scaling (rope_freqs) is not supported")
     return {
         "architectures": [ARCHITECTURES[arch]], "model_type": arch, "torch_dtype": "float32",
         "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": int(meta.need(f"{arch}.block_count")),

@@ -57,7 +57,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def write_gguf(hf_dir: Path, path: Path, *, qtype: Any, pre: str, add_bos: bool | None, arch: str | None = None,
-               eot: int | None = None) -> Path:
+               eot: int | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
     """The tiny HF directory as llama.cpp's converter would write it (Q/K permuted for llama)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = arch or cfg["model_type"]
@@ -79,6 +79,8 @@ def write_gguf(hf_dir: Path, path: Path, *, qtype: Any, pre: str, add_bos: bool 
         if key.endswith("query_key_value.weight") or key.endswith("query_key_value.bias"):
             value = _group_qkv(value, cfg["n_head"])
         _add_tensor(writer, _gguf_name(key), value, qtype)
+    for name, value in (extra or {}).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -295,3 +297,13 @@ def test_unknown_tokenizer_model_is_refused(tiny_hf: dict[str, Path], tmp_path: 
     file = write_gguf(tiny_hf["llama"], tmp_path / "m.gguf", qtype=Q.F32, pre="no-such-pre", add_bos=False)
     with pytest.raises(ModelsError, match="pre-tokenizer 'no-such-pre'"):
         gguf_to_model_dir(file, tmp_path / "hf")
+
+
+def test_unsupported_tensors_fail_with_one_line(tiny_hf: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rope = write_gguf(tiny_hf["llama"], tmp_path / "rope.gguf", qtype=Q.F32, pre="default", add_bos=False,
+                      extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)})
+    assert "llama3 RoPE scaling (rope_freqs) is not supported" in _export_error(rope, tmp_path / "a1", capsys)
+    odd = write_gguf(tiny_hf["qwen2"], tmp_path / "odd.gguf", qtype=Q.F32, pre="qwen2", add_bos=False,
+                     extra={"blk.0.attn_q_norm.weight": np.ones(16, dtype=np.float32)})
+    assert "GGUF tensor 'blk.0.attn_q_norm.weight' is not supported" in _export_error(odd, tmp_path / "a2", capsys)
