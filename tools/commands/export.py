@@ -1,4 +1,4 @@
-"""`linguamq export --model HFDIR --out ARTDIR`: per-piece ONNX files + manifest.json."""
+"""`linguamq export --model HFDIR|FILE.gguf --out ARTDIR`: per-piece ONNX files + manifest.json."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from linguamq.models.errors import ModelsError
 from linguamq.models.export import ExportOptions, export_model
+from linguamq.models.gguf import find_gguf, gguf_to_model_dir
 from linguamq.models.tiny import TinySpec, make_tiny
 from linguamq.schemas.errors import SchemaError
 
@@ -18,7 +19,8 @@ TINY = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-bloom": "bloom"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="HFDIR",
-                        help=f"model directory, or one of {', '.join(TINY)} (made on the fly)")
+                        help=f"model directory, a .gguf file (or a directory holding one), "
+                             f"or one of {', '.join(TINY)} (made on the fly)")
     parser.add_argument("--out", required=True, metavar="ARTDIR", help="artifact directory to write")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations")
     parser.add_argument("--quantize", choices=("none", "int8"), default="none",
@@ -32,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(dtype=args.dtype, quantize=args.quantize, max_context=args.max_context,
                             name=args.name or (args.model if args.model in TINY else None))
     try:
-        with tempfile.TemporaryDirectory(prefix="linguamq-tiny-") as tmp:
-            model = _model_dir(args.model, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="linguamq-export-") as tmp:
             started = time.perf_counter()
+            model = _model_dir(args.model, Path(tmp), started)
             manifest = export_model(model, args.out, options, progress=_Progress(started))
     except (ModelsError, SchemaError, OSError) as exc:
         print(f"linguamq export: error: {exc}", file=sys.stderr)
@@ -46,11 +48,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_dir(model: str, tmp: Path) -> Path:
+def _model_dir(model: str, tmp: Path, started: float) -> Path:
     if model in TINY:
         make_tiny(TinySpec(family=TINY[model]), tmp / model)
         return tmp / model
-    return Path(model)
+    gguf = find_gguf(model)
+    if gguf is None:
+        return Path(model)
+    # Named after the file, so that the manifest's default name is the GGUF's stem.
+    return gguf_to_model_dir(gguf, tmp / gguf.stem, progress=_ReadProgress(started))
+
+
+class _ReadProgress:
+    """A stderr line per tenth of the GGUF's tensors read (dequantizing a big file takes a while)."""
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if done == total or done * 10 // total != (done - 1) * 10 // total:
+            elapsed = time.perf_counter() - self._started
+            print(f"reading GGUF: {done}/{total} tensors ({elapsed:.1f} s)", file=sys.stderr, flush=True)
 
 
 class _Progress:
