@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     manifest = ModelManifest.from_json((art / "manifest.json").read_bytes())
     chat = manifest.chat_template is not None
-    messages = (ChatMessage(role="user", content=args.chat),) if chat else None
+    messages = (ChatMessage(role="user", content=args.chat),) if chat else ()
     budget = cost.share_mb(manifest, share=0.6)
     nodes = [dataclasses.replace(n, mem_budget_mb=budget) for n in NODES]
     say(f"starting a hub and {len(nodes)} nodes, each with room for ~60% of the model ({budget:.0f} MB): "
