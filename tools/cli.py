@@ -19,14 +19,14 @@ from linguamq.tools import logs
 # name -> one-line help, in --help order.
 COMMANDS: dict[str, str] = {
     "tiny": "write a tiny deterministic random model (llama, qwen2, bloom) as a Hugging Face directory",
-    "export": "export a Hugging Face causal LM directory to per-piece ONNX files with a KV cache",
+    "export": "export a model (Hugging Face directory, GGUF file, or smollm2) to per-piece ONNX files with a KV cache",
     "run-local": "generate text with every piece of an exported model in this process",
     "hub": "run the hub: MQTT broker, retained manifest, planner and head",
     "node": "run a node: fetch assigned pieces, run them, pass activations on",
     "generate": "generate text through a running cluster (same JSON keys as run-local)",
     "chat": "chat with a running cluster's model in the terminal (keeps the conversation; needs a chat template)",
     "plan": "place a model on a set of devices offline (Pyomo/GLPK) and explain the plan",
-    "demo": "run a hub and three local nodes on a tiny model, generate, compare with run-local",
+    "demo": "chat with SmolLM2 split across a hub and three local nodes, compare with run-local",
     "pub": "publish one message (or one per line): mosquitto_pub's flags (-h is the host; --help)",
     "sub": "subscribe and print messages: mosquitto_sub's flags (-h is the host; --help); --decode renders ours",
     "users": "manage a cluster's users file: add, remove, list, export-mosquitto (password_file, acl_file)",
