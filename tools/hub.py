@@ -19,12 +19,12 @@ from linguamq.broker.embedded import BrokerThread, EmbeddedBroker
 from linguamq.broker.process import BrokerOptions, BrokerProcess, broker_kwargs
 from linguamq.broker.users import HUB_USERNAME, load_users
 from linguamq.hub.blobs import BlobServer
-from linguamq.hub.chat import ChatEncoder, chat_encoder, load_template
 from linguamq.hub.head import Head, HeadSettings
 from linguamq.node import system
 from linguamq.planner.service import PlannerService, PlannerSettings
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.tools.args import Login
+from linguamq.tools.local import chat_encoder_for
 from linguamq.topics.client import MqttClient
 
 log = structlog.get_logger()
@@ -66,10 +66,9 @@ def load_manifest(artifacts: Path) -> tuple[ModelManifest, bytes]:
 def tokenizer_codec(artifacts: Path, manifest: ModelManifest):
     """(encode, decode, encode_chat) of the model's tokenizer and chat template, as run-local uses them."""
     tokenizer = Tokenizer.from_file(str(artifacts / manifest.tokenizer_file))
-    encode_chat: ChatEncoder = chat_encoder(load_template(artifacts, manifest),  # as tools/local.py
-                                            lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
     return (lambda text: tokenizer.encode(text).ids,
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True), encode_chat)
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            chat_encoder_for(artifacts, manifest, tokenizer))
 
 
 class Hub:

@@ -56,8 +56,15 @@ def open_local(artifact_dir: Path | str, settings: RuntimeSettings = RuntimeSett
                              last=len(manifest.pieces) - 1, settings=settings)
     tokenizer = Tokenizer.from_file(str(artifact_dir / manifest.tokenizer_file))
     return LocalModel(manifest=manifest, runtime=runtime, tokenizer=tokenizer,
-                      encode_chat=chat_encoder(load_template(artifact_dir, manifest),  # as tools/hub.py
-                                               lambda text: tokenizer.encode(text, add_special_tokens=False).ids))
+                      encode_chat=chat_encoder_for(artifact_dir, manifest, tokenizer))
+
+
+def chat_encoder_for(artifact_dir: Path, manifest: ModelManifest, tokenizer: Tokenizer) -> ChatEncoder:
+    """messages -> prompt ids for an exported model: its chat template, then its tokenizer
+    without special tokens (the template writes those). run-local and the hub's head
+    (tools/hub.py) both use this, so a chat gives the same tokens through either."""
+    return chat_encoder(load_template(artifact_dir, manifest),
+                        lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def generate_local(runtime: SegmentRuntime, *, prompt_ids: Sequence[int], max_tokens: int,
