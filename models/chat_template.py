@@ -8,11 +8,10 @@ we take "default"). The special tokens templates name (`bos_token`, `eos_token`)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from linguamq.models.errors import ModelDirError
+from linguamq.models.hf import read_json
 from linguamq.schemas.manifest import ChatTemplateSpec, file_sha256
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -33,13 +32,7 @@ def export_chat_template(model_dir: Path, out_dir: Path) -> ChatTemplateSpec | N
 
 def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / TOKENIZER_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelDirError(f"{TOKENIZER_CONFIG} is not valid JSON: {exc}") from exc
-    return config if isinstance(config, dict) else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def _template_source(model_dir: Path, config: dict[str, Any]) -> str | None:

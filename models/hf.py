@@ -59,8 +59,8 @@ def open_model_dir(path: Path | str) -> ModelDir:
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(f"model directory {str(path)!r} does not exist")
-    config = parse_config(_read_json(path / CONFIG))
-    generation = _read_json(path / GENERATION) if (path / GENERATION).is_file() else {}
+    config = parse_config(read_json(path / CONFIG))
+    generation = read_json(path / GENERATION) if (path / GENERATION).is_file() else {}
     eos = _token_ids(generation.get("eos_token_id")) or config.eos_token_ids
     bos = generation.get("bos_token_id", config.bos_token_id)
     return ModelDir(path=path, config=config, weight_files=_weight_files(path),
@@ -80,7 +80,8 @@ def load_model(model_dir: ModelDir) -> CausalLM:
     return model.eval()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A model directory's JSON object file, or one line saying what is wrong with it."""
     if not path.is_file():
         raise MissingFileError(f"{path.name} is missing in {str(path.parent)!r}")
     try:
@@ -110,7 +111,7 @@ def _weight_files(path: Path) -> tuple[Path, ...]:
     if not (path / INDEX).is_file():
         raise MissingFileError(f"no weights in {str(path)!r}: neither {WEIGHTS} nor {INDEX} "
                                "(only safetensors checkpoints are supported)")
-    weight_map = _read_json(path / INDEX).get("weight_map")
+    weight_map = read_json(path / INDEX).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelDirError(f"{INDEX} has no weight_map")
     shards = tuple(dict.fromkeys(weight_map.values()))

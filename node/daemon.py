@@ -59,6 +59,7 @@ log = structlog.get_logger()
 MAX_TRACKED_STEPS = 65536  # (session, stage) pairs whose last step is remembered, least recent dropped
 LATE_ENDS_MAX = 4096  # end envelopes kept while the work queue is full (ends are tiny; any node may send them)
 
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NodeSettings:
     name: str
