@@ -44,7 +44,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)
 	for f in linguamq/*; do ln -s ../../../$$f $(TYPECHECK)/; done
-	for d in broker topics schemas planner node hub models tools; do ln -s ../../../$$d $(TYPECHECK)/$$d; done
+	for d in broker topics schemas planner node hub gateway models tools; do ln -s ../../../$$d $(TYPECHECK)/$$d; done
 	cd build/typecheck && ../../$(VENV)/bin/mypy -p linguamq
 
 # Regenerate the committed JSON Schema files after changing a wire type.

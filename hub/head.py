@@ -154,6 +154,7 @@ class Head:
         self.errors = 0  # watchdog rounds that failed (logged, then tried again)
         self._intake_thread: threading.Thread | None = None
         self.rejected = 0  # messages refused (bad payloads, refused requests), reported in its telemetry
+        self.tokens_generated = 0  # reported in its telemetry: tokens/s on the dashboard
         self.also_rejected: Callable[[], int] = lambda: 0  # the hub adds its planner's count
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
         self._seq, self._t_telemetry = 0, 0.0
@@ -382,6 +383,7 @@ class Head:
             session.step_times.append(now - session.t_sent)
             self._step_times.append(now - session.t_sent)
         session.tokens.append(token)
+        self.tokens_generated += 1
         session.t_last, session.retries = now, 0
         if len(session.tokens) == 1:
             session.t_first = now
@@ -530,16 +532,16 @@ class Head:
 
     def _fail(self, request: GenerateRequest, message: str, *, code: ErrorCode, reply_to: str | None) -> None:
         self.rejected += 1
-        self._answer(request, reply_to, "error", message)
+        self._answer(request, reply_to, "error", message, code=code)
         self._client.report_error(self._cluster, reporter=self.settings.name, to=request.client or self.settings.name,
                                   topic=topics.REQUESTS.build(self._cluster), code=code, message=message,
                                   ref=request.id)
 
     def _answer(self, request: GenerateRequest, reply_to: str | None, reason: StopReason,
-                error: str | None = None) -> None:
+                error: str | None = None, *, code: ErrorCode | None = None) -> None:
         """The final result of a request that never started."""
         result = GenerateResult(request=request.id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
-                                ms_per_token=0.0, stop_reason=reason, error=error)
+                                ms_per_token=0.0, stop_reason=reason, error=error, code=code)
         self._client.publish(topics.RESPONSES, self._response_name(request.id, reply_to), result)
 
     def _reject_request(self, topic: str, payload: bytes, exc: Exception) -> None:
@@ -551,7 +553,7 @@ class Head:
         code: ErrorCode = "too_large" if "exceeds" in str(exc) else "bad_payload"
         if request_id is not None:
             result = GenerateResult(request=request_id, text="", tokens=(), prompt_tokens=0, ttft_ms=0.0,
-                                    ms_per_token=0.0, stop_reason="error", error=str(exc)[:1024])
+                                    ms_per_token=0.0, stop_reason="error", error=str(exc)[:1024], code=code)
             self._client.publish(topics.RESPONSES, topics.response_topic(self._cluster, request_id, private), result)
         self._client.report_error(self._cluster, reporter=self.settings.name, to=client or self.settings.name,
                                   topic=topic, code=code, message=str(exc), ref=request_id)
@@ -580,7 +582,7 @@ class Head:
             sessions, queued = len(self._sessions), len(self._waiting)
         report = Telemetry(node=self.settings.name, ts=time.time(), seq=self._seq, epoch=self._ready_epoch,
                            queue_depth=queued, sessions=sessions, rss_mb=self._rss_mb(),
-                           rejected=self.rejected + self.also_rejected())
+                           rejected=self.rejected + self.also_rejected(), tokens=self.tokens_generated)
         try:
             self._client.publish(topics.HUB_TELEMETRY, topics.HUB_TELEMETRY.build(self._cluster), report)
         except MqttError as exc:

@@ -112,6 +112,7 @@ class NodeDaemon:
         self._state: NodeState = "online"
         self._timings: dict[int, PieceTiming] = {}
         self._rejected = 0
+        self._busy_ms = 0.0  # time spent running pieces, reported in telemetry (busy %)
         self._seq = 0
         self._work_clock = work_clock(settings.threads)  # times the compute that --slowdown stretches
         self._stop = threading.Event()
@@ -447,6 +448,7 @@ class NodeDaemon:
 
     def _record(self, stage: _Stage, ms: float) -> None:
         # One EWMA per segment, reported under its first piece.
+        self._busy_ms += ms
         old = self._timings.get(stage.segment.first)
         ewma = ms if old is None else 0.8 * old.ms_ewma + 0.2 * ms
         self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=ewma,
@@ -471,7 +473,8 @@ class NodeDaemon:
                                sessions=len(self._kv.sessions()), kv_bytes=self._kv.nbytes(),
                                free_mem_mb=sample_.free_mem_mb, rss_mb=sample_.rss_mb,
                                battery_pct=sample_.battery_pct, thermal_c=sample_.thermal_c,
-                               rejected=self._rejected, slowdown=self.slowdown, profile=self.profile)
+                               rejected=self._rejected, slowdown=self.slowdown, profile=self.profile,
+                               busy_ms=self._busy_ms)
             try:
                 self._client.publish(topics.NODE_TELEMETRY,
                                      topics.NODE_TELEMETRY.build(self._cluster, node=self.name), report)

@@ -77,6 +77,8 @@ class Telemetry(Message):
     thermal_c: float | None = spec(ge=-100, le=200, default=None)
     rejected: int = spec(ge=0, default=0, doc="messages rejected since start")
     slowdown: float = spec(ge=1, default=1.0)
+    busy_ms: float = spec(ge=0, default=0.0, doc="milliseconds spent running pieces since start (busy % between two reports)")
+    tokens: int = spec(ge=0, default=0, doc="tokens generated since start (the hub's head; tokens/s between two reports)")
 
 
 @struct

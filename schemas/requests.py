@@ -99,6 +99,9 @@ class TokenEvent(Message):
     text: str = spec(max_len=1024, doc="the text this token adds")
 
 
+ErrorCode = Literal["bad_payload", "bad_request", "unknown_session", "stale_epoch",
+                  "too_large", "overloaded", "rate_limited", "internal"]
+
 StopReason = Literal["eos", "max_tokens", "stop", "error", "cancelled"]
 
 
@@ -117,10 +120,8 @@ class GenerateResult(Message):
     stop_reason: StopReason
     error: str | None = spec(max_len=1024, default=None)
     seed: int | None = spec(ge=0, le=SEED_MAX, default=None, doc="the sampling seed used: send it to replay the answer")
+    code: ErrorCode | None = spec(default=None, doc="why a request was refused (with stop_reason error), as on errors/")
 
-
-ErrorCode = Literal["bad_payload", "bad_request", "unknown_session", "stale_epoch",
-                  "too_large", "overloaded", "rate_limited", "internal"]
 
 
 @struct

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("schemas", "topics", "broker", "planner", "node", "hub", "models", "linguamq", "tools")
+PACKAGES = ("schemas", "topics", "broker", "planner", "node", "hub", "models", "linguamq", "gateway", "tools")
 # What each package may import of ours (schemas <- topics <- roles <- the client API <- tools).
 # `linguamq` is the top-level package (repository folder linguamq/): version and client API.
 ALLOWED = {
@@ -25,6 +25,7 @@ ALLOWED = {
     "hub": {"topics", "schemas"},
     "models": {"topics", "schemas"},
     "linguamq": {"topics", "schemas"},
+    "gateway": {"topics", "schemas", "linguamq"},  # the HTTP gateway is a client of the cluster
     "tools": set(PACKAGES),
 }
 ENTRY_POINTS = {ROOT / "linguamq" / "__main__.py"}  # `python -m linguamq` runs the command (tools)
@@ -67,7 +68,7 @@ def test_imports_follow_the_dependency_direction(package: str) -> None:
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.parametrize("package", ["node", "hub"])
+@pytest.mark.parametrize("package", ["node", "hub", "gateway"])
 def test_devices_roles_never_import_heavy_dependencies(package: str) -> None:
     offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in python_files(package)
                  for m in imported_modules(p) if m.split(".")[0] in HEAVY]

@@ -37,6 +37,16 @@ def chat_messages(args: argparse.Namespace) -> tuple[ChatMessage, ...]:
     return (*system, ChatMessage(role="user", content=args.chat))
 
 
+def add_http_arguments(parser: argparse._ActionsContainer, *, port: int | None = 8000) -> None:
+    """--host/--port (for `serve`) or --http-host (for `hub`, whose --port is the broker's)."""
+    if port is not None:
+        parser.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
+        parser.add_argument("--port", type=int, default=port, help=f"HTTP port; 0 = any free (default {port})")
+    parser.add_argument("--open", action="store_true",
+                        help="serve an open cluster (no users file, so no API keys) on an address other than "
+                             "loopback: anyone who reaches it can use the model")
+
+
 PASSWORD_ENV = "LINGUAMQ_PASSWORD"
 
 

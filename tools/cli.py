@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "node": "run a node: fetch assigned pieces, run them, pass activations on",
     "generate": "generate text through a running cluster (same JSON keys as run-local)",
     "chat": "chat with a running cluster's model in the terminal (keeps the conversation; needs a chat template)",
+    "serve": "serve the OpenAI API (/v1/chat/completions ...) and a live dashboard of a running cluster",
     "plan": "place a model on a set of devices offline (Pyomo/GLPK) and explain the plan",
     "demo": "chat with SmolLM2 split across a hub and three local nodes, compare with run-local",
     "pub": "publish one message (or one per line): mosquitto_pub's flags (-h is the host; --help)",

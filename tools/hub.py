@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 from tokenizers import Tokenizer
@@ -26,6 +26,9 @@ from linguamq.schemas.manifest import ModelManifest
 from linguamq.tools.args import Login
 from linguamq.tools.local import chat_encoder_for
 from linguamq.topics.client import MqttClient
+
+if TYPE_CHECKING:
+    from linguamq.gateway.app import GatewayServer
 
 log = structlog.get_logger()
 MANIFEST = "manifest.json"
@@ -55,6 +58,9 @@ class HubSettings:
     username: str | None = None
     password: str | None = None
     cafile: str | None = None
+    # The HTTP gateway beside the hub (OpenAI API + dashboard): None for none, 0 for any free port.
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
 
 
 def load_manifest(artifacts: Path) -> tuple[ModelManifest, bytes]:
@@ -83,6 +89,7 @@ class Hub:
         self.manifest, self._manifest_bytes = load_manifest(settings.artifacts)
         self.planner: PlannerService | None = None
         self.head: Head | None = None
+        self.http: GatewayServer | None = None
 
     def start(self) -> Hub:
         s = self.settings
@@ -114,6 +121,10 @@ class Hub:
                                                            max_tokens=s.max_tokens, rate=s.rate, burst=s.burst)))
         planner_ = self.planner
         self.head.also_rejected = lambda: planner_.rejected  # the head's telemetry counts the whole hub
+        if s.http_port is not None:  # a client of the cluster like any other, with the hub's login to follow it
+            from linguamq.gateway.app import GatewayServer, GatewaySettings  # starlette, uvicorn: only when asked
+            gateway = GatewaySettings(broker_url=self.url, cluster=s.cluster, **self._login)
+            self.http = self._start(GatewayServer(gateway, host=s.http_host, port=s.http_port))
         log.info("hub started", url=self.url, cluster=s.cluster, model=self.manifest.name,
                  chat_template=self.manifest.chat_template is not None)
         return self

@@ -10,8 +10,9 @@ from pathlib import Path
 from linguamq.broker.embedded import DEFAULT_TLS_PORT
 from linguamq.broker.errors import BrokerError
 from linguamq.broker.process import BrokerOptions
+from linguamq.gateway.app import check_exposure
 from linguamq.schemas.errors import SchemaError
-from linguamq.tools.args import add_connection_arguments, connection_kwargs
+from linguamq.tools.args import add_connection_arguments, add_http_arguments, connection_kwargs
 from linguamq.tools.hub import Hub, HubSettings
 from linguamq.tools.signals import tune_for_latency, wait_for_signal
 from linguamq.topics import TopicError, validate_id
@@ -47,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burst", type=int, default=10, metavar="B",
                         help="requests a client may send at once before --rate applies (default 10)")
     parser.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    http = parser.add_argument_group("HTTP (OpenAI API and dashboard, as `linguamq serve`)")
+    http.add_argument("--http", type=int, metavar="PORT", help="serve them on PORT (0 = any free)")
+    http.add_argument("--http-host", default="127.0.0.1", metavar="ADDR", help="on this address (default 127.0.0.1)")
+    add_http_arguments(http, port=None)
     security = parser.add_argument_group("security (see `linguamq users`, `linguamq tls init`)")
     security.add_argument("--users", type=Path, metavar="F",
                           help="users file: only its users connect, each limited to its role's topics")
@@ -99,21 +104,28 @@ def run(args: argparse.Namespace) -> int:
         validate_id("cluster", args.cluster)
         options, login = _broker_options(args), connection_kwargs(args)
         login["cafile"] = _hub_cafile(args)
+        if args.http is not None:
+            if not 0 <= args.http <= 65_535:
+                raise ValueError(f"--http port out of range: {args.http}")
+            check_exposure(args.http_host, args.users is not None or login["username"] is not None, args.open)
         hub = Hub(HubSettings(artifacts=args.artifacts, cluster=args.cluster, host=args.host, port=args.port,
                               broker_url=args.broker, min_nodes=args.min_nodes, settle_s=args.settle,
                               objective=args.objective, broker_in_process=not args.broker_thread,
                               plan_sessions=args.plan_sessions, drift_ratio=args.drift_ratio,
                               max_tokens=args.max_tokens, rate=args.rate, burst=args.burst,
-                              broker_options=options, **login)).start()
+                              broker_options=options, http_port=args.http, http_host=args.http_host,
+                              **login)).start()
     except (OSError, SchemaError, TopicError, MqttError, BrokerError, ValueError) as exc:
         print(f"linguamq hub: error: {exc}", file=sys.stderr)
         return 2
     ready = {"event": "hub_ready", "broker": hub.url, "cluster": args.cluster, "model": hub.manifest.name,
-             "pieces": len(hub.manifest.pieces), "tls": hub.tls_url, "users": args.users is not None}
+             "pieces": len(hub.manifest.pieces), "tls": hub.tls_url, "users": args.users is not None,
+             "http": hub.http.url if hub.http else None}
     print(json.dumps(ready) if args.json else f"hub ready: broker {hub.url}, cluster {args.cluster}, "
           f"model {hub.manifest.name} ({len(hub.manifest.pieces)} pieces)"
           + (f", TLS {hub.tls_url}" if hub.tls_url and hub.tls_url != hub.url else "")
-          + (", users and ACLs on" if args.users else ""), flush=True)
+          + (", users and ACLs on" if args.users else "")
+          + (f", HTTP {hub.http.url} (OpenAI API /v1, dashboard /)" if hub.http else ""), flush=True)
     try:
         wait_for_signal()
     finally:

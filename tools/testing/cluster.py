@@ -46,6 +46,7 @@ class LocalCluster:
         self.hub_args = tuple(hub_args)  # more `linguamq hub` options (--plan-sessions, --drift-ratio)
         self._broker_arg, self._log_level, self._settle = broker_url, log_level, settle_s
         self.url = broker_url or ""
+        self.http: str | None = None
         self.hub: subprocess.Popen | None = None
         self.node_procs: dict[str, subprocess.Popen] = {}
         self.plan: Plan | None = None
@@ -69,6 +70,7 @@ class LocalCluster:
                                stdout=subprocess.PIPE)
         ready = self._read_ready_line(self.hub, timeout)
         self.url = ready["broker"]
+        self.http = ready.get("http")  # the OpenAI API and dashboard (hub --http), else None
         return time.time()
 
     def kill_hub(self, sig: int = signal.SIGKILL) -> None:

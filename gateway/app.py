@@ -1,0 +1,364 @@
+"""The gateway's HTTP server: OpenAI's endpoints, the dashboard and its event stream.
+
+Starlette on uvicorn. Each completion is one cluster request followed on a thread of its own
+(``follow`` blocks on MQTT), its pieces handed to the event loop through a queue; a client
+that goes away mid-answer has its request cancelled, which frees its KV cache on the nodes.
+
+Who may call: on an open cluster (the gateway's own login has no user name) anyone who can
+reach the port; on a secured one an ``Authorization: Bearer KEY`` (or ``?key=`` for the
+dashboard's event stream, which browsers cannot give headers) holding a user's login
+(gateway/keys.py): the request then goes out on that user's own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from linguamq.client import addressing, cancel, follow, new_request_id
+from linguamq.gateway import protocol
+from linguamq.gateway.keys import BadKey, parse_api_key
+from linguamq.gateway.protocol import ApiError, Call, Shape
+from linguamq.gateway.view import ClusterView
+from linguamq.schemas.requests import GenerateRequest, GenerateResult
+from linguamq.topics.client import MqttClient, MqttError, MqttNotAuthorized, MqttTimeout
+
+log = structlog.get_logger()
+STATIC = Path(__file__).parent / "static"
+CONNECTIONS_MAX = 256  # users' connections kept open (least recently used closed beyond)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GatewaySettings:
+    broker_url: str
+    cluster: str = "home"
+    # The gateway's own login: it follows the cluster's topics for the dashboard with it (a
+    # hub-role user on a secured cluster) and, on an open cluster, sends requests with it.
+    username: str | None = None
+    password: str | None = None
+    cafile: str | None = None
+    timeout: float = 120.0  # a request with no response for this long fails (504)
+
+    @property
+    def keys_required(self) -> bool:
+        """A cluster that needs a login for us needs one for every caller."""
+        return self.username is not None
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.view = ClusterView(settings.cluster)
+        self._own: MqttClient | None = None
+        self._users: collections.OrderedDict[str, MqttClient] = collections.OrderedDict()  # by key digest
+        self._users_lock = threading.Lock()
+        self.app = Starlette(routes=[
+            Route("/v1/models", self.models),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/api/state", self.state),
+            Route("/api/events", self.events),
+            Route("/health", self.health),
+            Route("/", self.index),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ], exception_handlers={ApiError: self._api_error})
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> Gateway:
+        """Connect and follow the cluster; MqttError if the broker refuses or cannot be reached."""
+        s = self.settings
+        self._own = MqttClient(url=s.broker_url, client_id=f"api-{new_request_id()[1:9]}", username=s.username,
+                               password=s.password, cafile=s.cafile).start(timeout, wait_for_broker=False)
+        self.view.follow(self._own)
+        return self
+
+    def stop(self) -> None:
+        with self._users_lock:
+            clients, self._users = list(self._users.values()), collections.OrderedDict()
+        for client in clients + ([self._own] if self._own else []):
+            client.stop()
+
+    # --- who is calling ------------------------------------------------------------------
+
+    async def _connection(self, request: Request) -> MqttClient:
+        """The connection a request goes out on: ours on an open cluster, else the key's user's."""
+        if not self.settings.keys_required:
+            assert self._own is not None
+            return self._own
+        key = _bearer(request)
+        if key is None:
+            raise ApiError(401, "an API key is required: Authorization: Bearer KEY (`linguamq users add NAME "
+                           "--role client` prints one)", type="invalid_request_error", code="invalid_api_key")
+        try:
+            name, password = parse_api_key(key)
+        except BadKey as exc:
+            raise ApiError(401, f"invalid API key: {exc}", code="invalid_api_key") from None
+        return await asyncio.to_thread(self._user_connection, name, password)
+
+    def _user_connection(self, name: str, password: str) -> MqttClient:
+        digest = hashlib.sha256(f"{name}:{password}".encode()).hexdigest()
+        with self._users_lock:  # held while connecting: one connection per key, however many callers
+            client = self._users.get(digest)
+            if client is not None:
+                self._users.move_to_end(digest)
+                return client
+            s = self.settings
+            try:
+                client = MqttClient(url=s.broker_url, client_id=f"api-{name}-{new_request_id()[1:7]}", username=name,
+                                    password=password, cafile=s.cafile).start(10.0, wait_for_broker=False)
+            except MqttNotAuthorized:
+                raise ApiError(401, "invalid API key: the cluster refused its login", code="invalid_api_key") from None
+            except MqttError as exc:
+                raise ApiError(503, f"cannot reach the cluster's broker: {exc}", type="server_error") from None
+            self._users[digest] = client
+            old = self._users.popitem(last=False)[1] if len(self._users) > CONNECTIONS_MAX else None
+        if old is not None:
+            old.stop()
+        return client
+
+    # --- OpenAI endpoints ----------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        await self._connection(request)
+        model = self.view.model
+        data = [] if model is None else [{"id": model.name, "object": "model", "created": 0, "owned_by": "linguamq"}]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, "text")
+
+    async def _complete(self, request: Request, kind: Literal["chat", "text"]) -> Response:
+        mqtt = await self._connection(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise protocol.bad("the request body is not JSON") from None
+        model = self.view.model
+        default = protocol.DEFAULT_MAX_TOKENS if model is None else min(protocol.DEFAULT_MAX_TOKENS,
+                                                                         model.max_context // 4)
+        call = protocol.parse(kind, body, request_id=new_request_id(), default_max_tokens=max(1, default))
+        shape = Shape(call, model.name if model else "")
+        run = _Run(mqtt, self.settings.cluster, call.request, self.settings.timeout)
+        if not call.stream:
+            result = await run.result(request)
+            if result.stop_reason == "error":
+                raise protocol.result_error(result)
+            return JSONResponse(shape.whole(result))
+        first = await run.next()  # before the headers: a refusal is still an HTTP error status
+        if isinstance(first, GenerateResult) and first.stop_reason == "error":
+            raise protocol.result_error(first)
+        return StreamingResponse(_sse(run, shape, call, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # --- the dashboard -------------------------------------------------------------------
+
+    async def index(self, _request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def state(self, request: Request) -> Response:
+        await self._dashboard_caller(request)
+        return JSONResponse(self.view.snapshot())
+
+    async def events(self, request: Request) -> Response:
+        await self._dashboard_caller(request)
+
+        async def stream() -> AsyncIterator[str]:
+            async for snapshot in self.view.changes():
+                yield f"event: state\ndata: {json.dumps(snapshot)}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def health(self, _request: Request) -> Response:
+        plan = self.view.plan
+        return JSONResponse({"status": "ok", "model": self.view.model.name if self.view.model else None,
+                             "plan_epoch": plan.epoch if plan else None, "stages": len(plan.stages) if plan else 0})
+
+    async def _dashboard_caller(self, request: Request) -> None:
+        """The dashboard's data takes the same keys as the API (``?key=`` for EventSource)."""
+        key = request.query_params.get("key")
+        if key and self.settings.keys_required and _bearer(request) is None:
+            request.scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {key}".encode())]
+        await self._connection(request)
+
+    async def _api_error(self, _request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def check_exposure(host: str, keys_required: bool, open_: bool) -> None:
+    """An open cluster is served on loopback only unless --open says otherwise."""
+    if keys_required or open_:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"the cluster has no users, so the API would be open to anyone reaching {host}: "
+                         "secure the cluster (`linguamq hub --users FILE`) or pass --open")
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    scheme, _, key = value.partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def _sse(run: _Run, shape: Shape, call: Call, first: str | GenerateResult) -> AsyncIterator[str]:
+    """A streamed answer as server-sent events, ``[DONE]`` at the end."""
+
+    def event(obj: dict[str, Any]) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    item: str | GenerateResult = first
+    try:
+        yield event(shape.chunk(item if isinstance(item, str) else "", first=True))
+        while not isinstance(item, GenerateResult):
+            item = await run.next()
+            if isinstance(item, str):
+                yield event(shape.chunk(item))
+        if item.stop_reason == "error":
+            yield event(protocol.result_error(item).body())
+        else:
+            yield event(shape.final(item))
+            if call.include_usage:
+                yield event(shape.usage_chunk(item))
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel_unless_done()  # the caller left (or the stream broke): free the nodes
+
+
+class _Run:
+    """One request through the cluster: ``follow`` on a thread of its own, its pieces and
+    result (or failure) handed to the event loop."""
+
+    def __init__(self, mqtt: MqttClient, cluster: str, request: GenerateRequest, timeout: float) -> None:
+        self._mqtt, self._cluster = mqtt, cluster
+        self._sent = addressing(mqtt, cluster, request.seeded())[0]  # as follow sends it: what cancel names
+        self._loop = asyncio.get_running_loop()
+        self._inbox: asyncio.Queue[str | GenerateResult | BaseException] = asyncio.Queue()
+        self.done = False
+        threading.Thread(target=self._follow, args=(self._sent, timeout), daemon=True,
+                         name=f"api-{request.id}").start()
+
+    def _follow(self, request: GenerateRequest, timeout: float) -> None:
+        item: str | GenerateResult | BaseException
+        try:
+            events = follow(self._mqtt, self._cluster, request, timeout=timeout)
+            while True:
+                try:
+                    self._hand(next(events))
+                except StopIteration as end:
+                    item = end.value
+                    break
+        except MqttTimeout as exc:
+            item = ApiError(504, str(exc), type="server_error", code="timeout")
+        except MqttError as exc:
+            item = ApiError(503, f"the cluster's broker: {exc}", type="server_error")
+        except Exception as exc:  # never leave the caller waiting
+            log.exception("api request failed", request=request.id)
+            item = ApiError(500, f"internal error: {exc}", type="server_error")
+        self._hand(item)
+
+    def _hand(self, item: str | GenerateResult | BaseException) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, item)
+        except RuntimeError:  # the server's loop has closed
+            pass
+
+    async def next(self) -> str | GenerateResult:
+        item = await self._inbox.get()
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        if isinstance(item, GenerateResult):
+            self.done = True
+        return item
+
+    async def result(self, request: Request) -> GenerateResult:
+        """The whole answer; cancelled if the caller disconnects while waiting."""
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self.next(), 0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise ApiError(499, "the client closed the request") from None
+                    continue
+                if isinstance(item, GenerateResult):
+                    return item
+        finally:
+            self.cancel_unless_done()
+
+    def cancel_unless_done(self) -> None:
+        """Cancel on a thread (this may run in a cancelled task, where nothing can be awaited)."""
+        if not self.done:
+            self.done = True
+            threading.Thread(target=self._cancel, daemon=True).start()
+
+    def _cancel(self) -> None:
+        try:
+            cancel(self._mqtt, self._cluster, self._sent)
+        except MqttError as exc:
+            log.warning("cancel not sent", request=self._sent.id, error=str(exc))
+
+
+class GatewayServer:
+    """The gateway served by uvicorn on a thread (``linguamq serve``, ``hub --http``, tests)."""
+
+    def __init__(self, settings: GatewaySettings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+        self.gateway = Gateway(settings)
+        self._config = uvicorn.Config(self.gateway.app, host=host, port=port, log_level="warning", lifespan="off",
+                                      timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(self._config)
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 10.0) -> GatewayServer:
+        self.gateway.start()
+        self._thread = threading.Thread(target=self._server.run, daemon=True, name="http")
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.gateway.stop()
+                raise OSError(f"the HTTP server did not start on {self._config.host}:{self._config.port} "
+                              "(is the port in use?)")
+            time.sleep(0.02)
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        log.info("http gateway started", url=self.url)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.gateway.stop()
+
+    def __enter__(self) -> GatewayServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
