@@ -98,12 +98,13 @@ class Gateway:
 
     # --- who is calling ------------------------------------------------------------------
 
-    async def _connection(self, request: Request) -> MqttClient:
-        """The connection a request goes out on: ours on an open cluster, else the key's user's."""
+    async def _connection(self, request: Request, *, key_in_query: bool = False) -> MqttClient:
+        """The connection a request goes out on: ours on an open cluster, else the key's user's.
+        ``key_in_query``: ``?key=`` also counts (the dashboard's EventSource cannot send headers)."""
         if not self.settings.keys_required:
             assert self._own is not None
             return self._own
-        key = _bearer(request)
+        key = _bearer(request) or (request.query_params.get("key") if key_in_query else None)
         if key is None:
             raise ApiError(401, "an API key is required: Authorization: Bearer KEY (`linguamq users add NAME "
                            "--role client` prints one)", type="invalid_request_error", code="invalid_api_key")
@@ -177,11 +178,11 @@ class Gateway:
         return FileResponse(STATIC / "index.html")
 
     async def state(self, request: Request) -> Response:
-        await self._dashboard_caller(request)
+        await self._connection(request, key_in_query=True)  # the same keys as the API
         return JSONResponse(self.view.snapshot())
 
     async def events(self, request: Request) -> Response:
-        await self._dashboard_caller(request)
+        await self._connection(request, key_in_query=True)  # the same keys as the API
 
         async def stream() -> AsyncIterator[str]:
             async for snapshot in self.view.changes():
@@ -193,13 +194,6 @@ class Gateway:
         plan = self.view.plan
         return JSONResponse({"status": "ok", "model": self.view.model.name if self.view.model else None,
                              "plan_epoch": plan.epoch if plan else None, "stages": len(plan.stages) if plan else 0})
-
-    async def _dashboard_caller(self, request: Request) -> None:
-        """The dashboard's data takes the same keys as the API (``?key=`` for EventSource)."""
-        key = request.query_params.get("key")
-        if key and self.settings.keys_required and _bearer(request) is None:
-            request.scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {key}".encode())]
-        await self._connection(request)
 
     async def _api_error(self, _request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

@@ -94,8 +94,8 @@ class ClusterView:
         now = time.monotonic()
         with self._lock:
             before = self._telemetry.get(report.node)
-            if before is not None and now > before[0] and report.busy_ms >= before[1].busy_ms:
-                share = (report.busy_ms - before[1].busy_ms) / ((now - before[0]) * 1e3)
+            if before is not None and report.ts > before[1].ts and report.busy_ms >= before[1].busy_ms:
+                share = (report.busy_ms - before[1].busy_ms) / ((report.ts - before[1].ts) * 1e3)  # node's clock
                 self._busy[report.node] = round(min(100.0, 100.0 * share), 1)
             self._telemetry[report.node] = (now, report)
         self._changed()

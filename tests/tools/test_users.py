@@ -112,3 +112,13 @@ def test_export_mosquitto_writes_password_and_acl_files(tmp_path: Path) -> None:
     assert f"topic read {T.NODE_ASSIGN.build('home', node='n1')}" in blocks["user n1"]
     assert not any("n2" in line or "/plan" in line for line in blocks["user n1"])
     assert stat.S_IMODE((out / "password_file").stat().st_mode) == 0o600
+
+
+def test_adding_a_client_prints_its_api_key(tmp_path: Path, capsys) -> None:
+    from linguamq.gateway.keys import parse_api_key
+    f = tmp_path / "users"
+    assert users("add", "alice", "--role", "client", "--file", str(f), "--password", "pw:with:colons") == 0
+    key = capsys.readouterr().out.strip()
+    assert parse_api_key(key) == ("alice", "pw:with:colons")  # the login the gateway presents to the broker
+    assert users("add", "n1", "--role", "node", "--file", str(f), "--password", "pw") == 0
+    assert capsys.readouterr().out == ""  # nodes call no API

@@ -25,6 +25,7 @@ from linguamq.broker.users import (
     validate_role,
     write_private,
 )
+from linguamq.gateway.keys import api_key
 from linguamq.topics import TopicError, validate_id
 
 
@@ -70,6 +71,10 @@ def _add(args: argparse.Namespace) -> int:
     users[name] = User(name, role, hash_password(password))
     save_users(args.file, users.values())
     print(f"{'replaced' if args.replace else 'added'} {name} ({role}) in {args.file}", file=sys.stderr)
+    if role == "client":  # its login as one bearer token, for the OpenAI API of `linguamq serve` / `hub --http`
+        print(f"API key of {name} (Authorization: Bearer KEY; it holds the password, keep it as secret):",
+              file=sys.stderr)
+        print(api_key(name, password))
     return 0
 
 
