@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "planner": "placement MILP solve time: 34 pieces x 8 devices, 130 x 16 (both objectives)",
     "hetero": "4 emulated devices (~100M model): planned vs even split, pipelining, rebalancing, prediction",
     "failover": "kill -9 of a middle stage node: time to the interrupted request's next token (~100M model)",
+    "api": "streamed chat completion through the OpenAI API vs linguamq generate, alternating (SmolLM2)",
     "chaos": "every reliability/security case (faults, hostile input, limits, soak, ACLs): RELIABILITY.md",
 }
 

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda *a, **kw: print(*a, file=sys.stderr, **kw)) if args.json else print
     started = time.monotonic()
     try:
-        art = _model(args.workdir / args.model, args.model, say)
+        art = demo_model(args.workdir / args.model, args.model, say)
     except ModelsError as exc:
         print(f"linguamq demo: error: {exc}", file=sys.stderr)
         return 2
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if same and result.error is None else 1
 
 
-def _model(root: Path, model: str, say) -> Path:
+def demo_model(root: Path, model: str, say) -> Path:
     """The demo's artifacts, exported on the first run and reused after."""
     art = root / "art"
     if (art / "manifest.json").exists():
