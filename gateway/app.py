@@ -42,6 +42,7 @@ from linguamq.topics.client import MqttClient, MqttError, MqttNotAuthorized, Mqt
 
 log = structlog.get_logger()
 STATIC = Path(__file__).parent / "static"
+DISCONNECT_CHECK_S = 0.5  # how often a caller waiting for a whole answer is checked for having left
 CONNECTIONS_MAX = 256  # users' connections kept open (least recently used closed beyond)
 
 
@@ -162,11 +163,12 @@ class Gateway:
         shape = Shape(call, model.name if model else "")
         run = _Run(mqtt, self.settings.cluster, call.request, self.settings.timeout)
         if not call.stream:
-            result = await run.result(request)
+            result = await run.first(request, whole=True)
+            assert isinstance(result, GenerateResult)
             if result.stop_reason == "error":
                 raise protocol.result_error(result)
             return JSONResponse(shape.whole(result))
-        first = await run.next()  # before the headers: a refusal is still an HTTP error status
+        first = await run.first(request, whole=False)  # before the headers: a refusal is still an HTTP status
         if isinstance(first, GenerateResult) and first.stop_reason == "error":
             raise protocol.result_error(first)
         return StreamingResponse(_sse(run, shape, call, first), media_type="text/event-stream",
@@ -290,20 +292,27 @@ class _Run:
             self.done = True
         return item
 
-    async def result(self, request: Request) -> GenerateResult:
-        """The whole answer; cancelled if the caller disconnects while waiting."""
+    async def first(self, request: Request, *, whole: bool) -> str | GenerateResult:
+        """The first piece (or the result if it comes first), or with ``whole`` the result.
+        A caller that disconnects meanwhile (a long prefill, a long answer) cancels the request."""
+        settled = False
+        check_at = time.monotonic() + DISCONNECT_CHECK_S
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(self.next(), 0.5)
+                    item = await asyncio.wait_for(self.next(), DISCONNECT_CHECK_S)
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        raise ApiError(499, "the client closed the request") from None
-                    continue
-                if isinstance(item, GenerateResult):
+                    item = None
+                if isinstance(item, GenerateResult) or (item is not None and not whole):
+                    settled = True
                     return item
+                if time.monotonic() >= check_at:  # pieces may arrive without a pause: check by the clock
+                    check_at = time.monotonic() + DISCONNECT_CHECK_S
+                    if await request.is_disconnected():
+                        raise ApiError(499, "the client closed the request")
         finally:
-            self.cancel_unless_done()
+            if not settled:
+                self.cancel_unless_done()
 
     def cancel_unless_done(self) -> None:
         """Cancel on a thread (this may run in a cancelled task, where nothing can be awaited)."""

@@ -129,7 +129,8 @@ def test_32_concurrent_streams_each_get_their_own_answer(cluster, local) -> None
     assert asyncio.run(ask_all()) == expected
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_session_on_the_nodes(cluster, local) -> None:
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+def test_a_client_that_leaves_mid_answer_frees_its_session_on_the_nodes(cluster, local, streamed: bool) -> None:
     messages = [{"role": "user", "content": "Tell me a very long story."}]
     assert len(greedy(local, messages=messages, max_tokens=200)[0].tokens) == 200  # no early end: a long answer
     results: queue.Queue[GenerateResult] = queue.Queue()
@@ -147,12 +148,17 @@ def test_a_client_that_leaves_mid_stream_frees_its_session_on_the_nodes(cluster,
     with MqttClient(url=cluster.url, client_id="api-spy") as spy:
         spy.subscribe(topics.RESPONSES, topics.RESPONSES.filter("home"), on_response, wait=10.0)
         spy.subscribe(topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter("home"), on_telemetry, wait=10.0)
-        stream = api(cluster.http).chat.completions.create(model="any", messages=messages, max_tokens=1500,
-                                                           temperature=0, stream=True)
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                break  # the first words arrived: the caller goes away
-        stream.close()
+        if streamed:
+            stream = api(cluster.http).chat.completions.create(model="any", messages=messages, max_tokens=1500,
+                                                               temperature=0, stream=True)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    break  # the first words arrived: the caller goes away
+            stream.close()
+        else:  # a caller that gives up waiting for a whole answer
+            impatient = openai.OpenAI(base_url=f"{cluster.http}/v1", api_key="unused", max_retries=0, timeout=1.0)
+            with pytest.raises(openai.APITimeoutError):
+                impatient.chat.completions.create(model="any", messages=messages, max_tokens=1500, temperature=0)
         result = results.get(timeout=30)
         assert result.stop_reason == "cancelled" and len(result.tokens) < 1500
         with lock:
