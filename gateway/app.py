@@ -98,12 +98,13 @@ class Gateway:
 
     # --- who is calling ------------------------------------------------------------------
 
-    async def _connection(self, request: Request) -> MqttClient:
-        """The connection a request goes out on: ours on an open cluster, else the key's user's."""
+    async def _connection(self, request: Request, query_key: str | None = None) -> MqttClient:
+        """The connection a request goes out on: ours on an open cluster, else the key's user's
+        (its bearer key, else ``query_key``)."""
         if not self.settings.keys_required:
             assert self._own is not None
             return self._own
-        key = _bearer(request)
+        key = _bearer(request) or query_key
         if key is None:
             raise ApiError(401, "an API key is required: Authorization: Bearer KEY (`linguamq users add NAME "
                            "--role client` prints one)", type="invalid_request_error", code="invalid_api_key")
@@ -196,10 +197,7 @@ class Gateway:
 
     async def _dashboard_caller(self, request: Request) -> None:
         """The dashboard's data takes the same keys as the API (``?key=`` for EventSource)."""
-        key = request.query_params.get("key")
-        if key and self.settings.keys_required and _bearer(request) is None:
-            request.scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {key}".encode())]
-        await self._connection(request)
+        await self._connection(request, request.query_params.get("key") or None)
 
     async def _api_error(self, _request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

@@ -21,6 +21,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.wait import WebDriverWait
 
+from linguamq.broker.users import User, hash_password, save_users
+from linguamq.gateway.keys import api_key
 from linguamq.models.export import read_manifest
 from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
 from linguamq.topics.client import MqttClient
@@ -42,6 +44,8 @@ return {
   epoch: document.getElementById('plan').dataset.epoch,
   cells: q('#plan-bar .cell').map(c => c.dataset.node),
   epochs: q('#epochs li').map(e => e.dataset.epoch),
+  keyForm: !document.getElementById('key-form').hidden,
+  keyError: document.getElementById('key-error').textContent,
 };
 """
 
@@ -53,6 +57,20 @@ def cluster(chat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                       hub_args=("--http", "0")) as c:
         with MqttClient(url=c.url, client_id="dashboard-wait") as waiter:
             c.wait_ready(waiter, nodes=3, timeout=90)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def secured(chat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A cluster with users: its API and dashboard take a client's key."""
+    root = tmp_path_factory.mktemp("dashboard-secured")
+    save_users(root / "users", [User("admin", "hub", hash_password("admin-pw")),
+                                User("n1", "node", hash_password("n1-pw")),
+                                User("alice", "client", hash_password("alice-pw"))])
+    with LocalCluster(artifacts=chat_artifacts, nodes=[NodeSpec("n1", password="n1-pw")], cluster="home",
+                      workdir=root, objective="even", hub_args=("--users", str(root / "users"), "--http", "0")) as c:
+        with MqttClient(url=c.url, client_id="secured-wait", username="admin", password="admin-pw") as waiter:
+            c.wait_ready(waiter, nodes=1, timeout=90)
         yield c
 
 
@@ -156,6 +174,30 @@ def test_a_killed_node_shows_offline_and_the_new_plan_leaves_it_out(page, cluste
     screenshot(page, "dashboard-after-kill.png")
 
 
+def test_on_a_secured_cluster_the_page_asks_for_a_key_then_shows_the_cluster(browser, secured) -> None:
+    browser.switch_to.new_window("tab")  # the other tests' page stays as it is in its own tab
+    try:
+        browser.get(secured.http + "/")
+        asked = wait_page(browser, 10, lambda p: p["keyForm"], "the key form")
+        assert asked["conn"] == "key" and asked["nodes"] == {} and asked["keyError"] == ""
+        enter_key(browser, api_key("alice", "not-her-password"))
+        refused = wait_page(browser, 10, lambda p: p["keyError"], "why the key was refused")
+        assert refused["keyForm"] and "refused" in refused["keyError"] and refused["nodes"] == {}
+        enter_key(browser, api_key("alice", "alice-pw"))
+        shown = wait_page(browser, 10, lambda p: p["conn"] == "live" and p["nodes"], "the cluster")
+        assert not shown["keyForm"] and shown["nodes"] == {"n1": ["true", "online"]}
+        assert say(browser, "Hi", temperature="0") == api_answer(
+            secured.http, [{"role": "user", "content": "Hi"}], key=api_key("alice", "alice-pw"))
+    finally:
+        browser.close()
+        browser.switch_to.window(browser.window_handles[0])
+
+
+def enter_key(page: WebDriver, key: str) -> None:
+    page.find_element("id", "key-input").send_keys(key)
+    page.find_element("id", "key-save").click()
+
+
 def say(page: WebDriver, text: str, *, temperature: str) -> str:
     """Type ``text`` in the chat box, send it, and return the answer once the page has it whole."""
     page.find_element("id", "chat-input").send_keys(text)
@@ -176,10 +218,10 @@ def send(page: WebDriver, *, temperature: str) -> str:
     return answer
 
 
-def api_answer(http: str, messages: list[dict[str, str]]) -> str:
+def api_answer(http: str, messages: list[dict[str, str]], key: str | None = None) -> str:
     """The API's answer to the call the page makes (greedy, the default max_tokens)."""
     body = json.dumps({"messages": messages, "temperature": 0}).encode()
-    request = urllib.request.Request(http + "/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(http + "/v1/chat/completions", data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.load(response)["choices"][0]["message"]["content"]
