@@ -159,13 +159,13 @@ function renderRequests(requests, rates) {
   }
   const [w, h] = [300, 80];
   const t0 = rates[0][0], span = Math.max(1, rates[rates.length - 1][0] - t0);
-  const top = Math.max(1, ...rates.map((r) => r[1]));
+  const peak = Math.max(...rates.map((r) => r[1])), top = Math.max(1, peak);  // an idle line lies at the bottom
   const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
   line.setAttribute("class", "rate");
   line.setAttribute("points", rates.map(([t, r]) => `${((t - t0) / span * w).toFixed(1)},`
     + `${(h - 1 - r / top * (h - 4)).toFixed(1)}`).join(" "));
   svg.append(line);
-  $("tokens-now").textContent = `now ${fmt(rates[rates.length - 1][1], 1)}, peak ${fmt(top, 1)} `
+  $("tokens-now").textContent = `now ${fmt(rates[rates.length - 1][1], 1)}, peak ${fmt(peak, 1)} `
     + `over the last ${fmt(span / 60, 1)} min`;
 }
 

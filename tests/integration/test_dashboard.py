@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.wait import WebDriverWait
@@ -25,7 +27,7 @@ from linguamq.broker.users import User, hash_password, save_users
 from linguamq.gateway.keys import api_key
 from linguamq.models.export import read_manifest
 from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
-from linguamq.topics.client import MqttClient
+from linguamq.topics.client import BrokerUrl, MqttClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,7 +56,7 @@ return {
 def cluster(chat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(artifacts=chat_artifacts, nodes=[NodeSpec(n) for n in NODES], cluster="home",
                       workdir=tmp_path_factory.mktemp("dashboard"), objective="even",
-                      hub_args=("--http", "0")) as c:
+                      hub_args=("--http", str(free_port()))) as c:  # a fixed port: the page outlives a hub
         with MqttClient(url=c.url, client_id="dashboard-wait") as waiter:
             c.wait_ready(waiter, nodes=3, timeout=90)
         yield c
@@ -99,6 +101,12 @@ def page(browser: WebDriver, cluster: LocalCluster) -> WebDriver:
     return browser
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_page(driver: WebDriver, timeout: float, check: Any, what: str) -> dict[str, Any]:
     """The page (READ_PAGE) once ``check`` holds on it, polled for at most ``timeout`` seconds."""
     seen: list[dict[str, Any]] = []
@@ -109,7 +117,7 @@ def wait_page(driver: WebDriver, timeout: float, check: Any, what: str) -> dict[
 
     try:
         WebDriverWait(driver, timeout, poll_frequency=0.1).until(ready)
-    except Exception:
+    except TimeoutException:
         pytest.fail(f"the page did not show {what} within {timeout} s; it showed {seen}")
     return seen[0]
 
@@ -172,6 +180,16 @@ def test_a_killed_node_shows_offline_and_the_new_plan_leaves_it_out(page, cluste
     assert after["nodes"]["c1"] == after["nodes"]["c3"] == ["true", "online"]
     assert after["epochs"][:2] == [after["epoch"], before["epoch"]]
     screenshot(page, "dashboard-after-kill.png")
+
+
+def test_the_page_shows_it_reconnecting_while_the_hub_is_down_then_live_again(page, cluster) -> None:
+    cluster.kill_hub()
+    wait_page(page, 10, lambda p: p["conn"] == "reconnecting", "that it is reconnecting")
+    cluster.start_hub(port=BrokerUrl.parse(cluster.url).port)  # the same broker and HTTP ports
+    # Live again on its own (EventSource retries), showing what the new hub sees: its broker starts
+    # empty, so the nodes reappear as they rejoin (a plan waits for the hub's --min-nodes).
+    wait_page(page, 30, lambda p: p["conn"] == "live" and p["nodes"].get("c1") == ["true", "online"],
+              "the cluster live again")
 
 
 def test_on_a_secured_cluster_the_page_asks_for_a_key_then_shows_the_cluster(browser, secured) -> None:
