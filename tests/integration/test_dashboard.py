@@ -12,7 +12,7 @@ import shutil
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ return {
 """
 
 
+# The tests share one cluster and one page, in file order: the node's kill and the hub's restart come last.
 @pytest.fixture(scope="module")
 def cluster(chat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(artifacts=chat_artifacts, nodes=[NodeSpec(n) for n in NODES], cluster="home",
@@ -107,7 +108,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_page(driver: WebDriver, timeout: float, check: Any, what: str) -> dict[str, Any]:
+def wait_page(driver: WebDriver, timeout: float, check: Callable[[dict[str, Any]], Any], what: str) -> dict[str, Any]:
     """The page (READ_PAGE) once ``check`` holds on it, polled for at most ``timeout`` seconds."""
     seen: list[dict[str, Any]] = []
 
