@@ -12,11 +12,14 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP) $(NODE_STAMP) system-packages
 
-# mosquitto and its clients: the reference broker and tools our tests compare against.
+# mosquitto and its clients: the reference broker and tools our tests compare against;
+# chromium and its driver: the real browser of the dashboard's tests.
+SYSTEM_PACKAGES := mosquitto mosquitto-clients openssl chromium chromium-driver
 system-packages:
-	@command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null || { \
-	  (apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients openssl) >/dev/null || \
-	  sudo sh -c 'apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients openssl' >/dev/null; }
+	@command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null && command -v chromium >/dev/null \
+	  && command -v chromedriver >/dev/null || { \
+	  (apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES)) >/dev/null || \
+	  sudo sh -c 'apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES)' >/dev/null; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

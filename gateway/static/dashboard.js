@@ -255,9 +255,10 @@ async function sendChat(event) {
 async function streamAnswer(answer) {
   const headers = {"Content-Type": "application/json"};
   if (key()) headers.Authorization = "Bearer " + key();
-  const temperature = Number($("chat-temperature").value);
+  const temperature = Number($("chat-temperature").value), maxTokens = Number($("chat-max-tokens").value);
   const response = await fetch("/v1/chat/completions", {method: "POST", headers,
-    body: JSON.stringify({messages: history, stream: true, temperature: Number.isFinite(temperature) ? temperature : 1})});
+    body: JSON.stringify({messages: history, stream: true, temperature: Number.isFinite(temperature) ? temperature : 1,
+                          max_tokens: Number.isInteger(maxTokens) && maxTokens > 0 ? maxTokens : undefined})});
   if (!response.ok) {
     const message = await errorMessage(response);
     if (response.status === 401) askForKey(message);

@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
 SHOTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
 NODES = ("c1", "c2", "c3")
+MAX_TOKENS = 48  # the page's max tokens field, set by the tests: short answers, a quick test
 ANSWERS = "document.querySelectorAll('#chat-log [data-role=assistant]')"
 
 # The page as a test reads it: node cards, the plan bar and the epoch list.
@@ -225,9 +226,10 @@ def say(page: WebDriver, text: str, *, temperature: str) -> str:
 
 def send(page: WebDriver, *, temperature: str) -> str:
     """Click send with that temperature; the answer once the page has it whole ("" if it failed)."""
-    field = page.find_element("id", "chat-temperature")
-    field.clear()
-    field.send_keys(temperature)
+    for name, value in (("chat-temperature", temperature), ("chat-max-tokens", str(MAX_TOKENS))):
+        field = page.find_element("id", name)
+        field.clear()
+        field.send_keys(value)
     before = page.execute_script(f"return {ANSWERS}.length")
     page.find_element("id", "chat-send").click()
     answer_id, answer = WebDriverWait(page, 60, poll_frequency=0.1).until(lambda d: d.execute_script(f"""
@@ -238,8 +240,8 @@ def send(page: WebDriver, *, temperature: str) -> str:
 
 
 def api_answer(http: str, messages: list[dict[str, str]], key: str | None = None) -> str:
-    """The API's answer to the call the page makes (greedy, the default max_tokens)."""
-    body = json.dumps({"messages": messages, "temperature": 0}).encode()
+    """The API's answer to the call the page makes (greedy, MAX_TOKENS)."""
+    body = json.dumps({"messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS}).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     request = urllib.request.Request(http + "/v1/chat/completions", data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=60) as response:
