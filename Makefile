@@ -36,8 +36,13 @@ $(NODE_STAMP): pyproject.toml
 	$(NODE_VENV)/bin/python -m pip install --quiet -e '.[node]'
 	touch $@
 
+# Two workers (the integration tests mostly wait on processes and brokers), then the few
+# tests marked `serial` alone (tests/conftest.py); a serial phase with nothing left to run
+# (a PYTEST_ARGS subset) is no failure.
+TEST_WORKERS ?= 2
 test: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	LINGUAMQ_TESTS=parallel $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	LINGUAMQ_TESTS=serial $(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # ruff and mypy over the whole package. mypy resolves `linguamq.x` through a tree of links
 # (build/typecheck/linguamq/x -> x/): the repository's folders are the package's subpackages

@@ -11,6 +11,7 @@ happens, and the test fails with it in any case, even if its own wait ran out fi
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -76,3 +77,16 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     finally:
         if isinstance(errors, CallbackErrors):
             errors.check()
+
+
+# `make test` runs the suite in two phases: LINGUAMQ_TESTS=parallel (pytest-xdist workers)
+# leaves out the tests marked `serial`, LINGUAMQ_TESTS=serial runs only those, alone on the
+# machine (they watch timing-driven behaviour, such as drift replanning, that another
+# worker's load would really change). Unset: everything, in one process.
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    phase = os.environ.get("LINGUAMQ_TESTS")
+    if phase not in ("parallel", "serial"):
+        return
+    keep = [item for item in items if (item.get_closest_marker("serial") is not None) == (phase == "serial")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
