@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import hashlib
-import ipaddress
 import json
 import threading
 import time
@@ -36,6 +34,7 @@ from linguamq.client import addressing, cancel, follow, new_request_id
 from linguamq.gateway import protocol
 from linguamq.gateway.keys import BadKey, parse_api_key
 from linguamq.gateway.protocol import ApiError, Call, Shape
+from linguamq.gateway.settings import GatewaySettings
 from linguamq.gateway.view import ClusterView
 from linguamq.schemas.requests import GenerateRequest, GenerateResult
 from linguamq.topics.client import MqttClient, MqttError, MqttNotAuthorized, MqttTimeout
@@ -44,23 +43,6 @@ log = structlog.get_logger()
 STATIC = Path(__file__).parent / "static"
 DISCONNECT_CHECK_S = 0.5  # how often a caller waiting for a whole answer is checked for having left
 CONNECTIONS_MAX = 256  # users' connections kept open (least recently used closed beyond)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GatewaySettings:
-    broker_url: str
-    cluster: str = "home"
-    # The gateway's own login: it follows the cluster's topics for the dashboard with it (a
-    # hub-role user on a secured cluster) and, on an open cluster, sends requests with it.
-    username: str | None = None
-    password: str | None = None
-    cafile: str | None = None
-    timeout: float = 120.0  # a request with no response for this long fails (504)
-
-    @property
-    def keys_required(self) -> bool:
-        """A cluster that needs a login for us needs one for every caller."""
-        return self.username is not None
 
 
 class Gateway:
@@ -200,19 +182,6 @@ class Gateway:
     async def _api_error(self, _request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return JSONResponse(exc.body(), status_code=exc.status)
-
-
-def check_exposure(host: str, keys_required: bool, open_: bool) -> None:
-    """An open cluster is served on loopback only unless --open says otherwise."""
-    if keys_required or open_:
-        return
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"the cluster has no users, so the API would be open to anyone reaching {host}: "
-                         "secure the cluster (`linguamq hub --users FILE`) or pass --open")
 
 
 def _bearer(request: Request) -> str | None:

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import structlog
 from tokenizers import Tokenizer
@@ -18,6 +18,8 @@ from linguamq import topics
 from linguamq.broker.embedded import BrokerThread, EmbeddedBroker
 from linguamq.broker.process import BrokerOptions, BrokerProcess, broker_kwargs
 from linguamq.broker.users import HUB_USERNAME, load_users
+from linguamq.gateway.process import GatewayProcess
+from linguamq.gateway.settings import GatewaySettings
 from linguamq.hub.blobs import BlobServer
 from linguamq.hub.head import Head, HeadSettings
 from linguamq.node import system
@@ -26,9 +28,6 @@ from linguamq.schemas.manifest import ModelManifest
 from linguamq.tools.args import Login
 from linguamq.tools.local import chat_encoder_for
 from linguamq.topics.client import MqttClient
-
-if TYPE_CHECKING:
-    from linguamq.gateway.app import GatewayServer
 
 log = structlog.get_logger()
 MANIFEST = "manifest.json"
@@ -89,7 +88,7 @@ class Hub:
         self.manifest, self._manifest_bytes = load_manifest(settings.artifacts)
         self.planner: PlannerService | None = None
         self.head: Head | None = None
-        self.http: GatewayServer | None = None
+        self.http: GatewayProcess | None = None
 
     def start(self) -> Hub:
         s = self.settings
@@ -122,9 +121,8 @@ class Hub:
         planner_ = self.planner
         self.head.also_rejected = lambda: planner_.rejected  # the head's telemetry counts the whole hub
         if s.http_port is not None:  # a client of the cluster like any other, with the hub's login to follow it
-            from linguamq.gateway.app import GatewayServer, GatewaySettings  # starlette, uvicorn: only when asked
             gateway = GatewaySettings(broker_url=self.url, cluster=s.cluster, **self._login)
-            self.http = self._start(GatewayServer(gateway, host=s.http_host, port=s.http_port))
+            self.http = self._start(GatewayProcess(gateway, host=s.http_host, port=s.http_port))
         log.info("hub started", url=self.url, cluster=s.cluster, model=self.manifest.name,
                  chat_template=self.manifest.chat_template is not None)
         return self

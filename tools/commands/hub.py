@@ -10,7 +10,7 @@ from pathlib import Path
 from linguamq.broker.embedded import DEFAULT_TLS_PORT
 from linguamq.broker.errors import BrokerError
 from linguamq.broker.process import BrokerOptions
-from linguamq.gateway.app import check_exposure
+from linguamq.gateway.settings import check_exposure
 from linguamq.schemas.errors import SchemaError
 from linguamq.tools.args import add_connection_arguments, add_http_arguments, connection_kwargs
 from linguamq.tools.hub import Hub, HubSettings

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from linguamq.gateway.app import GatewayServer, GatewaySettings, check_exposure
+from linguamq.gateway.app import GatewayServer
+from linguamq.gateway.settings import GatewaySettings, check_exposure
 from linguamq.tools.args import add_connection_arguments, add_http_arguments, connection_kwargs
 from linguamq.tools.signals import wait_for_signal
 from linguamq.topics import TopicError, validate_id

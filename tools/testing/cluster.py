@@ -74,8 +74,8 @@ class LocalCluster:
         return time.time()
 
     def kill_hub(self, sig: int = signal.SIGKILL) -> None:
-        """End the hub (broker, planner, head) with ``sig``; its broker child stops when the
-        hub's end closes its stdin. Returns once the broker's port accepts no connection."""
+        """End the hub (broker, planner, head) with ``sig``; its broker and HTTP gateway children
+        stop when the hub's end closes their stdin. Returns once their ports accept no connection."""
         hub, self.hub = self.hub, None
         assert hub is not None, "no hub running"
         os.kill(hub.pid, sig)
@@ -83,14 +83,10 @@ class LocalCluster:
         if hub.stdout:
             hub.stdout.close()
         url = BrokerUrl.parse(self.url)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((url.host, url.port), timeout=0.2).close()
-            except OSError:
-                return
-            time.sleep(0.05)
-        raise MqttTimeout(f"the hub's broker still accepts connections on {url.port} 15 s after the hub ended")
+        _wait_closed(url.host, url.port, "the hub's broker")
+        if self.http:  # the HTTP gateway's child stops the same way
+            host, _, port = self.http.removeprefix("http://").rpartition(":")
+            _wait_closed(host, int(port), "the hub's HTTP gateway")
 
     def restart_hub(self, sig: int = signal.SIGKILL, timeout: float = 60.0) -> float:
         """Kill the hub and start a new one on the same broker port (nodes reconnect to it);
@@ -206,3 +202,14 @@ class LocalCluster:
             client.unsubscribe(status_filter)
         self.plan = plan = latest["plan"]  # done: there is one
         return plan
+
+
+def _wait_closed(host: str, port: int, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise MqttTimeout(f"{what} still accepts connections on {port} {timeout:.0f} s after the hub ended")
