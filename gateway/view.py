@@ -58,6 +58,7 @@ class ClusterView:
         self._epochs: collections.deque[dict[str, Any]] = collections.deque(maxlen=EPOCHS_KEPT)
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self.version = 0
+        self._model_seen = threading.Event()
 
     def follow(self, client: MqttClient) -> None:
         """Subscribe on ``client`` (retained messages arrive at once). Needs a login that may
@@ -74,7 +75,12 @@ class ClusterView:
     def _on_model(self, _topic: str, manifest: ModelManifest, _retained: bool) -> None:
         with self._lock:
             self.model = manifest
+        self._model_seen.set()
         self._changed()
+
+    def wait_model(self, timeout: float) -> bool:
+        """Whether the cluster's model manifest (retained: there at once if a hub runs) arrived."""
+        return self._model_seen.wait(timeout)
 
     def _on_plan(self, _topic: str, plan: Plan, _retained: bool) -> None:
         with self._lock:

@@ -5,7 +5,9 @@ limit; without a valid key nothing is answered (401); no plan is a 503."""
 from __future__ import annotations
 
 import json
+import os
 import queue
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +19,8 @@ from linguamq import topics
 from linguamq.broker.users import User, hash_password, save_users
 from linguamq.gateway.keys import api_key
 from linguamq.schemas.cluster import Plan
-from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
+from linguamq.tools.args import PASSWORD_ENV
+from linguamq.tools.testing.cluster import LocalCluster, NodeSpec, linguamq_argv
 from linguamq.topics.client import MqttClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -86,6 +89,21 @@ def test_each_key_has_its_own_rate_limit(cluster) -> None:
         complete(cluster, bob)
     assert limited.value.status_code == 429 and "rate limited" in limited.value.message
     assert complete(cluster, api_key("alice", PASSWORDS["alice"]))
+
+
+def test_serve_logged_in_as_a_client_says_it_cannot_see_the_cluster(cluster) -> None:
+    """The ACL lets a client-role user read only its own answers: the gateway would show an
+    empty dashboard and list no model. It says so (and still serves keys' requests)."""
+    env = {**os.environ, PASSWORD_ENV: PASSWORDS["alice"]}
+    with subprocess.Popen(linguamq_argv("--log-level", "error", "serve", "--broker", cluster.url, "--cluster", "keys",
+                                        "--port", "0", "-u", "alice"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            assert proc.stdout.readline().startswith("serving http://127.0.0.1:")
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=10)
+    assert "no model on cluster 'keys' yet" in err and "hub-role user" in err
 
 
 def test_no_plan_is_503(cluster) -> None:

@@ -17,6 +17,8 @@ from linguamq.tools.signals import wait_for_signal
 from linguamq.topics import TopicError, validate_id
 from linguamq.topics.client import MqttError
 
+MODEL_WAIT_S = 3.0  # the manifest is retained: a running hub's arrives at once
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST:PORT of the hub's broker")
@@ -39,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, MqttError, TopicError, ValueError) as exc:
         print(f"linguamq serve: error: {exc}", file=sys.stderr)
         return 2
+    if not server.gateway.view.wait_model(MODEL_WAIT_S):  # a silent ACL or no hub yet: say so, keep serving
+        print(f"linguamq serve: warning: no model on cluster {args.cluster!r} yet: is its hub running, and may this "
+              "login read the cluster's topics (on a secured cluster, a hub-role user: -u)?", file=sys.stderr)
     print(f"serving {server.url} (OpenAI API at {server.url}/v1, dashboard at {server.url}/), cluster "
           f"{args.cluster} on {args.broker}" + (", API keys required" if settings.keys_required else ""), flush=True)
     try:
