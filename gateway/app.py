@@ -25,7 +25,10 @@ from typing import Any, Literal
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -34,24 +37,31 @@ from linguamq.client import addressing, cancel, follow, new_request_id
 from linguamq.gateway import protocol
 from linguamq.gateway.keys import BadKey, parse_api_key
 from linguamq.gateway.protocol import ApiError, Call, Shape
-from linguamq.gateway.settings import GatewaySettings
+from linguamq.gateway.settings import GatewaySettings, is_loopback
 from linguamq.gateway.view import ClusterView
 from linguamq.schemas.requests import GenerateRequest, GenerateResult
 from linguamq.topics.client import MqttClient, MqttError, MqttNotAuthorized, MqttTimeout
 
 log = structlog.get_logger()
 STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before it is read whole
+REFUSED_KEY_S = 10.0  # a key the broker refused is refused here for this long (no broker login per try)
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 DISCONNECT_CHECK_S = 0.5  # how often a caller waiting for a whole answer is checked for having left
 CONNECTIONS_MAX = 256  # users' connections kept open (least recently used closed beyond)
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, *, allowed_hosts: list[str] | None = None) -> None:
+        """``allowed_hosts``: the Host headers answered (a server on loopback answers only
+        loopback names: a web page that rebinds its DNS name to 127.0.0.1 reads nothing)."""
         self.settings = settings
         self.view = ClusterView(settings.cluster)
         self._own: MqttClient | None = None
         self._users: collections.OrderedDict[str, MqttClient] = collections.OrderedDict()  # by key digest
-        self._users_lock = threading.Lock()
+        self._users_lock = threading.Lock()  # the map; connecting holds a key's own lock
+        self._connecting: dict[str, threading.Lock] = {}
+        self._refused: dict[str, float] = {}  # key digest -> when the broker refused it
         self.app = Starlette(routes=[
             Route("/v1/models", self.models),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -61,7 +71,8 @@ class Gateway:
             Route("/health", self.health),
             Route("/", self.index),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
-        ], exception_handlers={ApiError: self._api_error})
+        ], middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["*"])],
+            exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error})
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -98,25 +109,43 @@ class Gateway:
         return await asyncio.to_thread(self._user_connection, name, password)
 
     def _user_connection(self, name: str, password: str) -> MqttClient:
+        """The key's own connection: made on its first call, kept (LRU) while it stays logged in."""
         digest = hashlib.sha256(f"{name}:{password}".encode()).hexdigest()
-        with self._users_lock:  # held while connecting: one connection per key, however many callers
-            client = self._users.get(digest)
-            if client is not None:
-                self._users.move_to_end(digest)
-                return client
-            s = self.settings
-            try:
-                client = MqttClient(url=s.broker_url, client_id=f"api-{name}-{new_request_id()[1:7]}", username=name,
-                                    password=password, cafile=s.cafile).start(10.0, wait_for_broker=False)
-            except MqttNotAuthorized:
-                raise ApiError(401, "invalid API key: the cluster refused its login", code="invalid_api_key") from None
-            except MqttError as exc:
-                raise ApiError(503, f"cannot reach the cluster's broker: {exc}", type="server_error") from None
-            self._users[digest] = client
-            old = self._users.popitem(last=False)[1] if len(self._users) > CONNECTIONS_MAX else None
+        with self._users_lock:
+            if time.monotonic() - self._refused.get(digest, -REFUSED_KEY_S) < REFUSED_KEY_S:
+                raise ApiError(401, "invalid API key: the cluster refused its login", code="invalid_api_key")
+            lock = self._connecting.setdefault(digest, threading.Lock())
+        with lock:  # one connection per key, however many callers; other keys are not held up
+            with self._users_lock:
+                client = self._users.get(digest)
+                if client is not None and client.connected:
+                    self._users.move_to_end(digest)
+                    return client
+                stale = self._users.pop(digest, None)  # lost its login (a changed password): log in again
+            if stale is not None:
+                stale.stop()
+            client = self._login(name, password, digest)
+            with self._users_lock:
+                self._users[digest] = client
+                self._connecting.pop(digest, None)
+                old = self._users.popitem(last=False)[1] if len(self._users) > CONNECTIONS_MAX else None
         if old is not None:
             old.stop()
         return client
+
+    def _login(self, name: str, password: str, digest: str) -> MqttClient:
+        s = self.settings
+        try:
+            return MqttClient(url=s.broker_url, client_id=f"api-{name}-{new_request_id()[1:7]}", username=name,
+                              password=password, cafile=s.cafile).start(10.0, wait_for_broker=False)
+        except MqttNotAuthorized:
+            with self._users_lock:
+                if len(self._refused) > 10_000:  # bounded: a stream of invented keys
+                    self._refused.clear()
+                self._refused[digest] = time.monotonic()
+            raise ApiError(401, "invalid API key: the cluster refused its login", code="invalid_api_key") from None
+        except MqttError as exc:
+            raise ApiError(503, f"cannot reach the cluster's broker: {exc}", type="server_error") from None
 
     # --- OpenAI endpoints ----------------------------------------------------------------
 
@@ -134,14 +163,9 @@ class Gateway:
 
     async def _complete(self, request: Request, kind: Literal["chat", "text"]) -> Response:
         mqtt = await self._connection(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise protocol.bad("the request body is not JSON") from None
+        body = await _json_body(request)
         model = self.view.model
-        default = protocol.DEFAULT_MAX_TOKENS if model is None else min(protocol.DEFAULT_MAX_TOKENS,
-                                                                         model.max_context // 4)
-        call = protocol.parse(kind, body, request_id=new_request_id(), default_max_tokens=max(1, default))
+        call = protocol.parse(kind, body, request_id=new_request_id())
         shape = Shape(call, model.name if model else "")
         run = _Run(mqtt, self.settings.cluster, call.request, self.settings.timeout)
         if not call.stream:
@@ -179,9 +203,42 @@ class Gateway:
         return JSONResponse({"status": "ok", "model": self.view.model.name if self.view.model else None,
                              "plan_epoch": plan.epoch if plan else None, "stages": len(plan.stages) if plan else 0})
 
-    async def _api_error(self, _request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _json_body(request: Request) -> Any:
+    """The body as JSON, read up to MAX_BODY_BYTES; ApiError 400/413 otherwise."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="request_too_large")
+    data = bytearray()
+    try:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="request_too_large")
+    except ClientDisconnect:
+        raise ApiError(499, "the client closed the request") from None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond the parser's depth
+        raise protocol.bad("the request body is not JSON") from None
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    """Starlette's own (404 no such path, 405 wrong method) in OpenAI's error shape."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+
+async def _internal_error(_request: Request, exc: Exception) -> Response:
+    log.exception("http request failed", exc_info=exc)
+    return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
+                        status_code=500)
 
 
 def _bearer(request: Request) -> str | None:
@@ -200,7 +257,12 @@ async def _sse(run: _Run, shape: Shape, call: Call, first: str | GenerateResult)
     try:
         yield event(shape.chunk(item if isinstance(item, str) else "", first=True))
         while not isinstance(item, GenerateResult):
-            item = await run.next()
+            try:
+                item = await run.next()
+            except ApiError as exc:  # no answer in time, the broker lost: said in the stream, then the end
+                yield event(exc.body())
+                yield "data: [DONE]\n\n"
+                return
             if isinstance(item, str):
                 yield event(shape.chunk(item))
         if item.stop_reason == "error":
@@ -300,7 +362,7 @@ class GatewayServer:
     """The gateway served by uvicorn on a thread (``linguamq serve``, ``hub --http``, tests)."""
 
     def __init__(self, settings: GatewaySettings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-        self.gateway = Gateway(settings)
+        self.gateway = Gateway(settings, allowed_hosts=LOOPBACK_HOSTS if is_loopback(host) else None)
         self._config = uvicorn.Config(self.gateway.app, host=host, port=port, log_level="warning", lifespan="off",
                                       timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(self._config)
@@ -334,3 +396,4 @@ class GatewayServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+

@@ -95,6 +95,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--username")
     parser.add_argument("--cafile")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the hub reaches us too: the hub stops us (stdin)
     settings = GatewaySettings(broker_url=args.broker_url, cluster=args.cluster, username=args.username,
                                password=os.environ.pop(PASSWORD_ENV, None), cafile=args.cafile, timeout=args.timeout)
     try:

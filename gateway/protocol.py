@@ -15,7 +15,6 @@ from typing import Any, Literal
 from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.requests import ChatMessage, GenerateRequest, GenerateResult, Sampling
 
-DEFAULT_MAX_TOKENS = 256
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -45,34 +44,40 @@ class Call:
     include_usage: bool
 
 
-def parse(kind: Literal["chat", "text"], body: Any, *, request_id: str, default_max_tokens: int) -> Call:
+def parse(kind: Literal["chat", "text"], body: Any, *, request_id: str) -> Call:
+    """A completion request; ApiError 400 naming the parameter for anything we cannot take.
+    A parameter given as null is absent, as OpenAI's API treats it."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    if kind == "chat":
-        messages, prompt = _messages(body.get("messages")), None
-    else:
-        messages, prompt = (), _prompt(body.get("prompt"))
-    if body.get("n", 1) != 1:
-        raise bad("only n=1 is supported", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = default_max_tokens if max_tokens is None else _int(max_tokens, "max_tokens", low=1)
-    stop = body.get("stop")
-    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
-        raise bad("stop must be a string or a list of non-empty strings", "stop")
-    stream = body.get("stream", False)
-    options = body.get("stream_options") or {}
-    if not isinstance(stream, bool) or not isinstance(options, dict):
-        raise bad("stream must be true or false, stream_options an object", "stream")
-    seed = body.get("seed")
+    body = {k: v for k, v in body.items() if v is not None}
     try:
+        if kind == "chat":
+            messages, prompt = _messages(body.get("messages")), None
+        else:
+            messages, prompt = (), _prompt(body.get("prompt"))
+        if body.get("n", 1) != 1:
+            raise bad("only n=1 is supported", "n")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None:  # absent: as many as the context allows (the head works it out)
+            max_tokens = _int(max_tokens, "max_tokens", low=1)
+        stop = body.get("stop", ())
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop must be a string or a list of non-empty strings", "stop")
+        stream = body.get("stream", False)
+        options = body.get("stream_options", {})
+        if not isinstance(stream, bool) or not isinstance(options, dict):
+            raise bad("stream must be true or false, stream_options an object", "stream")
+        seed = body.get("seed")
         sampling = Sampling(temperature=_number(body.get("temperature", 1.0), "temperature"),
                             top_p=_number(body.get("top_p", 1.0), "top_p"),
                             seed=None if seed is None else _int(seed, "seed", low=0))
         request = GenerateRequest(id=request_id, prompt=prompt, messages=messages, max_tokens=max_tokens,
                                   sampling=sampling, stop=tuple(stop))
-    except SchemaError as exc:
-        raise bad(str(exc), exc.field) from exc
+    except SchemaError as exc:  # our wire limits (message length, stop strings...): the field named
+        too_long = "exceeds" in str(exc) and exc.field in ("messages", "prompt", "content")
+        raise ApiError(400, str(exc), param=exc.field,
+                       code="context_length_exceeded" if too_long else None) from exc
     return Call(kind, request, stream, bool(options.get("include_usage", False)))
 
 
@@ -81,7 +86,7 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
         raise bad("messages must be a non-empty list", "messages")
     out = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
             raise bad(f"messages[{i}]: role must be one of {', '.join(ROLES)}", "messages")
         out.append(ChatMessage(role=ROLES[message["role"]], content=_content(message.get("content"), i)))  # type: ignore[arg-type]
     return tuple(out)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
+from linguamq.topics.client import BrokerUrl
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GatewaySettings:
@@ -19,18 +21,20 @@ class GatewaySettings:
 
     @property
     def keys_required(self) -> bool:
-        """A cluster that needs a login for us needs one for every caller."""
-        return self.username is not None
+        """A cluster that needs a login for us needs one for every caller (given as --username,
+        or in the URL: mqtt://user:pass@host)."""
+        return self.username is not None or BrokerUrl.parse(self.broker_url).username is not None
 
 
 def check_exposure(host: str, keys_required: bool, open_: bool) -> None:
     """An open cluster is served on loopback only unless --open says otherwise."""
-    if keys_required or open_:
-        return
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not (keys_required or open_ or is_loopback(host)):
         raise ValueError(f"the cluster has no users, so the API would be open to anyone reaching {host}: "
                          "secure the cluster (`linguamq hub --users FILE`) or pass --open")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

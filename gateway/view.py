@@ -41,7 +41,8 @@ from linguamq.topics.client import MqttClient
 EPOCHS_KEPT = 20
 THROUGHPUT_WINDOW_S = 300.0
 MIN_INTERVAL_S = 0.25  # a stream sends at most this often (telemetry arrives every second per node)
-KEEPALIVE_S = 15.0  # and at least this often (proxies close silent streams; ages on the page move on)
+KEEPALIVE_S = 15.0
+SILENT_S = 10.0  # a node that sent no telemetry for this long shows offline ("silent"); it reports every second  # and at least this often (proxies close silent streams; ages on the page move on)
 
 
 class ClusterView:
@@ -147,11 +148,15 @@ class ClusterView:
         for name in sorted(self._status.keys() | self._telemetry.keys()):
             status = self._status.get(name)
             arrival, report = self._telemetry.get(name, (None, None))
+            silent = arrival is not None and now - arrival > SILENT_S
             profile = status.profile if status is not None else None
             rows.append({
                 "name": name,
-                "online": status is not None and status.state != "offline",
-                "state": status.state if status is not None else None,
+                # Offline by its will, or silent: no report for SILENT_S (a node the broker lost
+                # while it was down, or this gateway's view after the broker restarted).
+                "online": status is not None and status.state != "offline" and not silent,
+                "state": "silent" if silent and status is not None and status.state != "offline"
+                else status.state if status is not None else None,
                 "platform": status.platform if status else None, "version": status.version if status else None,
                 "threads": status.threads if status else None,
                 "mem_budget_mb": status.mem_budget_mb if status else None,

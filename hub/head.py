@@ -46,6 +46,7 @@ from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.errors import SchemaError
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import (
+    MAX_TOKENS_LIMIT,
     CancelRequest,
     ErrorCode,
     ErrorReport,
@@ -124,6 +125,12 @@ class _Session:
     def id(self) -> str:
         """The session id on the wire."""
         return session_id((self.reply_to, self.request.id))
+
+    @property
+    def max_tokens(self) -> int:
+        """The request's limit; a request without one got it in ``_enqueue``, before its session."""
+        assert self.request.max_tokens is not None
+        return self.request.max_tokens
 
 
 class Head:
@@ -223,7 +230,7 @@ class Head:
             if not self._take_token(request.client or "anonymous"):
                 return fail(f"rate limited: client {request.client or 'anonymous'} sent more than "
                             f"{self.settings.rate:g} requests/s (burst {self.settings.burst})", code="rate_limited")
-            if self.settings.max_tokens and request.max_tokens > self.settings.max_tokens:
+            if self.settings.max_tokens and (request.max_tokens or 0) > self.settings.max_tokens:
                 return fail(f"max_tokens {request.max_tokens} exceeds this hub's cap of "
                             f"{self.settings.max_tokens} (--max-tokens)", code="too_large")
             if self._plan is not None and not self._plan.stages:
@@ -266,7 +273,15 @@ class Head:
         if not prompt or len(prompt) > self.settings.max_prompt_tokens:
             return self._fail_waiting(ticket, f"prompt has {len(prompt)} tokens; 1.."
                                       f"{self.settings.max_prompt_tokens} accepted", code="too_large")
-        if len(prompt) + request.max_tokens > self._manifest.max_context:
+        if request.max_tokens is None:  # as many as fit (OpenAI's default): known once the prompt is
+            room = min(self._manifest.max_context - len(prompt), self.settings.max_tokens or MAX_TOKENS_LIMIT,
+                       MAX_TOKENS_LIMIT)
+            if room < 1:
+                return self._fail_waiting(ticket, f"prompt ({len(prompt)}) fills the model's context of "
+                                          f"{self._manifest.max_context}", code="too_large")
+            request = dataclasses.replace(request, max_tokens=room)
+            ticket = self._waiting[ticket.key] = dataclasses.replace(ticket, request=request)
+        if len(prompt) + (request.max_tokens or 0) > self._manifest.max_context:
             return self._fail_waiting(ticket, f"prompt ({len(prompt)}) + max_tokens ({request.max_tokens}) exceeds "
                                       f"the model's context of {self._manifest.max_context}", code="too_large")
         if self._plan is not None and not self._plan.stages:
@@ -387,14 +402,14 @@ class Head:
         session.t_last, session.retries = now, 0
         if len(session.tokens) == 1:
             session.t_first = now
-        if token not in self._eos and len(session.tokens) < session.request.max_tokens:
+        if token not in self._eos and len(session.tokens) < session.max_tokens:
             # The next step goes out before the text work (decoding, TokenEvent): the pipeline
             # computes while the head streams. If the text then holds a stop string, the
             # session ends and that step's token is dropped (its session is gone).
             session.step += 1
             start = len(session.prompt) + len(session.tokens) - 1
             self._send(session, np.asarray([[token]], dtype=np.int64), start_pos=start)
-        reason = stop_reason(token, self._eos, session.stream, session.tokens, session.request.max_tokens)
+        reason = stop_reason(token, self._eos, session.stream, session.tokens, session.max_tokens)
         if reason is not None:
             return self._finish(session, reason)
 

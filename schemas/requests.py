@@ -54,7 +54,8 @@ class GenerateRequest(Message):
     prompt: str | None = spec(max_len=MAX_PROMPT_CHARS, default=None, doc="raw text; or give messages")
     messages: tuple[ChatMessage, ...] = spec(max_len=MAX_MESSAGES, default=(),
                                              doc="a chat, rendered with the model's chat template; or give prompt")
-    max_tokens: int = spec(ge=1, le=MAX_TOKENS_LIMIT, default=64)
+    max_tokens: int | None = spec(ge=1, le=MAX_TOKENS_LIMIT, default=64,
+                                  doc="null: as many as the model's context and the hub's cap allow")
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = spec(max_len=16, default=())
     client: str | None = spec(pattern=ID_PATTERN, default=None, doc="where errors are reported")

@@ -10,14 +10,14 @@ from linguamq.schemas.requests import ChatMessage, GenerateResult
 
 
 def chat(**body):
-    return parse("chat", {"model": "m", "messages": [{"role": "user", "content": "Hi"}], **body}, request_id="r1",
-                 default_max_tokens=100)
+    return parse("chat", {"model": "m", "messages": [{"role": "user", "content": "Hi"}], **body}, request_id="r1")
 
 
 def test_a_chat_body_becomes_a_request_with_openais_defaults() -> None:
     call = chat()
     assert call.request.messages == (ChatMessage(role="user", content="Hi"),)
-    assert call.request.max_tokens == 100 and call.request.sampling.temperature == 1.0  # OpenAI's default
+    assert call.request.max_tokens is None  # absent: as many as fit, which the head works out
+    assert call.request.sampling.temperature == 1.0  # OpenAI's default
     assert not call.stream and not call.include_usage
 
 
@@ -27,11 +27,11 @@ def test_newer_clients_shapes_are_understood() -> None:
                                        {"role": "user", "content": "Hi"}],
                           "max_completion_tokens": 7, "stop": "\n", "stream": True,
                           "stream_options": {"include_usage": True}, "seed": 5, "temperature": 0},
-                 request_id="r1", default_max_tokens=100)
+                 request_id="r1")
     assert call.request.messages[0] == ChatMessage(role="system", content="Be brief.")
     assert call.request.max_tokens == 7 and call.request.stop == ("\n",) and call.request.sampling.seed == 5
     assert call.stream and call.include_usage
-    text = parse("text", {"prompt": ["Once"]}, request_id="r2", default_max_tokens=3)
+    text = parse("text", {"prompt": ["Once"], "max_tokens": 3}, request_id="r2")
     assert text.request.prompt == "Once" and text.request.max_tokens == 3
 
 
@@ -55,10 +55,24 @@ def test_bad_bodies_are_400_naming_the_parameter(body, param, says) -> None:
     assert refused.value.body()["error"]["type"] == "invalid_request_error"
 
 
+def test_null_means_absent_as_in_openais_api() -> None:
+    call = chat(temperature=None, top_p=None, n=None, stream=None, max_tokens=None, max_completion_tokens=None, stop=None)
+    assert call.request.sampling.temperature == 1.0 and call.request.max_tokens is None and not call.stream
+    assert chat(max_completion_tokens=None, max_tokens=9).request.max_tokens == 9
+
+
+def test_what_our_wire_refuses_is_a_400_naming_the_field() -> None:
+    with pytest.raises(ApiError) as too_long:
+        chat(messages=[{"role": "user", "content": "x" * 70_000}])
+    assert too_long.value.status == 400 and too_long.value.code == "context_length_exceeded"
+    with pytest.raises(ApiError, match="role must be one of"):
+        chat(messages=[{"role": ["user"], "content": "Hi"}])
+
+
 def test_several_prompts_or_token_ids_are_refused() -> None:
     for prompt in (["a", "b"], [1, 2, 3], None):
         with pytest.raises(ApiError, match="one string"):
-            parse("text", {"prompt": prompt}, request_id="r1", default_max_tokens=1)
+            parse("text", {"prompt": prompt}, request_id="r1")
 
 
 def result(**fields) -> GenerateResult:

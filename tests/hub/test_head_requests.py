@@ -14,6 +14,7 @@ import time
 from linguamq import topics
 from linguamq.hub.chat import ChatTemplate, chat_encoder
 from linguamq.schemas.envelope import ActHeader
+from linguamq.schemas.examples import MANIFEST
 from linguamq.schemas.requests import CancelRequest, ChatMessage, GenerateRequest, GenerateResult, Sampling, TokenEvent
 
 CLUSTER = "t-req"
@@ -260,3 +261,20 @@ def test_a_template_that_refuses_fails_that_request_and_the_head_goes_on(make_he
         assert rendered == ["ok"] and last_act(client, 2).step == 0  # rendered, tokenized, its prefill sent
     finally:
         head.stop()
+
+
+def test_a_request_without_max_tokens_gets_what_fits_the_context_and_the_cap(make_head) -> None:
+    """OpenAI's default (the API leaves max_tokens out): as many as the context and --max-tokens allow."""
+    capped, capped_client = make_head(cluster=CLUSTER, retry_min_s=30.0, max_tokens=3)
+    uncapped, client = make_head(cluster=CLUSTER, retry_min_s=30.0)
+    context = MANIFEST.max_context  # the fake tokenizer: one token per character
+    capped_client.ask(GenerateRequest(id="capped", prompt="abc", max_tokens=None), user="alice")
+    client.ask(GenerateRequest(id="fills", prompt="x" * (context - 2), max_tokens=None), user="alice")
+    client.ask(GenerateRequest(id="no-room", prompt="x" * context, max_tokens=None), user="alice")
+    for each, rid, tokens in ((capped_client, "capped", 3), (client, "fills", 2)):
+        for value in range(tokens):
+            each.token(last_act(each, 3 if rid == "capped" else context - 2), value + 3)  # no EOS (2)
+        result = answers(each, "alice", rid)[1]
+        assert result is not None and (result.stop_reason, len(result.tokens)) == ("max_tokens", tokens), rid
+    refused = answers(client, "alice", "no-room")[1]
+    assert refused is not None and refused.code == "too_large" and "fills the model's context" in refused.error
