@@ -82,14 +82,17 @@ def test_int4_layers_are_4_bit_blocks_that_a_node_runs(exported: dict[str, tuple
     for piece, full in zip(m.pieces, fp32.pieces):
         assert (piece.name, piece.inputs, piece.outputs, piece.params) == (full.name, full.inputs, full.outputs,
                                                                            full.params)
-        nodes = onnx.load(str(art / piece.file)).graph.node
+        graph = onnx.load(str(art / piece.file)).graph
         nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-                 for n in nodes if n.op_type == "MatMulNBits"]
+                 for n in graph.node if n.op_type == "MatMulNBits"]
         if piece.kind == "layer":  # q, k, v, o, gate, up, down: 4 bits in blocks of 32, int8 compute
             assert [(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits] == [(4, 32, 4)] * 7
             assert piece.bytes < full.bytes / 3
-        if piece.kind == "head":  # the vocab x hidden matrix stays 8-bit
-            assert [(a["bits"], a["N"], a["K"]) for a in nbits] == [(8, V, H)]
+        else:  # embedding and head (vocab x hidden) stay 8-bit, as --quantize int8 has them
+            matrices = [sorted(i.dims) for i in graph.initializer if len(i.dims) == 2]
+            eight_bit = [i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for i in graph.initializer
+                         if len(i.dims) == 2]
+            assert not nbits and (matrices, eight_bit) == ([[H, V]], [True])
     assert sum(p.bytes for p in m.pieces) < sum(p.bytes for p in fp32.pieces) / 2
     # A node's runtime loads a 4-bit layer on its own and runs it against its cache.
     layer = SegmentRuntime(manifest=m, artifact_dir=art, first=1, last=1)
