@@ -63,7 +63,7 @@ class ModelManifest(Message):
     name: str = spec(max_len=128)
     family: Literal["llama", "qwen2", "bloom"]
     dtype: Literal["fp32", "fp16"]
-    quantization: Literal["none", "int8"]
+    quantization: Literal["none", "int8", "int4"]
     hidden_size: int = spec(ge=1)
     num_layers: int = spec(ge=1)
     num_heads: int = spec(ge=1)

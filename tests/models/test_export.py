@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 from linguamq.models.errors import ExportError
 from linguamq.models.export import ExportOptions, export_model, read_manifest
+from linguamq.node.runtime import SegmentRuntime
 from linguamq.schemas.manifest import ModelManifest
 
 H, HEADS, D, V = 64, 4, 16, 512  # the tiny_dirs fixture: hidden 64, 4 heads, vocab 512
@@ -21,6 +24,8 @@ def exported(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     for family in ("llama", "bloom"):
         art = tmp_path_factory.mktemp(f"art-{family}")
         out[family] = (art, export_model(tiny_dirs[family], art, ExportOptions(max_context=256)))
+    art = tmp_path_factory.mktemp("art-llama-int4")
+    out["llama-int4"] = (art, export_model(tiny_dirs["llama"], art, ExportOptions(max_context=256, quantize="int4")))
     return out
 
 
@@ -71,8 +76,43 @@ def test_files_sizes_hashes_and_tensors(family: str, exported: dict[str, tuple[P
     assert {t.name: t.shape for t in m.pieces[-1].outputs} == {"logits": (1, V)}
 
 
+def test_int4_layers_are_4_bit_blocks_that_a_node_runs(exported: dict[str, tuple[Path, ModelManifest]]) -> None:
+    (art, m), (_, fp32) = exported["llama-int4"], exported["llama"]
+    assert read_manifest(art) == m and (m.quantization, m.dtype, m.act_dtype) == ("int4", "fp32", "float32")
+    for piece, full in zip(m.pieces, fp32.pieces):
+        assert (piece.name, piece.inputs, piece.outputs, piece.params) == (full.name, full.inputs, full.outputs,
+                                                                           full.params)
+        graph = onnx.load(str(art / piece.file)).graph
+        nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                 for n in graph.node if n.op_type == "MatMulNBits"]
+        if piece.kind == "layer":  # q, k, v, o, gate, up, down: 4 bits in blocks of 32, int8 compute
+            assert [(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits] == [(4, 32, 4)] * 7
+            assert piece.bytes < full.bytes / 3
+        else:  # embedding and head (vocab x hidden) stay 8-bit, as --quantize int8 has them
+            matrices = [sorted(i.dims) for i in graph.initializer if len(i.dims) == 2]
+            eight_bit = [i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for i in graph.initializer
+                         if len(i.dims) == 2]
+            assert not nbits and (matrices, eight_bit) == ([[H, V]], [True])
+    assert sum(p.bytes for p in m.pieces) < sum(p.bytes for p in fp32.pieces) / 2
+    # A node's runtime loads a 4-bit layer on its own and runs it against its cache.
+    layer = SegmentRuntime(manifest=m, artifact_dir=art, first=1, last=1)
+    hidden = layer.run("s", np.ones((1, 3, H), np.float32), np.arange(3)[None])
+    hidden = layer.run("s", hidden[:, -1:], np.array([[3]]))
+    assert hidden.shape == (1, 1, H) and np.isfinite(hidden).all() and layer.context_length("s") == 4
+
+
+def test_int4_without_the_quantizer_is_refused_before_anything_is_written(
+        tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization.matmul_nbits_quantizer", None)  # import fails
+    with pytest.raises(ExportError, match="--quantize int4 needs ONNX Runtime's 4-bit quantizer.*pip install onnx-ir"):
+        export_model(tiny_dirs["llama"], tmp_path / "art", ExportOptions(quantize="int4"))
+    assert not (tmp_path / "art").exists()
+
+
 def test_export_refuses_bad_options(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="max-context"):
         export_model(tiny_dirs["llama"], tmp_path, ExportOptions(max_context=10**6))
     with pytest.raises(ExportError, match="int8"):
         export_model(tiny_dirs["llama"], tmp_path, ExportOptions(dtype="fp16", quantize="int8"))
+    with pytest.raises(ExportError, match="--quantize int4 needs --dtype fp32"):
+        export_model(tiny_dirs["llama"], tmp_path, ExportOptions(dtype="fp16", quantize="int4"))

@@ -16,7 +16,8 @@ from linguamq.models.export import ExportOptions, export_model
 from linguamq.models.tiny import TinySpec, make_tiny
 
 FAMILIES = ("llama", "qwen2", "bloom")
-VARIANTS = {"fp32": ExportOptions(), "fp16": ExportOptions(dtype="fp16"), "int8": ExportOptions(quantize="int8")}
+VARIANTS = {"fp32": ExportOptions(), "fp16": ExportOptions(dtype="fp16"), "int8": ExportOptions(quantize="int8"),
+            "int4": ExportOptions(quantize="int4")}
 
 
 @pytest.fixture(scope="session")

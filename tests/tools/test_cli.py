@@ -53,6 +53,24 @@ def test_export_reports_each_piece_then_run_local_generates(tmp_path: Path, caps
     assert code == 0 and streamed == result["text"] + "\n"  # greedy: the same text, streamed
 
 
+def test_export_int4_says_so_and_run_local_generates(tmp_path: Path, capsys: Capsys) -> None:
+    code, _, err = cli(capsys, "export", "--model", "tiny-llama", "--out", str(tmp_path / "art"), "--quantize", "int4",
+                       "--max-context", "64")
+    assert code == 0 and "fp32/int4" in err.splitlines()[-1]
+    assert json.loads((tmp_path / "art" / "manifest.json").read_bytes())["quantization"] == "int4"
+    code, out, _ = cli(capsys, "run-local", str(tmp_path / "art"), "--prompt", "Once upon a time",
+                       "--max-tokens", "12", "--json")
+    assert code == 0 and json.loads(out)["stop_reason"] in ("eos", "max_tokens")
+
+
+def test_export_int4_with_fp16_is_refused_in_one_line(tmp_path: Path, capsys: Capsys) -> None:
+    code, _, err = cli(capsys, "export", "--model", "tiny-llama", "--out", str(tmp_path / "art"), "--quantize", "int4",
+                       "--dtype", "fp16")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == ("linguamq export: error: --quantize int4 needs --dtype fp32 "
+                                            "(weights are quantized from float32)")
+
+
 def test_run_local_samples_with_a_fresh_seed_it_reports_and_replays(tmp_path: Path, capsys: Capsys) -> None:
     assert cli(capsys, "export", "--model", "tiny-llama", "--out", str(tmp_path / "art"), "--max-context", "64")[0] == 0
 

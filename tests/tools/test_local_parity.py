@@ -107,8 +107,8 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(family_artifact
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", ["fp16", "int8"])
-def test_fp16_and_int8_generate_and_mostly_agree_with_fp32(
+@pytest.mark.parametrize("variant", ["fp16", "int8", "int4"])
+def test_fp16_int8_and_int4_generate_and_mostly_agree_with_fp32(
         family: str, variant: str, family_artifacts: Arts, record_property: Callable) -> None:
     reference = local(family_artifacts, family)
     model = local(family_artifacts, family, variant)
@@ -123,9 +123,10 @@ def test_fp16_and_int8_generate_and_mostly_agree_with_fp32(
     print(f"{family} {variant}: identical greedy prefix {prefix}/{NEW}, teacher-forced agreement {agreement:.2f}")
     assert len(got) == NEW
     # Floors well under what these models give (fp16: 1.00 on every family; int8 dynamic
-    # quantization: 0.88-0.98) and far above chance (1/512), so a broken export fails.
+    # quantization: 0.88-0.98; int4 blocks: 0.67-0.71, random logits being nearly flat) and
+    # far above chance (1/512), so a broken export fails (`bench quality` has the real figures).
     # The identical greedy prefix is only reported: one flip ends it.
-    assert agreement >= (0.9 if variant == "fp16" else 0.5)
+    assert agreement >= {"fp16": 0.9, "int8": 0.5, "int4": 0.3}[variant]
 
 
 def _forced_argmax(model: LocalModel, ids: list[int]) -> list[int]:

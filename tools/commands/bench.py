@@ -19,6 +19,7 @@ BENCHES: dict[str, str] = {
     "hetero": "4 emulated devices (~100M model): planned vs even split, pipelining, rebalancing, prediction",
     "failover": "kill -9 of a middle stage node: time to the interrupted request's next token (~100M model)",
     "api": "streamed chat completion through the OpenAI API vs linguamq generate, alternating (SmolLM2)",
+    "quality": "greedy agreement of int8 and int4 exports with fp32, and their sizes (3 families, SmolLM2)",
     "chaos": "every reliability/security case (faults, hostile input, limits, soak, ACLs): RELIABILITY.md",
 }
 

@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"ships ({', '.join(NAMED)}), or one of {', '.join(TINY)} (made on the fly)")
     parser.add_argument("--out", required=True, metavar="ARTDIR", help="artifact directory to write")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations")
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
-                        help="int8: dynamic quantization of the weights (with --dtype fp32)")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                        help="int8: dynamic quantization of the weights; int4: 4-bit blocks of 32 "
+                             "(MatMulNBits) in the layers, int8 embedding and head (both with --dtype fp32)")
     parser.add_argument("--max-context", type=int, default=None, metavar="N",
                         help="longest session in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--name", default=None, help="model name in the manifest (default: directory name)")
