@@ -41,7 +41,7 @@ $(NODE_STAMP): pyproject.toml
 # (a PYTEST_ARGS subset) is no failure.
 TEST_WORKERS ?= 2
 test: setup lint
-	LINGUAMQ_TESTS=parallel $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	LINGUAMQ_TESTS=parallel $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 	LINGUAMQ_TESTS=serial $(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # ruff and mypy over the whole package. mypy resolves `linguamq.x` through a tree of links

@@ -79,13 +79,17 @@ def secured(chat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     if shutil.which(CHROMIUM) is None or shutil.which(CHROMEDRIVER) is None:
         pytest.skip(f"needs Debian's headless chromium ({CHROMIUM}) and chromium-driver ({CHROMEDRIVER})")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # with the driver's path below, Selenium Manager downloads nothing
+    # No network beyond loopback here: without the background-networking flags chromium keeps
+    # trying Google's hosts at every start.
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1100"):
+                "--window-size=1400,1100", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-quic",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
