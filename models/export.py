@@ -2,9 +2,15 @@
 
 Pieces (names and tensors are the contract with `linguamq.node.runtime`):
   embed     input_ids (1, seq) int64                      -> hidden (1, seq, H)
-  layer.{i} hidden (1, seq, H), position_ids (1, seq) int64,
+  layer.{i} hidden (1, seq, H), position_ids (1, seq) int64,   (Bloom)
             past_key, past_value (1, kv_heads, past, D)    -> hidden_out (1, seq, H),
                                                               present_key, present_value (1, kv_heads, total, D)
+            Llama and Qwen2, for ONNX Runtime's fused kernels (GroupQueryAttention, rotary inside):
+            hidden (1, seq, H), past_key, past_value (1, kv_heads, capacity, D) buffers holding
+            `past` positions, seqlens_k (1,) int32 = total - 1, total_sequence_length () int32,
+            cos_cache, sin_cache (>= total, D/2) of manifest.rope_inv_freq
+                                                           -> hidden_out, and the buffers with
+                                                              past..total-1 written in place
   head      hidden (1, seq, H)                             -> logits (1, V) float32, last position only
 `position_ids` are absolute; the cache holds positions 0..past-1, so total = past + seq.
 Each piece is one self-contained .onnx file (no external data) so its sha256 names it.
@@ -31,6 +37,7 @@ from linguamq.models.config import ModelConfig
 from linguamq.models.costs import piece_costs
 from linguamq.models.errors import ExportError
 from linguamq.models.hf import CausalLM, ModelDir, load_model, open_model_dir
+from linguamq.models.llama import InPlaceLayer, LlamaForCausalLM, rope_inv_freq
 from linguamq.schemas.manifest import Dtype, ModelManifest, PieceKind, PieceSpec, TensorSpec, file_sha256
 
 MANIFEST = "manifest.json"
@@ -48,6 +55,13 @@ IO: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, dict[int, str]]]
                "past_value": {2: "past"}, "hidden_out": {1: "seq"}, "present_key": {2: "total"},
                "present_value": {2: "total"}}),
     "head": (("hidden",), ("logits",), {"hidden": {1: "seq"}}),
+    # Rotary families: the cache is a buffer of `capacity` positions that the layer writes in place.
+    "layer_in_place": (
+        ("hidden", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"),
+        ("hidden_out", "present_key", "present_value"),
+        {"hidden": {1: "seq"}, "past_key": {2: "capacity"}, "past_value": {2: "capacity"}, "hidden_out": {1: "seq"},
+         "present_key": {2: "capacity"}, "present_value": {2: "capacity"}, "cos_cache": {0: "positions"},
+         "sin_cache": {0: "positions"}}),
 }
 
 # Called before each piece: (index, total, piece name).
@@ -113,8 +127,9 @@ def _cast_parameters(model: M, dtype: torch.dtype) -> M:
 
 def _pieces(model: CausalLM, cfg: ModelConfig) -> Iterator[tuple[PieceKind, str, nn.Module]]:
     yield "embed", "embed", model.embed_piece()
-    for i in range(cfg.num_layers):
-        yield "layer", f"layer.{i}", model.layer_piece(i)
+    for i in range(cfg.num_layers):  # Bloom's ALiBi has no place in GroupQueryAttention: its cache concatenates
+        yield "layer", f"layer.{i}", (model.in_place_layer_piece(i) if isinstance(model, LlamaForCausalLM)
+                                      else model.layer_piece(i))
     yield "head", "head", model.head_piece()
 
 
@@ -135,7 +150,7 @@ def _export_all(model: CausalLM, cfg: ModelConfig, out: Path, options: ExportOpt
 
 def _export_piece(module: nn.Module, kind: str, cfg: ModelConfig, path: Path, options: ExportOptions) -> None:
     target = path.with_suffix(".fp32.onnx") if options.quantize != "none" else path
-    inputs, outputs, axes = IO[kind]
+    inputs, outputs, axes = IO["layer_in_place" if isinstance(module, InPlaceLayer) else kind]
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated (and says so); it is the one that gives
         # one self-contained file with plain dynamic axes. TracerWarnings are expected.
@@ -143,7 +158,8 @@ def _export_piece(module: nn.Module, kind: str, cfg: ModelConfig, path: Path, op
         try:
             torch.onnx.export(module, _dummy_inputs(kind, cfg, module), str(target), dynamo=False,
                               input_names=list(inputs), output_names=list(outputs), dynamic_axes=axes,
-                              opset_version=OPSET, do_constant_folding=True)
+                              opset_version=OPSET, do_constant_folding=True,
+                              custom_opsets={"com.microsoft": 1} if isinstance(module, InPlaceLayer) else None)
         except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
             raise ExportError(f"ONNX export of {path.stem} failed: {str(exc).splitlines()[0]}") from exc
     if options.quantize == "int8":
@@ -163,6 +179,11 @@ def _dummy_inputs(kind: str, cfg: ModelConfig, module: nn.Module) -> tuple[torch
         return (torch.arange(5)[None] % cfg.vocab_size,)
     if kind == "head":
         return (hidden,)
+    if isinstance(module, InPlaceLayer):  # 3 cached + 5 new positions in a buffer of 16, rotary for 32
+        buffer = torch.zeros(1, cfg.num_kv_heads, 16, cfg.head_dim, dtype=dtype)
+        angles = torch.arange(32)[:, None].float() * rope_inv_freq(cfg)  # (32, D/2)
+        return (hidden, buffer, buffer.clone(), torch.tensor([7], dtype=torch.int32), torch.tensor(8, dtype=torch.int32),
+                angles.cos().to(dtype), angles.sin().to(dtype))
     past = torch.zeros(1, cfg.num_kv_heads, 3, cfg.head_dim, dtype=dtype)
     return hidden, torch.arange(3, 8)[None], past, past.clone()
 
@@ -242,4 +263,5 @@ def _manifest(model_dir: ModelDir, options: ExportOptions, max_context: int, pie
         act_dtype="float16" if options.dtype == "fp16" else "float32",
         tokenizer_file=tokenizer.name, tokenizer_sha256=file_sha256(tokenizer),
         eos_token_ids=model_dir.eos_token_ids, bos_token_id=model_dir.bos_token_id, pieces=pieces,
+        rope_inv_freq=tuple(rope_inv_freq(cfg).tolist()) if cfg.family != "bloom" else (),
     )

@@ -9,6 +9,7 @@ Every model exposes its pieces with the shared signatures:
   layer(hidden (1, T, H), position_ids (1, T) int64, past_key, past_value (1, kv, P, D))
       -> hidden (1, T, H), present_key, present_value (1, kv, P+T, D)
   head(hidden (1, T, H)) -> logits (1, V) float32 of the last position
+and `InPlaceLayer`, the layer as exported for ONNX Runtime (fused, its KV cache in place).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linguamq.models.attention import attend, causal_bias
+from linguamq.models.attention import GroupQueryAttention, attend, causal_bias
 from linguamq.models.config import ModelConfig
 
 
@@ -154,6 +155,10 @@ class LlamaForCausalLM(nn.Module):
     def layer_piece(self, i: int) -> nn.Module:
         return Layer(cast(DecoderLayer, self.model.layers[i]), self.model.rotary_emb)
 
+    def in_place_layer_piece(self, i: int) -> nn.Module:
+        """The layer as exported for ONNX Runtime: its KV cache a buffer written in place."""
+        return InPlaceLayer(cast(DecoderLayer, self.model.layers[i]), self.config)
+
     def head_piece(self) -> nn.Module:
         return Head(self.model.norm, self.lm_head)
 
@@ -186,6 +191,49 @@ class Layer(nn.Module):
         cos, sin = self.rotary(position_ids, hidden.dtype)  # (1, 1, T, D)
         bias = causal_bias(position_ids, past_key.shape[2] + hidden.shape[1])  # (T, P+T)
         return self.layer(hidden, cos, sin, bias, past_key, past_value)
+
+
+class InPlaceLayer(nn.Module):
+    """`Layer` for ONNX Runtime's fused kernels: q/k/v as one matrix multiply, gate/up as
+    another, and attention with rotary as one GroupQueryAttention over a KV buffer:
+
+      hidden (1, T, H); past_key, past_value (1, kv, C, D) buffers holding P positions;
+      seqlens_k (1,) int32 = P+T-1; total_sequence_length () int32 = P+T;
+      cos_cache, sin_cache (>= P+T, D/2): cos/sin of position x `rope_inv_freq`
+      -> hidden_out (1, T, H), present_key, present_value: the buffers with P..P+T-1 written.
+
+    The fused weights are copies: build it for export, not beside a model that runs."""
+
+    def __init__(self, layer: DecoderLayer, cfg: ModelConfig) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv_proj = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o_proj, self.down_proj = attn.o_proj, mlp.down_proj
+        self.gate_up_proj = _fused(mlp.gate_proj, mlp.up_proj)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.intermediate_size = cfg.intermediate_size
+
+    def forward(self, hidden: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+                seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, cos_cache: torch.Tensor,
+                sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, key, value = GroupQueryAttention.apply(
+            self.qkv_proj(self.input_layernorm(hidden)), past_key, past_value, seqlens_k, total_sequence_length,
+            cos_cache, sin_cache, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        x = hidden + self.o_proj(out)  # (1, T, H)
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up), key, value
+
+
+def _fused(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose outputs are those of ``linears`` side by side."""
+    fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears),
+                      bias=linears[0].bias is not None, dtype=linears[0].weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+    return fused
 
 
 class Head(nn.Module):

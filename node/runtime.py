@@ -4,7 +4,8 @@ A segment is pieces `first..last` of a manifest (embed = 0, layer i = i + 1, hea
 last). `run(session, inputs, positions)` feeds token ids (if the segment starts with
 `embed`) or hidden states through every piece in order and returns hidden states, or
 float32 logits of the last position if the segment ends with `head`. Each layer piece
-reads and replaces the session's cached key/value arrays.
+reads and replaces the session's cached key/value arrays, or (rotary families) writes its
+new positions into the session's KV buffers in place.
 
 Positions are absolute and must continue the session's cache: a step for a session
 whose layers hold P positions carries positions P..P+T-1. If a piece fails the session's
@@ -33,6 +34,9 @@ PIECE_IO = {
     "layer": (("hidden", "position_ids", "past_key", "past_value"), ("hidden_out", "present_key", "present_value")),
     "head": (("hidden",), ("logits",)),
 }
+# Layers of rotary families: the KV cache is a buffer the layer writes in place (GroupQueryAttention).
+IN_PLACE_IO = (("hidden", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"),
+               ("hidden_out", "present_key", "present_value"))
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 ORT_ERRORS = (Fail, InvalidArgument, RuntimeException)
 OPT_LEVELS = {
@@ -58,6 +62,11 @@ class LoadedPiece:
     spec: PieceSpec
     session: ort.InferenceSession
 
+    @property
+    def in_place(self) -> bool:
+        """A layer that writes its KV buffer in place."""
+        return self.spec.kind == "layer" and self.session.get_inputs()[-1].name == IN_PLACE_IO[0][-1]
+
 
 class SegmentRuntime:
     """Pieces `first..last` (inclusive) of `manifest`, loaded from `artifact_dir`."""
@@ -75,6 +84,10 @@ class SegmentRuntime:
         self._act_dtype = NP_DTYPES[manifest.act_dtype]
         self._pieces = _load_pieces(Path(artifact_dir), manifest.pieces[first:last + 1], settings, reuse)
         self._layers = [p.spec.index - 1 for p in self._pieces if p.spec.kind == "layer"]
+        if any(p.in_place for p in self._pieces) and not manifest.rope_inv_freq:
+            raise ArtifactError("the manifest has no rope_inv_freq, which its in-place layers need")
+        self._rotary = (np.zeros((0, 0), np.float32),) * 2  # cos, sin by position: grown on demand
+        self._bindings: dict[int, ort.IOBinding] = {}  # in-place layers' bindings, by piece index
         self._log = structlog.get_logger().bind(pieces=f"{first}..{last}", model=manifest.name)
         self._log.debug("segment loaded", bytes=sum(p.spec.bytes for p in self._pieces))
 
@@ -108,7 +121,7 @@ class SegmentRuntime:
 
     def run(self, session: str, inputs: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """ids (1, T) int64 or hidden (1, T, H) -> hidden (1, T, H) or logits (1, V) float32."""
-        x = self._check_inputs(inputs)
+        x: np.ndarray | ort.OrtValue = self._check_inputs(inputs)
         pos = self._check_positions(session, positions, x.shape[1])
         try:
             for piece in self._pieces:
@@ -116,9 +129,13 @@ class SegmentRuntime:
         except ORT_ERRORS as exc:
             self.cache.drop(session)
             raise InferenceError(f"session {session}: ONNX Runtime failed: {str(exc).splitlines()[0]}") from exc
-        return x
+        return _array(x)
 
-    def _run_piece(self, piece: LoadedPiece, session: str, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _run_piece(self, piece: LoadedPiece, session: str, x: np.ndarray | ort.OrtValue,
+                   pos: np.ndarray) -> np.ndarray | ort.OrtValue:
+        if piece.in_place:  # hidden states stay in ONNX Runtime from one in-place layer to the next
+            return self._run_in_place(piece, session, x, int(pos[0, -1]) + 1)
+        x = _array(x)
         kind = piece.spec.kind
         if kind == "embed":
             return piece.session.run(None, {"input_ids": x})[0]  # (1, T, H)
@@ -130,6 +147,42 @@ class SegmentRuntime:
             None, {"hidden": x, "position_ids": pos, "past_key": past[0], "past_value": past[1]})
         self.cache.put(session, layer, key, value)  # (1, kv, P+T, D)
         return hidden  # (1, T, H)
+
+    def _run_in_place(self, piece: LoadedPiece, session: str, x: np.ndarray | ort.OrtValue,
+                      total: int) -> ort.OrtValue:
+        """Past and present bound to the same buffers: ONNX Runtime writes the new positions
+        into them and reads the cache where it lies (no copy of the cache per step). One
+        binding per piece, kept: binding costs more than a small layer's arithmetic."""
+        m, layer = self.manifest, piece.spec.index - 1
+        key, value = self.cache.reserve(session, layer, total, (1, m.num_kv_heads, 1, m.head_dim), self._act_dtype,
+                                        most=m.max_context)
+        cos, sin = self._rotary_tables(total)
+        binding = self._bindings.get(piece.spec.index) or self._bindings.setdefault(piece.spec.index,
+                                                                                   piece.session.io_binding())
+        binding.bind_output("hidden_out", "cpu")  # again: else the last run's output is taken as preallocated
+        if isinstance(x, ort.OrtValue):
+            binding.bind_ortvalue_input("hidden", x)
+        else:
+            binding.bind_cpu_input("hidden", x)
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        binding.bind_cpu_input("cos_cache", cos)
+        binding.bind_cpu_input("sin_cache", sin)
+        for past, present, buffer in (("past_key", "present_key", key), ("past_value", "present_value", value)):
+            binding.bind_input(past, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+            binding.bind_output(present, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+        piece.session.run_with_iobinding(binding)
+        self.cache.advance(session, layer, total)
+        return binding.get_outputs()[0]  # (1, T, H)
+
+    def _rotary_tables(self, positions: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of position x rope_inv_freq, (rows >= positions, D/2), as the exporter's
+        torch computes them (float32 angles); grown by doubling up to max_context."""
+        if self._rotary[0].shape[0] < positions:
+            rows = min(max(positions, 2 * self._rotary[0].shape[0], 256), self.manifest.max_context)
+            angles = np.arange(rows, dtype=np.float32)[:, None] * np.asarray(self.manifest.rope_inv_freq, np.float32)
+            self._rotary = (np.cos(angles).astype(self._act_dtype), np.sin(angles).astype(self._act_dtype))
+        return self._rotary
 
     def _empty_kv(self) -> np.ndarray:
         m = self.manifest
@@ -163,6 +216,10 @@ class SegmentRuntime:
             raise ContextOverflowError(f"session {session}: position {int(pos[0, -1])} is past max_context "
                                        f"{self.manifest.max_context}")
         return np.ascontiguousarray(pos, dtype=np.int64)
+
+
+def _array(x: np.ndarray | ort.OrtValue) -> np.ndarray:
+    return x.numpy() if isinstance(x, ort.OrtValue) else x
 
 
 def _session_options(settings: RuntimeSettings) -> ort.SessionOptions:
@@ -208,5 +265,5 @@ def _load_piece(artifact_dir: Path, spec: PieceSpec, options: ort.SessionOptions
 def _check_io(spec: PieceSpec, session: ort.InferenceSession) -> None:
     inputs, outputs = PIECE_IO[spec.kind]
     got = (tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs()))
-    if got != (inputs, outputs):
+    if got != (inputs, outputs) and not (spec.kind == "layer" and got == IN_PLACE_IO):
         raise ArtifactError(f"piece {spec.name}: expected inputs {inputs} and outputs {outputs}, got {got[0]} and {got[1]}")

@@ -78,6 +78,9 @@ class ModelManifest(Message):
     bos_token_id: int | None = spec(ge=0)
     pieces: tuple[PieceSpec, ...] = spec(max_len=10_000)
     chat_template: ChatTemplateSpec | None = spec(default=None, doc="none: the model takes no `messages`")
+    rope_inv_freq: tuple[float, ...] = spec(
+        default=(), gt=0, max_len=4096,
+        doc="rotary inverse frequencies (head_dim/2, scaling applied) of layers that take cos_cache/sin_cache")
 
     def __post_init__(self) -> None:
         Struct.__post_init__(self)

@@ -70,9 +70,18 @@ def test_files_sizes_hashes_and_tensors(family: str, exported: dict[str, tuple[P
     layer = {t.name: t for t in m.pieces[1].inputs + m.pieces[1].outputs}
     kv = m.num_kv_heads
     assert layer["hidden"].shape == (1, "seq", H)
-    assert layer["position_ids"].shape == (1, "seq") and layer["position_ids"].dtype == "int64"
-    assert layer["past_key"].shape == (1, kv, "past", D)
-    assert layer["present_value"].shape == (1, kv, "total", D)
+    if family == "bloom":  # ALiBi: the cache grows by concatenation
+        assert layer["position_ids"].shape == (1, "seq") and layer["position_ids"].dtype == "int64"
+        assert layer["past_key"].shape == (1, kv, "past", D)
+        assert layer["present_value"].shape == (1, kv, "total", D)
+        assert m.rope_inv_freq == ()
+    else:  # a buffer written in place by ONNX Runtime's GroupQueryAttention, rotary inside it
+        assert layer["past_key"].shape == layer["present_key"].shape == (1, kv, "capacity", D)
+        assert layer["seqlens_k"].dtype == layer["total_sequence_length"].dtype == "int32"
+        assert layer["cos_cache"].shape == ("positions", D // 2)
+        assert len(m.rope_inv_freq) == D // 2
+        ops = {node.op_type for node in onnx.load(str(art / m.pieces[1].file)).graph.node}
+        assert "GroupQueryAttention" in ops and not ops & {"Sin", "Cos", "Softmax"}
     assert {t.name: t.shape for t in m.pieces[-1].outputs} == {"logits": (1, V)}
 
 
@@ -85,8 +94,8 @@ def test_int4_layers_are_4_bit_blocks_that_a_node_runs(exported: dict[str, tuple
         graph = onnx.load(str(art / piece.file)).graph
         nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
                  for n in graph.node if n.op_type == "MatMulNBits"]
-        if piece.kind == "layer":  # q, k, v, o, gate, up, down: 4 bits in blocks of 32, int8 compute
-            assert [(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits] == [(4, 32, 4)] * 7
+        if piece.kind == "layer":  # qkv, o, gate+up, down: 4 bits in blocks of 32, int8 compute
+            assert [(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits] == [(4, 32, 4)] * 4
             assert piece.bytes < full.bytes / 3
         else:  # embedding and head (vocab x hidden) stay 8-bit, as --quantize int8 has them
             matrices = [sorted(i.dims) for i in graph.initializer if len(i.dims) == 2]

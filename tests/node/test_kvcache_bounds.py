@@ -1,11 +1,11 @@
-"""The KV cache's bounds: LRU eviction past max_bytes, expiry after ttl_s."""
+"""The KV cache: LRU eviction past max_bytes, expiry after ttl_s, and the in-place buffers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from linguamq.node.kvcache import KVCache, KVCacheFull
+from linguamq.node.kvcache import FIRST_CAPACITY, KVCache, KVCacheFull
 
 
 def kv(positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,3 +53,41 @@ def test_idle_sessions_expire() -> None:
     now[0] += 15
     assert cache.expire() == ["old"]
     assert cache.sessions() == ("fresh",) and cache.evicted == 1
+
+
+ONE = (1, 2, 1, 8)  # a buffer of one position: kv heads 2, head_dim 8
+
+
+def test_in_place_buffers_grow_by_doubling_keep_what_they_hold_and_count_their_capacity() -> None:
+    cache = KVCache()
+    key, value = cache.reserve("a", 0, 10, ONE, np.float32, most=4096)
+    assert key.shape == (1, 2, FIRST_CAPACITY, 8) and cache.length("a", 0) == 0
+    key[:, :, :10] = 7.0
+    cache.advance("a", 0, 10)
+    assert cache.reserve("a", 0, 11, ONE, np.float32, most=4096)[0] is key  # room left: the same buffer, no copy
+    grown, _ = cache.reserve("a", 0, FIRST_CAPACITY + 1, ONE, np.float32, most=4096)
+    assert grown.shape[2] == 2 * FIRST_CAPACITY and (grown[:, :, :10] == 7.0).all()
+    assert cache.nbytes() == 2 * grown.nbytes and cache.length("a", 0) == 10
+    assert cache.reserve("b", 0, 3, ONE, np.float32, most=40)[0].shape[2] == 40  # never past max_context
+
+
+def test_in_place_truncate_moves_the_end_back_without_copying() -> None:
+    cache = KVCache()
+    key, _ = cache.reserve("a", 0, 12, ONE, np.float32, most=4096)
+    cache.advance("a", 0, 12)
+    before = cache.nbytes()
+    cache.truncate("a", 5)
+    assert cache.length("a", 0) == 5 and cache.get("a", 0)[0] is key and cache.nbytes() == before
+    cache.truncate("a", 0)
+    assert "a" not in cache and cache.nbytes() == 0
+
+
+def test_in_place_growth_stops_at_the_byte_bound() -> None:
+    per_position = 2 * 2 * 8 * 4  # key + value, 2 heads, head_dim 8, float32
+    cache = KVCache(max_bytes=300 * per_position)
+    cache.reserve("a", 0, 10, ONE, np.float32, most=4096)  # FIRST_CAPACITY positions
+    grown, _ = cache.reserve("a", 0, FIRST_CAPACITY + 1, ONE, np.float32, most=4096)
+    assert grown.shape[2] == FIRST_CAPACITY + 1  # doubling would pass the cap: just what is needed
+    with pytest.raises(KVCacheFull, match="session a needs"):
+        cache.reserve("a", 0, 301, ONE, np.float32, most=4096)
+    assert "a" not in cache

@@ -137,3 +137,25 @@ def test_a_piece_of_another_model_is_not_reused(artifacts: Art) -> None:
     new = SegmentRuntime(manifest=manifest, artifact_dir=path, first=0, last=2,
                          settings=RuntimeSettings(intra_op_threads=1), reuse=other)
     assert not any(p is q for p in new.loaded for q in other)
+
+
+def test_a_prompt_in_chunks_gives_the_logits_of_the_whole_prompt(artifacts: Art) -> None:
+    whole = runtime(artifacts).run("w", IDS, positions(0, 12))
+    rt = runtime(artifacts)
+    for start, end in ((0, 5), (5, 6), (6, 11), (11, 12)):  # chunked prefill, decode steps between
+        chunked = rt.run("c", IDS[:, start:end], positions(start, end - start))
+    assert np.abs(chunked - whole).max() < 1e-4
+
+
+def test_decode_writes_the_cache_in_place_and_a_recomputed_step_overwrites_it(artifacts: Art) -> None:
+    rt = runtime(artifacts)
+    rt.run("s", IDS[:, :6], positions(0, 6))
+    buffers = [rt.cache.get("s", layer)[0] for layer in range(3)]
+    first = rt.run("s", IDS[:, 6:7], positions(6, 1))
+    rt.run("s", IDS[:, 7:8], positions(7, 1))
+    assert all(rt.cache.get("s", layer)[0] is buffer for layer, buffer in enumerate(buffers))  # no copy per step
+    rt.cache.truncate("s", 6)  # the alignment rule: the step at 6 again (a retry, a redelivery)
+    assert rt.context_length("s") == 6
+    assert np.array_equal(rt.run("s", IDS[:, 6:7], positions(6, 1)), first)
+    assert np.abs(rt.run("s", np.array([[9]]), positions(7, 1)) -
+                  runtime(artifacts).run("x", np.concatenate([IDS[:, :7], [[9]]], axis=1), positions(0, 8))).max() < 1e-4
