@@ -12,7 +12,7 @@ import importlib
 
 BENCHES: dict[str, str] = {
     "codec": "activation envelope encode/decode throughput (4 KiB and 4 MiB float32)",
-    "local": "run-local vs transformers generate: TTFT, decode ms/token, peak RSS (~100M Llama)",
+    "local": "run-local fp32/int8/int4 vs transformers vs llama.cpp: TTFT, decode, prefill, peak RSS (SmolLM2, ~100M)",
     "transport": "one MQTT hop of an activation envelope (8 KiB, 1 MiB): embedded broker vs mosquitto",
     "pipeline": "decode ms/token of local node processes vs run-local (~100M model)",
     "planner": "placement MILP solve time: 34 pieces x 8 devices, 130 x 16 (both objectives)",
