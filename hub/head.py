@@ -61,6 +61,7 @@ from linguamq.topics.client import MqttClient, MqttError
 log = structlog.get_logger()
 MAX_REPREFILLS = 3  # per session, after nodes lost its KV; then the request fails
 STEP_HISTORY = 32  # step times kept per session (and for the head), for the retry bound
+PREFILL_CHUNK = 256  # prompt tokens per envelope (run-local runs its prompts in the same chunks)
 Key = tuple[str | None, str]  # (the client of `requests/{client}`, None for the open topic; request id)
 
 
@@ -84,6 +85,9 @@ class HeadSettings:
     retry_factor: float = 10.0
     max_retries: int = 4  # ... doubling each time; a step that still gets no token after this many fails
     max_prompt_tokens: int = 4096
+    # A (re-)prefill goes out in chunks of this many tokens (0: whole): a node runs other
+    # sessions' steps between two chunks, and stages work on successive chunks at once.
+    prefill_chunk: int = PREFILL_CHUNK
     max_tokens: int = 0  # cap on a request's max_tokens (0: the schema's cap and the model's context)
     rate: float = 0.0  # requests per second per client (its `client` field); 0: no limit
     burst: int = 10  # requests a client may send at once before the rate applies
@@ -340,13 +344,19 @@ class Head:
                                   topic=topic, code="bad_request", message=message, ref=cancel.id)
 
     def _prefill(self, session: _Session) -> None:
-        """Send the whole history from position 0 under the ready epoch.
+        """Send the whole history from position 0 under the ready epoch, in chunks of
+        ``prefill_chunk`` tokens (all but the last marked `more`: the tail samples nothing).
 
         At step k the session waits for token k+1; prompt + its k tokens are exactly the
         inputs that lead there, so a re-prefill at the same step yields the same token
         (sampling is seeded per step)."""
         session.epoch, session.t_last = self._ready_epoch, time.perf_counter()
-        self._send(session, np.asarray([session.prompt + session.tokens], dtype=np.int64), start_pos=0)
+        history = np.asarray([session.prompt + session.tokens], dtype=np.int64)
+        session.t_sent, session.inputs = time.perf_counter(), history.shape[1]
+        size = self.settings.prefill_chunk or history.shape[1]
+        for start in range(0, history.shape[1], size):  # in order on one connection: the nodes get them in order
+            self._send(session, history[:, start:start + size], start_pos=start,
+                       more=start + size < history.shape[1])
 
     def _expected_s(self, session: _Session) -> float:
         """What the step in flight should take: the session's median decode step (the
@@ -371,12 +381,12 @@ class Head:
         s = self.settings
         return max(s.step_timeout_s, (s.retry_factor + 1) * self._expected_s(session) * 2)
 
-    def _send(self, session: _Session, ids: np.ndarray, *, start_pos: int) -> None:
+    def _send(self, session: _Session, ids: np.ndarray, *, start_pos: int, more: bool = False) -> None:
         request = session.request
         header = ActHeader.for_tensor(ids, session=session.id, request=request.id, step=session.step,
-                                      epoch=session.epoch, piece=0, start_pos=start_pos, sampling=request.sampling)
+                                      epoch=session.epoch, piece=0, start_pos=start_pos, sampling=request.sampling,
+                                      more=more)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, ids))
-        session.t_sent, session.inputs = time.perf_counter(), int(ids.shape[-1])
 
     # --- tokens --------------------------------------------------------------------
 
@@ -408,6 +418,7 @@ class Head:
             # session ends and that step's token is dropped (its session is gone).
             session.step += 1
             start = len(session.prompt) + len(session.tokens) - 1
+            session.t_sent, session.inputs = time.perf_counter(), 1
             self._send(session, np.asarray([[token]], dtype=np.int64), start_pos=start)
         reason = stop_reason(token, self._eos, session.stream, session.tokens, session.max_tokens)
         if reason is not None:

@@ -410,6 +410,8 @@ class NodeDaemon:
         output is ready, just before it is encoded and published (stamped before sampling,
         the sampling was shown as transfer time)."""
         nxt = stage.segment.next_piece
+        if nxt is None and header.more:
+            return  # a prompt chunk with more to come: its cache is written, no token is due yet
         if nxt is None:
             out = self._sample(header, out)  # (1, 1) token
         t_end = time.time()
@@ -419,7 +421,7 @@ class NodeDaemon:
         if nxt is not None:
             head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                         epoch=header.epoch, piece=nxt, start_pos=header.start_pos,
-                                        sampling=header.sampling, hops=hops)
+                                        sampling=header.sampling, hops=hops, more=header.more)
             name = topics.ACT.build(self._cluster, piece=nxt)
             return self._client.publish(topics.ACT, name, envelope.encode(head, out))
         assert self._manifest is not None  # a node runs pieces only once it holds the manifest

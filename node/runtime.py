@@ -229,6 +229,9 @@ def _session_options(settings: RuntimeSettings) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = OPT_LEVELS[settings.graph_optimization]
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
+    # No per-session arena: each piece's arena kept its own high-water mark for good (a
+    # 1,500-token prefill left SmolLM2's 32 sessions holding 3 GB; 0.6 GB without, as fast).
+    options.enable_cpu_mem_arena = False
     options.log_severity_level = 3  # errors only: ORT's warnings go to its own logger, not ours
     return options
 

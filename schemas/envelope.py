@@ -82,6 +82,7 @@ class ActHeader(Message):
     sampling: Sampling | None = None
     hops: tuple[Hop, ...] = spec(max_len=MAX_HOPS, default=())
     end: bool = spec(default=False, doc="the session is over: free its state, compute nothing")
+    more: bool = spec(default=False, doc="a chunk of a prompt with more chunks to come: the tail samples nothing")
 
     def __post_init__(self) -> None:  # a new cross-field check here belongs in _build_acceptor too
         Struct.__post_init__(self)

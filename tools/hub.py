@@ -50,6 +50,7 @@ class HubSettings:
     max_tokens: int = 0  # cap on a request's max_tokens; 0: the model's context is the only cap
     rate: float = 0.0  # requests per second per client; 0: no limit
     burst: int = 10  # requests a client may send at once
+    prefill_chunk: int = 256  # prompt tokens per envelope; 0: whole prompts
     # Security (embedded broker): a users file and a TLS listener; see broker/process.py.
     broker_options: BrokerOptions = BrokerOptions()
     # How the hub's own clients log in to an external broker (a hub-role user), and the CA
@@ -117,7 +118,8 @@ class Hub:
         self.head = self._start(Head(client=self._client(f"head-{s.cluster}"), manifest=self.manifest,
                                      encode=encode, decode=decode, encode_chat=encode_chat, rss_mb=system.rss_mb,
                                      settings=HeadSettings(cluster=s.cluster, max_sessions=s.max_sessions,
-                                                           max_tokens=s.max_tokens, rate=s.rate, burst=s.burst)))
+                                                           max_tokens=s.max_tokens, rate=s.rate, burst=s.burst,
+                                                           prefill_chunk=s.prefill_chunk)))
         planner_ = self.planner
         self.head.also_rejected = lambda: planner_.rejected  # the head's telemetry counts the whole hub
         if s.http_port is not None:  # a client of the cluster like any other, with the hub's login to follow it

@@ -15,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from linguamq.hub.chat import ChatEncoder, chat_encoder, load_template
+from linguamq.hub.head import PREFILL_CHUNK
 from linguamq.hub.textstream import StopReason, TextStream, stop_reason
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
@@ -76,6 +77,7 @@ def generate_local(runtime: SegmentRuntime, *, prompt_ids: Sequence[int], max_to
     Stops at an EOS id, at `max_tokens`, or (with `decode`) once the text contains a
     `stop` string. `on_text` receives the text as it becomes final (a stop string and
     an incomplete UTF-8 tail are held back). Without a seed it picks one, as the head does.
+    The prompt runs in the head's chunks: the same arithmetic as a cluster, and a bounded peak.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -86,7 +88,11 @@ def generate_local(runtime: SegmentRuntime, *, prompt_ids: Sequence[int], max_to
     runtime.drop(session)
     try:
         started = time.perf_counter()
-        token = _step(runtime, session, np.asarray([prompt_ids], dtype=np.int64), 0, sampling, 0)
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        for start in range(0, ids.shape[1] - PREFILL_CHUNK, PREFILL_CHUNK):  # as the head sends them
+            runtime.run(session, ids[:, start:start + PREFILL_CHUNK], np.arange(start, start + PREFILL_CHUNK)[None])
+        last = (ids.shape[1] - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        token = _step(runtime, session, ids[:, last:], last, sampling, 0)
         first = time.perf_counter()
         tokens, reason = [token], stop_reason(token, eos, stream, [token], max_tokens)
         while reason is None:

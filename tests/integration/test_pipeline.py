@@ -43,8 +43,9 @@ class Running:
 
 def start(art: Path, workdir: Path, cluster: str, broker_url: str | None = None) -> Iterator[Running]:
     # The even split puts every node to work: these tests are about the pipeline, not the plan.
+    # Prompts go in chunks of 2 tokens: most of them are several chunks, which must change nothing.
     with LocalCluster(artifacts=art, nodes=NODES, workdir=workdir, cluster=cluster, broker_url=broker_url,
-                      objective="even") as c:
+                      objective="even", hub_args=("--prefill-chunk", "2")) as c:
         with MqttClient(url=c.url, client_id=f"test-{cluster}") as client:
             c.wait_ready(client, nodes=len(NODES), timeout=90)
             yield Running(c, client, art)

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 0 = no limit)")
     parser.add_argument("--burst", type=int, default=10, metavar="B",
                         help="requests a client may send at once before --rate applies (default 10)")
+    parser.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                        help="send prompts in chunks of N tokens: nodes serve other requests between chunks and "
+                             "stages work on successive chunks at once (default 256; 0 = whole prompts)")
     parser.add_argument("--json", action="store_true", help="print the ready line as JSON")
     http = parser.add_argument_group("HTTP (OpenAI API and dashboard, as `linguamq serve`)")
     http.add_argument("--http", type=int, metavar="PORT", help="serve them on PORT (0 = any free)")
@@ -97,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plan_sessions < 1 or not args.drift_ratio > 1:
         print("linguamq hub: error: --plan-sessions must be >= 1 and --drift-ratio > 1", file=sys.stderr)
         return 2
-    if args.max_tokens < 0 or args.rate < 0 or args.burst < 1:
-        print("linguamq hub: error: --max-tokens and --rate must be >= 0, --burst >= 1", file=sys.stderr)
+    if args.max_tokens < 0 or args.rate < 0 or args.burst < 1 or args.prefill_chunk < 0:
+        print("linguamq hub: error: --max-tokens, --rate and --prefill-chunk must be >= 0, --burst >= 1",
+              file=sys.stderr)
         return 2
     try:
         validate_id("cluster", args.cluster)
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                               objective=args.objective, broker_in_process=not args.broker_thread,
                               plan_sessions=args.plan_sessions, drift_ratio=args.drift_ratio,
                               max_tokens=args.max_tokens, rate=args.rate, burst=args.burst,
-                              broker_options=options, http_port=args.http, http_host=args.http_host,
+                              prefill_chunk=args.prefill_chunk, broker_options=options, http_port=args.http, http_host=args.http_host,
                               **login)).start()
     except (OSError, SchemaError, TopicError, MqttError, BrokerError, ValueError) as exc:
         print(f"linguamq hub: error: {exc}", file=sys.stderr)
