@@ -93,6 +93,10 @@ class HeadSettings:
     burst: int = 10  # requests a client may send at once before the rate applies
     telemetry_interval_s: float = 1.0  # the hub's Telemetry (rejections) on hub/telemetry
 
+    def __post_init__(self) -> None:
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: whole prompts), got {self.prefill_chunk}")
+
 
 @dataclasses.dataclass(frozen=True)
 class _Ticket:

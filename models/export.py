@@ -127,10 +127,17 @@ def _cast_parameters(model: M, dtype: torch.dtype) -> M:
 
 def _pieces(model: CausalLM, cfg: ModelConfig) -> Iterator[tuple[PieceKind, str, nn.Module]]:
     yield "embed", "embed", model.embed_piece()
-    for i in range(cfg.num_layers):  # Bloom's ALiBi has no place in GroupQueryAttention: its cache concatenates
+    for i in range(cfg.num_layers):
         yield "layer", f"layer.{i}", (model.in_place_layer_piece(i) if isinstance(model, LlamaForCausalLM)
-                                      else model.layer_piece(i))
+                                      and _in_place(cfg) else model.layer_piece(i))
     yield "head", "head", model.head_piece()
+
+
+def _in_place(cfg: ModelConfig) -> bool:
+    """Layers of rotary families (Llama, Qwen2) go to GroupQueryAttention when its rotary
+    takes their head size (a multiple of 16); Bloom's ALiBi has no place in it. The others
+    concatenate their cache."""
+    return cfg.head_dim % 16 == 0
 
 
 def _export_all(model: CausalLM, cfg: ModelConfig, out: Path, options: ExportOptions,
@@ -263,5 +270,5 @@ def _manifest(model_dir: ModelDir, options: ExportOptions, max_context: int, pie
         act_dtype="float16" if options.dtype == "fp16" else "float32",
         tokenizer_file=tokenizer.name, tokenizer_sha256=file_sha256(tokenizer),
         eos_token_ids=model_dir.eos_token_ids, bos_token_id=model_dir.bos_token_id, pieces=pieces,
-        rope_inv_freq=tuple(rope_inv_freq(cfg).tolist()) if cfg.family != "bloom" else (),
+        rope_inv_freq=tuple(rope_inv_freq(cfg).tolist()) if any(p.inputs[-1].name == "sin_cache" for p in pieces) else (),
     )

@@ -119,6 +119,7 @@ class NodeDaemon:
         self._threads: list[threading.Thread] = []
         self._log = log.bind(node=self.name)
         self._steps: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()  # last step run
+        self._asked: dict[tuple[str, int], tuple[int, int]] = {}  # (epoch, step) of the last re-prefill asked for
         self.duplicates = 0  # envelopes of a step older than one already run: redeliveries, dropped
 
     # --- lifecycle ------------------------------------------------------------------
@@ -392,13 +393,23 @@ class NodeDaemon:
         return False
 
     def _align_cache(self, stage: _Stage, header: ActHeader, topic: str) -> bool:
-        """Make the session's cache end where this envelope starts; False if it cannot."""
+        """Make the session's cache end where this envelope starts; False if it cannot.
+
+        One report per (epoch, step): once this stage asked for a re-prefill, the step's
+        later prompt chunks, which cannot fit either, are dropped quietly (each used to ask
+        for a re-prefill of its own, and the request failed after three)."""
         held = stage.runtime.context_length(header.session)
         if header.start_pos == held or not stage.runtime.holds_kv:
             return True
+        key = (header.session, stage.segment.first)
         if header.start_pos < held:  # a re-prefill or a redelivered step: recompute from there
             self._kv.truncate(header.session, header.start_pos)
             return True
+        if self._asked.get(key) == (header.epoch, header.step):
+            return False
+        self._asked[key] = (header.epoch, header.step)
+        while len(self._asked) > MAX_TRACKED_STEPS:
+            self._asked.pop(next(iter(self._asked)))
         self._report("unknown_session", f"session {header.session} holds {held} positions here, envelope "
                      f"starts at {header.start_pos}: re-prefill needed", topic=topic, ref=header.session)
         return False

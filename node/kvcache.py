@@ -38,6 +38,7 @@ class KVCache:
         """``max_bytes`` 0 and ``ttl_s`` 0: no bound."""
         self._store: OrderedDict[str, dict[int, KV]] = OrderedDict()  # least recently used first
         self._lengths: dict[str, dict[int, int]] = {}  # positions held, for in-place buffers only
+        self._targets: dict[str, int] = {}  # the capacity a session's in-place buffers grow to
         self._used: dict[str, float] = {}
         self._bytes: dict[str, int] = {}
         self._total = 0
@@ -63,9 +64,9 @@ class KVCache:
         capacity = 0 if old is None else old[0].shape[2]
         if positions > capacity:
             per_position = 2 * int(np.prod(shape)) * np.dtype(dtype).itemsize
-            grown = max(positions, min(max(2 * capacity, FIRST_CAPACITY), most))
+            grown = max(positions, self._target(session, positions, per_position, most))
             if self.max_bytes and self._bytes.get(session, 0) + (grown - capacity) * per_position > self.max_bytes:
-                grown = positions  # doubling would pass the cap: exactly what is needed, the cap checks that
+                grown = self._targets[session] = positions  # near the cap: what is needed, the cap checks that
             key, value = (np.zeros((*shape[:2], grown, shape[3]), dtype) for _ in range(2))
             held = lengths.get(layer, 0)
             if old is not None:
@@ -74,6 +75,19 @@ class KVCache:
             lengths[layer] = held
         self._touch(session)
         return self._store[session][layer]
+
+    def _target(self, session: str, positions: int, per_position: int, most: int) -> int:
+        """The capacity every layer of the session grows to: doubled while the whole session,
+        every layer doubled, stays under the cap (doubling layer by layer spent the cap on the
+        first layers' empty room, and a session that fitted was refused)."""
+        target = self._targets.get(session, 0)
+        if positions > target:
+            layers = max(len(self._store.get(session, {})), 1)
+            target = max(positions, min(max(2 * target, FIRST_CAPACITY), most))
+            if self.max_bytes and layers * target * per_position > self.max_bytes:
+                target = positions
+            self._targets[session] = target
+        return target
 
     def advance(self, session: str, layer: int, length: int) -> None:
         """In-place layout: the layer's buffer now holds ``length`` positions."""
@@ -123,6 +137,7 @@ class KVCache:
         """Forget a session (finished, cancelled or to be re-prefilled); unknown ids are fine."""
         self._store.pop(session, None)
         self._lengths.pop(session, None)
+        self._targets.pop(session, None)
         self._used.pop(session, None)
         self._total -= self._bytes.pop(session, 0)
 

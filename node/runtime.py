@@ -15,6 +15,7 @@ cache is dropped, since some layers would already have advanced; the head re-pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -62,7 +63,7 @@ class LoadedPiece:
     spec: PieceSpec
     session: ort.InferenceSession
 
-    @property
+    @functools.cached_property
     def in_place(self) -> bool:
         """A layer that writes its KV buffer in place."""
         return self.spec.kind == "layer" and self.session.get_inputs()[-1].name == IN_PLACE_IO[0][-1]
@@ -173,7 +174,10 @@ class SegmentRuntime:
             binding.bind_output(present, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
         piece.session.run_with_iobinding(binding)
         self.cache.advance(session, layer, total)
-        return binding.get_outputs()[0]  # (1, T, H)
+        out = binding.get_outputs()[0]  # (1, T, H); a reference of its own
+        binding.clear_binding_inputs()  # else every layer's activations stay alive until its next run
+        binding.clear_binding_outputs()
+        return out
 
     def _rotary_tables(self, positions: int) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin of position x rope_inv_freq, (rows >= positions, D/2), as the exporter's

@@ -22,3 +22,5 @@ def test_chunk_zero_sends_the_whole_prompt_at_once(make_head) -> None:
     head, client = make_head(prefill_chunk=0, retry_min_s=30.0)
     client.ask(GenerateRequest(id="r", prompt="abcdefghij", max_tokens=3))
     assert [(a.start_pos, a.shape, a.more) for a in client.acts()] == [(0, (1, 10), False)]
+
+

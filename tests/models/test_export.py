@@ -12,6 +12,7 @@ import pytest
 
 from linguamq.models.errors import ExportError
 from linguamq.models.export import ExportOptions, export_model, read_manifest
+from linguamq.models.tiny import TinySpec, make_tiny
 from linguamq.node.runtime import SegmentRuntime
 from linguamq.schemas.manifest import ModelManifest
 
@@ -125,3 +126,13 @@ def test_export_refuses_bad_options(tiny_dirs: dict[str, Path], tmp_path: Path) 
         export_model(tiny_dirs["llama"], tmp_path, ExportOptions(dtype="fp16", quantize="int8"))
     with pytest.raises(ExportError, match="--quantize int4 needs --dtype fp32"):
         export_model(tiny_dirs["llama"], tmp_path, ExportOptions(dtype="fp16", quantize="int4"))
+
+
+def test_a_head_size_grouped_query_attention_cannot_rotate_exports_a_concatenating_layer(tmp_path: Path) -> None:
+    make_tiny(TinySpec(family="llama", layers=1, hidden=64, heads=8, kv_heads=4, vocab=300), tmp_path / "hf")  # D 8
+    m = export_model(tmp_path / "hf", tmp_path / "art")
+    assert [t.name for t in m.pieces[1].inputs] == ["hidden", "position_ids", "past_key", "past_value"]
+    assert m.rope_inv_freq == ()
+    rt = SegmentRuntime(manifest=m, artifact_dir=tmp_path / "art", first=0, last=len(m.pieces) - 1)
+    rt.run("s", np.array([[5, 6, 7]]), np.arange(3)[None])
+    assert rt.run("s", np.array([[8]]), np.array([[3]])).shape == (1, 300)

@@ -159,3 +159,25 @@ def test_the_tails_sampling_is_in_its_stage_not_in_the_transfer(cluster: Cluster
     ((s0, s1),) = sampled
     assert hop.t_recv <= hop.t_start <= s0  # sampling ran inside the stage's compute ...
     assert s1 <= hop.t_end <= hop.t_send <= t_out  # ... and before its output was sent
+
+
+def test_chunks_of_a_prompt_the_node_lost_ask_for_one_re_prefill_not_one_each(cluster: Cluster) -> None:
+    reports: queue.Queue[ErrorReport] = queue.Queue()
+    cluster.hub.subscribe(topics.ERRORS, topics.ERRORS.filter(CLUSTER), lambda _t, r, _r: reports.put(r), wait=WAIT)
+
+    def chunk(session: str, start: int, more: bool) -> None:
+        ids = np.array([[3, 4, 5]], dtype=np.int64)
+        header = ActHeader.for_tensor(ids, session=session, request=session, step=0, epoch=1, piece=0,
+                                      start_pos=start, more=more)
+        cluster.hub.publish(topics.ACT, topics.ACT.build(CLUSTER, piece=0), envelope.encode(header, ids), wait=WAIT)
+
+    for start, more in ((3, True), (6, True), (9, False)):  # chunks 2.. of a prompt whose first chunk was lost
+        chunk("s", start, more)
+    chunk("z", 3, False)  # another session's loss, reported after everything of "s"
+    seen = []
+    while not seen or seen[-1].ref != "z":
+        seen.append(reports.get(timeout=WAIT))
+    assert [(r.ref, r.code) for r in seen] == [("s", "unknown_session"), ("z", "unknown_session")]
+    for start, more in ((0, True), (3, True), (6, True), (9, False)):  # the re-prefill runs whole
+        chunk("s", start, more)
+    wait_until(lambda: cluster.node._kv.length("s", 0) == 12)

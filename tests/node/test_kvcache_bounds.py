@@ -91,3 +91,16 @@ def test_in_place_growth_stops_at_the_byte_bound() -> None:
     with pytest.raises(KVCacheFull, match="session a needs"):
         cache.reserve("a", 0, 301, ONE, np.float32, most=4096)
     assert "a" not in cache
+
+
+def test_a_session_under_the_bound_is_never_refused_for_the_room_its_buffers_grew() -> None:
+    per_position = 2 * 2 * 8 * 4
+    cache = KVCache(max_bytes=30 * 300 * per_position)  # 30 layers of 300 positions fit
+    for layer in range(30):
+        cache.reserve("a", layer, 10, ONE, np.float32, most=4096)  # FIRST_CAPACITY each
+        cache.advance("a", layer, 10)
+    for length in range(FIRST_CAPACITY + 1, 300):  # past the first capacity, one step at a time
+        for layer in range(30):  # every layer doubled would pass the bound
+            cache.reserve("a", layer, length, ONE, np.float32, most=4096)
+            cache.advance("a", layer, length)
+    assert "a" in cache and cache.length("a", 29) == 299 and cache.nbytes("a") <= cache.max_bytes
