@@ -375,15 +375,23 @@ class _DirectWriteClient(paho.Client):
         with self._write_lock:
             return super().loop_write()
 
+    def disconnect(self, *args: Any, **kwargs: Any) -> paho.MQTTErrorCode:
+        """Under the write lock: a direct write sees the connection up with no DISCONNECT
+        queued, or not up at all. A handler's publish that drained a DISCONNECT queued by
+        another thread ran paho's on_disconnect inside the message callback, whose lock the
+        network thread already held: it deadlocked, and stop() waited for it for ever."""
+        with self._write_lock:
+            return super().disconnect(*args, **kwargs)
+
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: paho.MQTTMessageInfo | None = None) -> paho.MQTTErrorCode:
         rc = super()._packet_queue(command, packet, mid, qos, info)
         network_thread = threading.current_thread() is self._thread
         if ((command & 0xF0) != paho.DISCONNECT and self._thread is not None and (network_thread or not self._ssl)
-                and self._state == paho._ConnectionState.MQTT_CS_CONNECTED
                 and self._write_lock.acquire(blocking=False)):
             try:  # errors and partial writes are left to the network thread, which was woken too
-                self._packet_write()
+                if self._state == paho._ConnectionState.MQTT_CS_CONNECTED:  # checked under the lock
+                    self._packet_write()
             finally:
                 self._write_lock.release()
         return rc

@@ -84,3 +84,39 @@ def test_publishes_from_many_threads_arrive_whole_and_in_order(url: str, callbac
         assert callback_errors.wait(done, max(WAIT - (time.monotonic() - started), 1.0)), \
             {t: len(s) for t, s in got.items()}
     assert all(seqs == list(range(per_thread)) for seqs in got.values())
+
+
+
+def test_a_handler_publishing_while_another_thread_disconnects_does_not_deadlock(url: str) -> None:
+    """A handler's publish must not write a DISCONNECT another thread queued meanwhile: paho
+    then ran on_disconnect inside the message callback, whose lock the network thread held,
+    and stop() hung for ever (the CI run that never finished). The race is forced: the
+    disconnect comes between the handler's publish being queued and being written."""
+    relay = MqttClient(url=url, client_id="relay-stop").start()
+    paho_client = relay._client
+    write, armed, raced = paho_client._packet_write, threading.Event(), threading.Event()
+
+    def racing_write() -> object:
+        if armed.is_set() and not raced.is_set() and threading.current_thread() is paho_client._thread:
+            raced.set()
+            other = threading.Thread(target=paho_client.disconnect, daemon=True)
+            other.start()
+            other.join(0.5)  # queued by now, unless it must wait for this write to finish
+        return write()
+
+    paho_client._packet_write = racing_write  # type: ignore[method-assign]
+    with MqttClient(url=url, client_id="sink-stop") as sink:
+        def relay_on(_msg: object) -> None:
+            armed.set()
+            relay.publish_raw("t/late", b"while another thread disconnects", qos=1)
+
+        relay.subscribe_raw("t/go", relay_on, qos=1, wait=WAIT)
+        sink.publish_raw("t/go", b"x", qos=1)
+        deadline = time.monotonic() + WAIT
+        while not raced.is_set():
+            assert time.monotonic() < deadline, "the handler never published"
+            time.sleep(0.01)
+        stopper = threading.Thread(target=paho_client.loop_stop, daemon=True)
+        stopper.start()
+        stopper.join(WAIT)
+        assert not stopper.is_alive(), "the network thread deadlocked"
