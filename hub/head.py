@@ -62,7 +62,13 @@ log = structlog.get_logger()
 MAX_REPREFILLS = 3  # per session, after nodes lost its KV; then the request fails
 STEP_HISTORY = 32  # step times kept per session (and for the head), for the retry bound
 PREFILL_CHUNK = 256  # prompt tokens per envelope (run-local runs its prompts in the same chunks)
-Key = tuple[str | None, str]  # (the client of `requests/{client}`, None for the open topic; request id)
+Key = tuple[str | None, str]
+
+
+def prefill_chunks(length: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the chunks a prompt of ``length`` tokens goes out in (size 0: one)."""
+    size = size or length
+    return [(start, min(start + size, length)) for start in range(0, length, size)]  # (the client of `requests/{client}`, None for the open topic; request id)
 
 
 def session_id(key: Key) -> str:
@@ -357,10 +363,8 @@ class Head:
         session.epoch, session.t_last = self._ready_epoch, time.perf_counter()
         history = np.asarray([session.prompt + session.tokens], dtype=np.int64)
         session.t_sent, session.inputs = time.perf_counter(), history.shape[1]
-        size = self.settings.prefill_chunk or history.shape[1]
-        for start in range(0, history.shape[1], size):  # in order on one connection: the nodes get them in order
-            self._send(session, history[:, start:start + size], start_pos=start,
-                       more=start + size < history.shape[1])
+        for start, end in prefill_chunks(history.shape[1], self.settings.prefill_chunk):  # in order on one
+            self._send(session, history[:, start:end], start_pos=start, more=end < history.shape[1])  # connection
 
     def _expected_s(self, session: _Session) -> float:
         """What the step in flight should take: the session's median decode step (the

@@ -26,7 +26,7 @@ import structlog
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from linguamq.node.errors import ArtifactError, ContextOverflowError, InferenceError, RuntimeInputError
-from linguamq.node.kvcache import KVCache
+from linguamq.node.kvcache import FIRST_CAPACITY, KVCache
 from linguamq.schemas.manifest import ModelManifest, PieceSpec, file_sha256
 
 # The piece interface written by `linguamq export` (inputs, outputs), by kind.
@@ -158,8 +158,9 @@ class SegmentRuntime:
         key, value = self.cache.reserve(session, layer, total, (1, m.num_kv_heads, 1, m.head_dim), self._act_dtype,
                                         most=m.max_context)
         cos, sin = self._rotary_tables(total)
-        binding = self._bindings.get(piece.spec.index) or self._bindings.setdefault(piece.spec.index,
-                                                                                   piece.session.io_binding())
+        binding = self._bindings.get(piece.spec.index)
+        if binding is None:
+            binding = self._bindings[piece.spec.index] = piece.session.io_binding()
         binding.bind_output("hidden_out", "cpu")  # again: else the last run's output is taken as preallocated
         if isinstance(x, ort.OrtValue):
             binding.bind_ortvalue_input("hidden", x)
@@ -183,7 +184,7 @@ class SegmentRuntime:
         """cos and sin of position x rope_inv_freq, (rows >= positions, D/2), as the exporter's
         torch computes them (float32 angles); grown by doubling up to max_context."""
         if self._rotary[0].shape[0] < positions:
-            rows = min(max(positions, 2 * self._rotary[0].shape[0], 256), self.manifest.max_context)
+            rows = min(max(positions, 2 * self._rotary[0].shape[0], FIRST_CAPACITY), self.manifest.max_context)
             angles = np.arange(rows, dtype=np.float32)[:, None] * np.asarray(self.manifest.rope_inv_freq, np.float32)
             self._rotary = (np.cos(angles).astype(self._act_dtype), np.sin(angles).astype(self._act_dtype))
         return self._rotary

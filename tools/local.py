@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from linguamq.hub.chat import ChatEncoder, chat_encoder, load_template
-from linguamq.hub.head import PREFILL_CHUNK
+from linguamq.hub.head import PREFILL_CHUNK, prefill_chunks
 from linguamq.hub.textstream import StopReason, TextStream, stop_reason
 from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
@@ -89,9 +89,9 @@ def generate_local(runtime: SegmentRuntime, *, prompt_ids: Sequence[int], max_to
     try:
         started = time.perf_counter()
         ids = np.asarray([prompt_ids], dtype=np.int64)
-        for start in range(0, ids.shape[1] - PREFILL_CHUNK, PREFILL_CHUNK):  # as the head sends them
-            runtime.run(session, ids[:, start:start + PREFILL_CHUNK], np.arange(start, start + PREFILL_CHUNK)[None])
-        last = (ids.shape[1] - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        *chunks, (last, _) = prefill_chunks(ids.shape[1], PREFILL_CHUNK)  # as the head sends them
+        for start, end in chunks:
+            runtime.run(session, ids[:, start:end], np.arange(start, end)[None])
         token = _step(runtime, session, ids[:, last:], last, sampling, 0)
         first = time.perf_counter()
         tokens, reason = [token], stop_reason(token, eos, stream, [token], max_tokens)
