@@ -119,12 +119,19 @@ def test_closing_a_stream_cancels_the_request_and_the_nodes_free_its_kv(running:
         sessions.close()
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A suite run as a background job has SIGINT ignored, and Python then leaves it ignored in
+    its children (generate ran to its end and exited 0); a user at a terminal has Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_generate_cancels_the_request_and_exits_130(running: Running) -> None:
     request_id = new_request_id()
     results = running.results_of(request_id)
     proc = subprocess.Popen(linguamq_argv("--log-level", "warning", "generate", "--broker", running.url, "--cluster",
                                           CLUSTER, "--prompt", PROMPT, "--max-tokens", str(LONG), "--id", request_id),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
     try:
         assert proc.stdout is not None and select.select([proc.stdout], [], [], WAIT)[0], "no text from generate"
         assert os.read(proc.stdout.fileno(), 1)  # the stream has started

@@ -118,10 +118,14 @@ def test_a_sessions_end_that_finds_the_queue_full_still_frees_its_kv(cluster: Cl
         busy.set()
         release.wait(WAIT)
 
+    s1_out: queue.Queue[object] = queue.Queue()
+    cluster.hub.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.build(CLUSTER, session="s1"),
+                          lambda _t, value, _r: s1_out.put(value), wait=WAIT)
     try:
         cluster.act("s1")
-        wait_until(lambda: "s1" in node._kv.sessions())  # s1 holds KV here
-        node._emulate_slowdown = stuck  # type: ignore[method-assign]
+        s1_out.get(timeout=WAIT)  # s1's step is over (its output is sent after the slowdown hook) ...
+        assert "s1" in node._kv.sessions()  # ... and s1 holds KV here
+        node._emulate_slowdown = stuck  # type: ignore[method-assign]  # s2 is the first step it stalls
         cluster.act("s2")
         assert busy.wait(WAIT)
         cluster.act("s3")
