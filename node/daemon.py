@@ -31,13 +31,13 @@ import structlog
 
 import linguamq
 from linguamq import topics
-from linguamq.node import system
+from linguamq.node import merge, system
 from linguamq.node.blobs import BlobCache, BlobError
 from linguamq.node.clock import ClockResponder
 from linguamq.node.errors import NodeError
 from linguamq.node.kvcache import KVCache, KVCacheFull
 from linguamq.node.profile import make_profile, probe_compute, probe_link, probe_runtime, work_clock
-from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
+from linguamq.node.runtime import MERGED_DIR, RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
 from linguamq.schemas import envelope
 from linguamq.schemas.cluster import (
@@ -75,6 +75,7 @@ class NodeSettings:
     kv_ttl_s: float = 600.0  # sessions idle this long are dropped
     max_sessions: int = 0  # sessions holding KV here at once; a new one beyond is refused `overloaded` (0: no cap)
     max_envelope_mb: float = 64.0  # larger payloads are refused before decoding (the broker's default cap)
+    merge_layers: bool = True  # run a segment's layers as one graph where `onnx` is installed (node/merge.py)
 
 
 def status_will(cluster: str, name: str) -> Will:
@@ -306,7 +307,8 @@ class NodeDaemon:
         return self.settings.mem_budget_mb or system.sample().free_mem_mb
 
     def _runtime_settings(self) -> RuntimeSettings:
-        return RuntimeSettings(intra_op_threads=self.settings.threads, allow_spinning=self.settings.spin)
+        return RuntimeSettings(intra_op_threads=self.settings.threads, allow_spinning=self.settings.spin,
+                               merge_layers=self.settings.merge_layers)
 
     def _materialize(self, pieces: list) -> Path:
         """The manifest's directory layout in the cache: each piece's file links to its verified blob."""
@@ -329,10 +331,14 @@ class NodeDaemon:
         model_dir = self._materialize(needed)
         # Pieces this node keeps are not loaded again: their sessions hold no per-session state.
         kept = [piece for stage in self._stages.values() for piece in stage.runtime.loaded]
-        return {seg.first: _Stage(seg, SegmentRuntime(manifest=manifest, artifact_dir=model_dir, first=seg.first,
-                                                       last=seg.last, settings=self._runtime_settings(),
-                                                       cache=cache, reuse=kept))
-                for seg in assignment.segments}
+        stages = {seg.first: _Stage(seg, SegmentRuntime(manifest=manifest, artifact_dir=model_dir, first=seg.first,
+                                                         last=seg.last, settings=self._runtime_settings(),
+                                                         cache=cache, reuse=kept))
+                  for seg in assignment.segments}
+        # Layers merged for earlier segments are a copy of their weights on disk: only the current ones stay.
+        in_use = {s.runtime.merged_file.name for s in stages.values() if s.runtime.merged_file is not None}
+        merge.remove_merged_except(model_dir / MERGED_DIR, in_use)
+        return stages
 
     def _run_act(self, topic: str, header: ActHeader, array: np.ndarray, t_recv: float) -> None:
         if header.epoch != self.epoch:  # first: an envelope sent before a replan may be for a piece moved away

@@ -5,7 +5,8 @@ last). `run(session, inputs, positions)` feeds token ids (if the segment starts 
 `embed`) or hidden states through every piece in order and returns hidden states, or
 float32 logits of the last position if the segment ends with `head`. Each layer piece
 reads and replaces the session's cached key/value arrays, or (rotary families) writes its
-new positions into the session's KV buffers in place.
+new positions into the session's KV buffers in place. The in-place layers of a segment run
+as one graph where the `onnx` package is at hand to merge them (node/merge.py).
 
 Positions are absolute and must continue the session's cache: a step for a session
 whose layers hold P positions carries positions P..P+T-1. If a piece fails the session's
@@ -25,6 +26,7 @@ import onnxruntime as ort
 import structlog
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
+from linguamq.node import merge
 from linguamq.node.errors import ArtifactError, ContextOverflowError, InferenceError, RuntimeInputError
 from linguamq.node.kvcache import FIRST_CAPACITY, KVCache
 from linguamq.schemas.manifest import ModelManifest, PieceSpec, file_sha256
@@ -39,6 +41,7 @@ PIECE_IO = {
 IN_PLACE_IO = (("hidden", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"),
                ("hidden_out", "present_key", "present_value"))
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+MERGED_DIR = "merged"  # beside the pieces: their layers merged into one graph (node/merge.py)
 ORT_ERRORS = (Fail, InvalidArgument, RuntimeException)
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -56,6 +59,10 @@ class RuntimeSettings:
     # on, idle pools of the other pieces steal the cores (measured 12x slower decode).
     allow_spinning: bool = False
     verify_sha256: bool = True
+    merge_layers: bool = True  # a segment's in-place layers as one graph, when `onnx` is importable
+
+
+log = structlog.get_logger()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,44 +76,66 @@ class LoadedPiece:
         return self.spec.kind == "layer" and self.session.get_inputs()[-1].name == IN_PLACE_IO[0][-1]
 
 
+@dataclasses.dataclass(frozen=True)
+class MergedLayers:
+    """Consecutive in-place layers merged into one graph (node/merge.py), run by one call."""
+    specs: tuple[PieceSpec, ...]
+    session: ort.InferenceSession
+    file: Path
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(s.index - 1 for s in self.specs)
+
+
+Loaded = LoadedPiece | MergedLayers
+
+
 class SegmentRuntime:
     """Pieces `first..last` (inclusive) of `manifest`, loaded from `artifact_dir`."""
 
     def __init__(self, *, manifest: ModelManifest, artifact_dir: Path | str, first: int, last: int,
                  settings: RuntimeSettings = RuntimeSettings(), cache: KVCache | None = None,
-                 reuse: Iterable[LoadedPiece] = ()) -> None:
+                 reuse: Iterable[Loaded] = ()) -> None:
         """``reuse``: pieces another runtime already loaded (same file, same settings);
         those of this segment are shared, not loaded again (a node keeping pieces across a
-        new assignment: loading is most of a failover)."""
+        new assignment: loading is most of a failover). Merged layers are shared only for the
+        same run of layers: a segment that grew or shrank merges again."""
         if not 0 <= first <= last < len(manifest.pieces):
             raise ArtifactError(f"segment {first}..{last} is outside pieces 0..{len(manifest.pieces) - 1}")
         self.manifest = manifest
         self.cache = cache if cache is not None else KVCache()
         self._act_dtype = NP_DTYPES[manifest.act_dtype]
-        self._pieces = _load_pieces(Path(artifact_dir), manifest.pieces[first:last + 1], settings, reuse)
-        self._layers = [p.spec.index - 1 for p in self._pieces if p.spec.kind == "layer"]
-        if any(p.in_place for p in self._pieces) and not manifest.rope_inv_freq:
+        self._units = _load_units(Path(artifact_dir), manifest, manifest.pieces[first:last + 1], settings, reuse)
+        self._layers = [s.index - 1 for s in self.pieces if s.kind == "layer"]
+        if any(isinstance(u, MergedLayers) or u.in_place for u in self._units) and not manifest.rope_inv_freq:
             raise ArtifactError("the manifest has no rope_inv_freq, which its in-place layers need")
         self._rotary = (np.zeros((0, 0), np.float32),) * 2  # cos, sin by position: grown on demand
-        self._bindings: dict[int, ort.IOBinding] = {}  # in-place layers' bindings, by piece index
-        self._log = structlog.get_logger().bind(pieces=f"{first}..{last}", model=manifest.name)
-        self._log.debug("segment loaded", bytes=sum(p.spec.bytes for p in self._pieces))
+        self._bindings: dict[int, ort.IOBinding] = {}  # in-place layers' bindings, by first piece index
+        self._log = log.bind(pieces=f"{first}..{last}", model=manifest.name)
+        self._log.debug("segment loaded", bytes=sum(s.bytes for s in self.pieces),
+                        calls_per_step=len(self._units))
 
     @property
     def pieces(self) -> tuple[PieceSpec, ...]:
-        return tuple(p.spec for p in self._pieces)
+        return tuple(s for u in self._units for s in _specs(u))
 
     @property
-    def loaded(self) -> tuple[LoadedPiece, ...]:
-        return self._pieces
+    def loaded(self) -> tuple[Loaded, ...]:
+        """What ONNX Runtime holds: pieces, and runs of layers merged (one session call each)."""
+        return self._units
+
+    @property
+    def merged_file(self) -> Path | None:
+        return next((u.file for u in self._units if isinstance(u, MergedLayers)), None)
 
     @property
     def takes_ids(self) -> bool:
-        return self._pieces[0].spec.kind == "embed"
+        return self.pieces[0].kind == "embed"
 
     @property
     def gives_logits(self) -> bool:
-        return self._pieces[-1].spec.kind == "head"
+        return self.pieces[-1].kind == "head"
 
     @property
     def holds_kv(self) -> bool:
@@ -125,17 +154,19 @@ class SegmentRuntime:
         x: np.ndarray | ort.OrtValue = self._check_inputs(inputs)
         pos = self._check_positions(session, positions, x.shape[1])
         try:
-            for piece in self._pieces:
-                x = self._run_piece(piece, session, x, pos)
+            for unit in self._units:
+                x = self._run_unit(unit, session, x, pos)
         except ORT_ERRORS as exc:
             self.cache.drop(session)
             raise InferenceError(f"session {session}: ONNX Runtime failed: {str(exc).splitlines()[0]}") from exc
         return _array(x)
 
-    def _run_piece(self, piece: LoadedPiece, session: str, x: np.ndarray | ort.OrtValue,
-                   pos: np.ndarray) -> np.ndarray | ort.OrtValue:
+    def _run_unit(self, piece: Loaded, session: str, x: np.ndarray | ort.OrtValue,
+                  pos: np.ndarray) -> np.ndarray | ort.OrtValue:
+        if isinstance(piece, MergedLayers):
+            return self._run_in_place(piece.session, piece.specs, session, x, int(pos[0, -1]) + 1, merged=True)
         if piece.in_place:  # hidden states stay in ONNX Runtime from one in-place layer to the next
-            return self._run_in_place(piece, session, x, int(pos[0, -1]) + 1)
+            return self._run_in_place(piece.session, (piece.spec,), session, x, int(pos[0, -1]) + 1, merged=False)
         x = _array(x)
         kind = piece.spec.kind
         if kind == "embed":
@@ -149,18 +180,19 @@ class SegmentRuntime:
         self.cache.put(session, layer, key, value)  # (1, kv, P+T, D)
         return hidden  # (1, T, H)
 
-    def _run_in_place(self, piece: LoadedPiece, session: str, x: np.ndarray | ort.OrtValue,
-                      total: int) -> ort.OrtValue:
+    def _run_in_place(self, ort_session: ort.InferenceSession, specs: tuple[PieceSpec, ...], session: str,
+                      x: np.ndarray | ort.OrtValue, total: int, *, merged: bool) -> ort.OrtValue:
         """Past and present bound to the same buffers: ONNX Runtime writes the new positions
         into them and reads the cache where it lies (no copy of the cache per step). One
-        binding per piece, kept: binding costs more than a small layer's arithmetic."""
-        m, layer = self.manifest, piece.spec.index - 1
-        key, value = self.cache.reserve(session, layer, total, (1, m.num_kv_heads, 1, m.head_dim), self._act_dtype,
-                                        most=m.max_context)
+        binding per piece or merged run, kept: binding costs more than a small layer's
+        arithmetic. Every layer's buffers are reserved before the run and advanced after it."""
+        m = self.manifest
+        buffers = [(s.index - 1, *self.cache.reserve(session, s.index - 1, total, (1, m.num_kv_heads, 1, m.head_dim),
+                                                     self._act_dtype, most=m.max_context)) for s in specs]
         cos, sin = self._rotary_tables(total)
-        binding = self._bindings.get(piece.spec.index)
+        binding = self._bindings.get(specs[0].index)
         if binding is None:
-            binding = self._bindings[piece.spec.index] = piece.session.io_binding()
+            binding = self._bindings[specs[0].index] = ort_session.io_binding()
         binding.bind_output("hidden_out", "cpu")  # again: else the last run's output is taken as preallocated
         if isinstance(x, ort.OrtValue):
             binding.bind_ortvalue_input("hidden", x)
@@ -170,11 +202,14 @@ class SegmentRuntime:
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         binding.bind_cpu_input("cos_cache", cos)
         binding.bind_cpu_input("sin_cache", sin)
-        for past, present, buffer in (("past_key", "present_key", key), ("past_value", "present_value", value)):
-            binding.bind_input(past, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
-            binding.bind_output(present, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
-        piece.session.run_with_iobinding(binding)
-        self.cache.advance(session, layer, total)
+        for layer, key, value in buffers:
+            name = functools.partial(merge.layer_name, layer) if merged else str
+            for past, present, buffer in (("past_key", "present_key", key), ("past_value", "present_value", value)):
+                binding.bind_input(name(past), "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+                binding.bind_output(name(present), "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+        ort_session.run_with_iobinding(binding)
+        for layer, _, _ in buffers:
+            self.cache.advance(session, layer, total)
         out = binding.get_outputs()[0]  # (1, T, H); a reference of its own
         binding.clear_binding_inputs()  # else every layer's activations stay alive until its next run
         binding.clear_binding_outputs()
@@ -241,33 +276,85 @@ def _session_options(settings: RuntimeSettings) -> ort.SessionOptions:
     return options
 
 
-def _load_pieces(artifact_dir: Path, specs: tuple[PieceSpec, ...], settings: RuntimeSettings,
+def _specs(unit: Loaded) -> tuple[PieceSpec, ...]:
+    return unit.specs if isinstance(unit, MergedLayers) else (unit.spec,)
+
+
+def _load_units(artifact_dir: Path, manifest: ModelManifest, specs: tuple[PieceSpec, ...], settings: RuntimeSettings,
+                reuse: Iterable[Loaded] = ()) -> tuple[Loaded, ...]:
+    """The segment's layers merged into one session where they can be (else one each), its
+    other pieces one each, in piece order. What ``reuse`` holds for the same specs is taken as it is."""
+    options = _session_options(settings)
+    reuse = tuple(reuse)
+    layers = tuple(s for s in specs if s.kind == "layer")
+    merged = None
+    if settings.merge_layers and manifest.rope_inv_freq and len(layers) > 1 and merge.can_merge():
+        merged = next((u for u in reuse if isinstance(u, MergedLayers) and u.specs == layers), None) \
+            or _load_merged(artifact_dir, layers, options, settings.verify_sha256)
+    singles = _load_pieces(artifact_dir, tuple(s for s in specs if merged is None or s not in layers), options,
+                           settings.verify_sha256, [u for u in reuse if isinstance(u, LoadedPiece)])
+    units: list[Loaded] = [p for p in singles if p.spec.kind == "embed"]
+    units += [merged] if merged is not None else [p for p in singles if p.spec.kind == "layer"]
+    return (*units, *(p for p in singles if p.spec.kind == "head"))
+
+
+def _load_pieces(artifact_dir: Path, specs: tuple[PieceSpec, ...], options: ort.SessionOptions, verify: bool,
                  reuse: Iterable[LoadedPiece] = ()) -> tuple[LoadedPiece, ...]:
     """Largest first: a piece's file is briefly resident twice while it loads, and that
     transient costs least while little else is resident (peak RSS -~100 MB at 100M params).
     A piece in ``reuse`` with the same spec (name, index, sha256) is taken as it is."""
-    options = _session_options(settings)
     kept = {p.spec: p for p in reuse}
-    loaded = {spec.index: kept.get(spec) or _load_piece(artifact_dir, spec, options, settings.verify_sha256)
+    loaded = {spec.index: kept.get(spec) or _load_piece(artifact_dir, spec, options, verify)
               for spec in sorted(specs, key=lambda p: -p.bytes)}
     return tuple(loaded[spec.index] for spec in specs)
 
 
+def _load_merged(artifact_dir: Path, layers: tuple[PieceSpec, ...], options: ort.SessionOptions,
+                 verify: bool) -> MergedLayers | None:
+    """The layers merged into ``artifact_dir/merged`` and loaded; None (the caller loads them one
+    by one) if that fails for a reason of this machine's (disk, permissions), said in the log."""
+    out_dir = artifact_dir / MERGED_DIR
+    for spec in layers:  # even when merged before: a piece found tampered with is refused as when run alone
+        _check_file(artifact_dir, spec, verify)
+    try:
+        path = merge.merge_layers(artifact_dir, layers, out_dir)
+    except OSError as exc:
+        log.warning("layers not merged; running them one by one", error=str(exc))
+        return None
+    session = _new_session(path, f"layers {layers[0].index - 1}..{layers[-1].index - 1} merged", options,
+                           hint=" (a node started with --no-merge runs them one by one)")
+    names = [merge.layer_name(s.index - 1, n) for s in layers for n in merge.PER_LAYER_INPUTS]
+    expected = (("hidden", *merge.SHARED_INPUTS, *names),
+                ("hidden_out", *(merge.layer_name(s.index - 1, n) for s in layers for n in merge.PER_LAYER_OUTPUTS)))
+    got = (tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs()))
+    if sorted(got[0]) != sorted(expected[0]) or sorted(got[1]) != sorted(expected[1]):
+        raise ArtifactError(f"merged layers {path.name}: expected inputs {expected[0]} and outputs {expected[1]}, "
+                            f"got {got[0]} and {got[1]}")
+    return MergedLayers(specs=layers, session=session, file=path)
+
+
 def _load_piece(artifact_dir: Path, spec: PieceSpec, options: ort.SessionOptions, verify: bool) -> LoadedPiece:
+    session = _new_session(_check_file(artifact_dir, spec, verify), f"piece {spec.name}", options)
+    _check_io(spec, session)
+    return LoadedPiece(spec=spec, session=session)
+
+
+def _check_file(artifact_dir: Path, spec: PieceSpec, verify: bool) -> Path:
     path = artifact_dir / spec.file
     if not path.is_file():
         raise ArtifactError(f"piece {spec.name}: file {str(path)!r} is missing")
     if verify and file_sha256(path) != spec.sha256:
         raise ArtifactError(f"piece {spec.name}: {spec.file} does not match its sha256 in the manifest")
+    return path
+
+
+def _new_session(path: Path, what: str, options: ort.SessionOptions, hint: str = "") -> ort.InferenceSession:
     try:
         # From the path, not from bytes: ORT's Python session keeps a model given as bytes
         # alive, which doubles the resident weights.
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own pybind classes; translate them all here
-        raise ArtifactError(f"piece {spec.name}: ONNX Runtime cannot load {spec.file}: "
-                            f"{str(exc).splitlines()[0]}") from exc
-    _check_io(spec, session)
-    return LoadedPiece(spec=spec, session=session)
+        raise ArtifactError(f"{what}: ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}{hint}") from exc
 
 
 def _check_io(spec: PieceSpec, session: ort.InferenceSession) -> None:

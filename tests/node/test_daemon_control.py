@@ -23,6 +23,7 @@ from linguamq.broker import BrokerThread
 from linguamq.hub.blobs import BlobServer
 from linguamq.node import daemon as node_daemon
 from linguamq.node.daemon import NodeDaemon, NodeSettings, status_will
+from linguamq.node.runtime import MERGED_DIR
 from linguamq.schemas import envelope
 from linguamq.schemas.cluster import Assignment, Segment
 from linguamq.schemas.envelope import ActHeader
@@ -139,6 +140,22 @@ def test_a_sessions_end_that_finds_the_queue_full_still_frees_its_kv(cluster: Cl
         release.set()
     wait_until(lambda: {"s2", "s3", "s4"} <= set(node._kv.sessions()))  # the queued work ran...
     wait_until(lambda: "s1" not in node._kv.sessions())  # ...and the end freed s1's KV
+
+
+def test_a_new_assignment_leaves_only_its_own_merged_layers_on_disk(cluster: Cluster) -> None:
+    """Merged layers are a copy of a segment's weights: a node that moves on deletes the old copy."""
+    node = cluster.node
+    merged = node.settings.cache_dir / "models" / cluster.sha[:16] / MERGED_DIR
+
+    def files() -> list[str]:
+        return sorted(p.name for p in merged.iterdir())
+
+    assert [f.split("-")[1:3] for f in files()] == [["0", "2"]] * 2  # layers 0-2: the graph and its weights
+    segment = Segment(first=0, last=2, next_piece=3)  # embed, layers 0-1
+    cluster.hub.publish(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(CLUSTER, node="n1"),
+                        Assignment(node="n1", epoch=2, manifest_sha256=cluster.sha, segments=(segment,)), wait=WAIT)
+    wait_until(lambda: node.epoch == 2 and node.state == "ready")
+    assert [f.split("-")[1:3] for f in files()] == [["0", "1"]] * 2
 
 
 def test_the_tails_sampling_is_in_its_stage_not_in_the_transfer(cluster: Cluster,

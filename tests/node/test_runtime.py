@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from linguamq.node import merge
 from linguamq.node.errors import ArtifactError, ContextOverflowError, RuntimeInputError
-from linguamq.node.runtime import RuntimeSettings, SegmentRuntime
+from linguamq.node.runtime import MERGED_DIR, LoadedPiece, MergedLayers, RuntimeSettings, SegmentRuntime
 from linguamq.schemas.manifest import ModelManifest
 
 Art = tuple[Path, ModelManifest]
@@ -120,23 +121,67 @@ def test_a_new_segment_shares_the_pieces_it_keeps_and_computes_the_same(artifact
     """A node given a new segment overlapping its old one keeps those pieces' sessions
     (loading is most of a failover); the new runtime's output is the same."""
     path, manifest = artifacts
-    old = runtime(artifacts, 0, 2)
-    new = SegmentRuntime(manifest=manifest, artifact_dir=path, first=1, last=3,
-                         settings=RuntimeSettings(intra_op_threads=1), reuse=old.loaded)
-    shared = {p.spec.index for p in new.loaded if any(p is q for q in old.loaded)}
+    settings = RuntimeSettings(intra_op_threads=1, merge_layers=False)
+    old = runtime(artifacts, 0, 2, merge_layers=False)
+    new = SegmentRuntime(manifest=manifest, artifact_dir=path, first=1, last=3, settings=settings, reuse=old.loaded)
+    shared = {p.spec.index for p in new.loaded if isinstance(p, LoadedPiece) and any(p is q for q in old.loaded)}
     assert shared == {1, 2}  # piece 3 was not held: loaded
-    fresh = runtime(artifacts, 1, 3)
+    fresh = runtime(artifacts, 1, 3, merge_layers=False)
     hidden = runtime(artifacts, 0, 0).run("s", IDS, positions(0, 12))
     assert np.array_equal(new.run("s", hidden, positions(0, 12)), fresh.run("s", hidden, positions(0, 12)))
 
 
 def test_a_piece_of_another_model_is_not_reused(artifacts: Art) -> None:
     path, manifest = artifacts
-    old = runtime(artifacts, 0, 2)
-    other = [dataclasses.replace(p, spec=dataclasses.replace(p.spec, sha256="0" * 64)) for p in old.loaded]
+    old = runtime(artifacts, 0, 2, merge_layers=False)
+    other = [dataclasses.replace(p, spec=dataclasses.replace(p.spec, sha256="0" * 64)) for p in old.loaded
+             if isinstance(p, LoadedPiece)]
     new = SegmentRuntime(manifest=manifest, artifact_dir=path, first=0, last=2,
-                         settings=RuntimeSettings(intra_op_threads=1), reuse=other)
+                         settings=RuntimeSettings(intra_op_threads=1, merge_layers=False), reuse=other)
     assert not any(p is q for p in new.loaded for q in other)
+
+
+def test_a_segments_layers_run_as_one_graph_with_the_outputs_of_one_call_each(artifacts: Art) -> None:
+    """Merged (node/merge.py): one ONNX Runtime call for all of a segment's layers, the same
+    logits through prefill and cached decode as one call per layer, KV kept per layer."""
+    merged, single = runtime(artifacts), runtime(artifacts, merge_layers=False)
+    assert [type(u) for u in merged.loaded] == [LoadedPiece, MergedLayers, LoadedPiece]  # embed, layers 0-2, head
+    assert len(single.loaded) == 5 and merged.pieces == single.pieces
+    for start, end in ((0, 9), (9, 10), (10, 11), (11, 12)):
+        got, want = (rt.run("s", IDS[:, start:end], positions(start, end - start)) for rt in (merged, single))
+        assert np.abs(got - want).max() < 1e-4
+    assert merged.context_length("s") == 12 and merged.cache.sessions() == single.cache.sessions()
+
+
+def test_merged_layers_are_kept_for_the_same_layers_and_merged_again_for_others(artifacts: Art) -> None:
+    path, manifest = artifacts
+    old = runtime(artifacts, 0, 2)  # embed, layers 0-1
+    same = SegmentRuntime(manifest=manifest, artifact_dir=path, first=1, last=2,
+                          settings=RuntimeSettings(intra_op_threads=1), reuse=old.loaded)
+    assert same.loaded[0] is old.loaded[1]  # the same run of layers: its session is shared
+    grown = SegmentRuntime(manifest=manifest, artifact_dir=path, first=1, last=3,
+                           settings=RuntimeSettings(intra_op_threads=1), reuse=old.loaded)
+    assert grown.merged_file != old.merged_file and not any(u is v for u in grown.loaded for v in old.loaded)
+    hidden = runtime(artifacts, 0, 0).run("s", IDS, positions(0, 12))
+    assert np.abs(grown.run("s", hidden, positions(0, 12))
+                  - runtime(artifacts, 1, 3, merge_layers=False).run("s", hidden, positions(0, 12))).max() < 1e-4
+
+
+def test_layers_run_one_by_one_where_they_cannot_be_merged(artifacts: Art, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `onnx` package (a Termux node), or no room to write the merged file: the same logits."""
+    path, manifest = artifacts
+    want = runtime(artifacts, merge_layers=False).run("s", IDS, positions(0, 12))
+    copy = tmp_path / "art"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns(MERGED_DIR))
+    (copy / MERGED_DIR).write_text("a file where the merged directory would go")
+    unwritable = runtime((copy, manifest))
+    with monkeypatch.context() as patch:
+        patch.setattr(merge, "can_merge", lambda: False)
+        no_onnx = runtime(artifacts)
+    for rt in (unwritable, no_onnx):
+        assert len(rt.loaded) == 5 and rt.merged_file is None
+        assert np.array_equal(rt.run("s", IDS, positions(0, 12)), want)
 
 
 def test_a_prompt_in_chunks_gives_the_logits_of_the_whole_prompt(artifacts: Art) -> None:

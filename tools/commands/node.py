@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse larger payloads before decoding them (default 64, the broker's cap)")
     parser.add_argument("--no-spin", action="store_true",
                         help="ONNX Runtime threads sleep between ops (several nodes on one machine)")
+    parser.add_argument("--no-merge", action="store_true",
+                        help="run each layer as its own graph; by default a segment's layers are merged into "
+                             "one graph (faster; needs the onnx package and disk for a copy of the segment)")
     add_connection_arguments(parser)  # a node-role user whose name is the node's --name
 
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         settings = NodeSettings(name=args.name, cluster=args.cluster, cache_dir=args.cache, threads=args.threads,
                                 slowdown=args.slowdown, mem_budget_mb=args.mem_budget, spin=not args.no_spin,
                                 kv_max_mb=args.kv_max_mb, kv_ttl_s=args.kv_ttl, max_sessions=args.max_sessions,
-                                max_envelope_mb=args.max_envelope_mb)
+                                max_envelope_mb=args.max_envelope_mb, merge_layers=not args.no_merge)
         client = MqttClient(url=args.broker, client_id=f"node-{args.name}",
                             will=status_will(args.cluster, args.name), **login).start()
     except (TopicError, MqttError, ValueError) as exc:
