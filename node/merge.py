@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -97,19 +98,21 @@ def _drop(values, names: set[str]) -> None:  # a repeated ValueInfoProto field
 
 
 def _save(model, out: Path) -> None:  # onnx.ModelProto
-    """The weights first, then the graph under a temporary name renamed into place: a merged
-    file that exists is whole (a node killed while merging merges again)."""
+    """Written in a directory of its own, then moved into place, weights first: a merged file
+    that exists is whole (a node killed while merging merges again), and two processes
+    merging the same layers at once each move a whole copy."""
     import onnx
 
-    partial = out.with_name(out.name + ".partial")
-    (out.parent / (out.name + ".data")).unlink(missing_ok=True)  # onnx appends to a data file it finds
-    onnx.save_model(model, str(partial), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out.name + ".data", size_threshold=1024)  # small ones inline: shape inference reads them
-    partial.replace(out)
+    data = out.name + ".data"
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merging-") as tmp:
+        onnx.save_model(model, str(Path(tmp) / out.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)  # small ones inline: shape inference reads them
+        (Path(tmp) / data).replace(out.parent / data)
+        (Path(tmp) / out.name).replace(out)
 
 
 def remove_merged_except(directory: Path, keep: set[str]) -> None:
     """Delete merged files in ``directory`` other than ``keep`` (names): a node's earlier segments."""
     for path in directory.glob(f"{PREFIX}*"):
-        if path.name not in keep and path.name.removesuffix(".data").removesuffix(".partial") not in keep:
+        if path.name.removesuffix(".data") not in keep:
             path.unlink(missing_ok=True)

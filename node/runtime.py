@@ -318,7 +318,7 @@ def _load_merged(artifact_dir: Path, layers: tuple[PieceSpec, ...], options: ort
         _check_file(artifact_dir, spec, verify)
     try:
         path = merge.merge_layers(artifact_dir, layers, out_dir)
-    except OSError as exc:
+    except (OSError, ImportError) as exc:  # no room, no rights, an onnx that cannot be imported
         log.warning("layers not merged; running them one by one", error=str(exc))
         return None
     session = _new_session(path, f"layers {layers[0].index - 1}..{layers[-1].index - 1} merged", options,
