@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from linguamq.broker.process import BrokerOptions, BrokerProcess
+
 pytestmark = pytest.mark.integration
 
 END = "s/end"  # published last: everything the broker had for a client arrives before it
@@ -286,3 +288,19 @@ def test_queued_messages_obey_the_read_policy(custom_broker, raw_mqtt) -> None:
     assert sub.connect() is True
     pub.publish(END, b"", qos=1)
     assert [m.topic for m in receive_until(sub, raw_mqtt)] == ["s/ok"]
+
+
+def test_the_broker_process_takes_the_limits(raw_mqtt) -> None:
+    # What `linguamq hub --max-queued-messages 2` starts: the broker in its own process.
+    options = BrokerOptions(max_inflight_messages=5, max_queued_messages=2, session_expiry_s=60)
+    with BrokerProcess(options=options) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        sub = away(raw_mqtt, port)
+        pub = raw_mqtt.Client(port, "pub")
+        pub.connect()
+        for i in range(4):
+            pid = pub.publish(f"s/{i}", b"%d" % i, qos=1)
+            assert pub.expect(raw_mqtt.PUBACK).packet_id == pid
+        assert sub.connect() is True
+        assert pub.publish(END, b"", qos=1) == pub.expect(raw_mqtt.PUBACK).packet_id
+        assert [m.payload for m in receive_until(sub, raw_mqtt)] == [b"0", b"1"]
