@@ -166,6 +166,18 @@ def test_qos2_both_ways_with_paho(any_peer) -> None:
     assert sub.sync() == [(f"s/{i % 3}", b"%d" % i, 2, False) for i in range(20)]
 
 
+def test_a_burst_beyond_the_in_flight_window_arrives_whole_and_in_order(any_broker, any_peer, raw_mqtt) -> None:
+    # 200 QoS 1 messages at once to one subscriber: 20 in flight, the rest wait their turn.
+    sub = any_peer("sub")
+    sub.subscribe(("s/#", 1))
+    pub = raw_mqtt.Client(any_broker.port, "pub")
+    pub.connect()
+    for i in range(200):
+        pub.publish(f"s/{i % 3}", b"%d" % i, qos=1)
+    assert sorted(pub.expect(raw_mqtt.PUBACK).packet_id for _ in range(200)) == list(range(1, 201))
+    assert sub.sync() == [(f"s/{i % 3}", b"%d" % i, 1, False) for i in range(200)]
+
+
 def test_delivery_qos_is_the_lower_of_publish_and_subscription(any_peer) -> None:
     # [MQTT-3.8.4-6]: a QoS 0 message does not become QoS 1 on its way to a QoS 1 subscriber.
     pub, sub = any_peer("pub"), any_peer("sub")
