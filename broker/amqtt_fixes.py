@@ -825,8 +825,8 @@ class FixedBroker(Broker):
             await asyncio.sleep(interval)
             now = asyncio.get_running_loop().time()
             for client_id, (session, _) in list(self._sessions.items()):
-                if session.transitions.state != "disconnected":
-                    continue
+                if session.transitions.state != "disconnected" or _outbox(session).live is not None:
+                    continue  # (live: resumed by a connection that took over a slow-to-close one)
                 if not session.clean_session and now - _outbox(session).away_since < self._session_expiry:
                     continue
                 if not session.clean_session:

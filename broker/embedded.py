@@ -89,9 +89,10 @@ class EmbeddedBroker:
         _check(isinstance(port, int) and 0 <= port <= 65_535, f"port out of range: {port!r}")
         _check(MAX_STRING_READ < max_payload <= MQTT_MAX_PAYLOAD,
                f"max_payload must be in ({MAX_STRING_READ}, {MQTT_MAX_PAYLOAD}], got {max_payload}")
-        for name, count in (("max_inflight_messages", max_inflight_messages),
-                            ("max_queued_messages", max_queued_messages)):
-            _check(isinstance(count, int) and count > 0, f"{name} must be a positive integer, got {count!r}")
+        _check(isinstance(max_inflight_messages, int) and 0 < max_inflight_messages < 65_536,
+               f"max_inflight_messages must be in [1, 65535] (MQTT packet ids), got {max_inflight_messages!r}")
+        _check(isinstance(max_queued_messages, int) and max_queued_messages > 0,
+               f"max_queued_messages must be a positive integer, got {max_queued_messages!r}")
         for name, value in (("connect_timeout", connect_timeout), ("session_expiry_s", session_expiry_s),
                             ("start_timeout", start_timeout), ("stop_timeout", stop_timeout)):
             _check(value > 0, f"{name} must be positive, got {value}")
