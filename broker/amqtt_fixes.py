@@ -124,7 +124,8 @@ mosquitto too, tests/broker/test_broker_sessions.py):
     nothing unacknowledged was ever sent again. Here no task waits: a message stays in the
     session's inflight_out until acknowledged (an acknowledgement lets the next waiting one
     go, 17), and a resumed session first sends each again, in order -- the PUBLISH with DUP
-    set, or the PUBREL once its PUBREC came [MQTT-4.4.0-1] -- then its queue, then live ones.
+    set (asked of ``may_read`` again, as a queued one is), or the PUBREL once its PUBREC came
+    [MQTT-4.4.0-1] -- then its queue, then live ones.
 20. Incoming QoS 2: after a reconnect, the client's PUBREL got a PUBREC back and the message
     was never delivered (amqtt re-ran its receiving flow, handler.py:181-192). Here a QoS 2
     PUBLISH is kept in the session until its PUBREL, then routed once (a duplicate PUBLISH
@@ -750,15 +751,18 @@ class FixedBroker(Broker):
         # Replaces ProtocolHandler._retry_deliveries (handler.py:174-194), run when a
         # connection starts: (19) what the client had not acknowledged goes again first, in
         # the order first sent -- the PUBLISH with DUP set, or the PUBREL once a PUBREC came
-        # [MQTT-4.4.0-1] -- then what was queued while it was away (each asked of may_read
-        # again: the policy may have changed), then live messages. All started in this one
-        # step, so nothing overtakes.
+        # [MQTT-4.4.0-1] -- then what was queued while it was away, then live messages. Each
+        # PUBLISH, sent before or not, is asked of may_read again (the policy may have changed
+        # meanwhile); a refused one is forgotten. A PUBREL carries no payload: it goes. All
+        # started in this one step, so nothing overtakes.
         session = handler.session
         if session is None:
             return
-        for message in list(session.inflight_out.values()):
+        for packet_id, message in list(session.inflight_out.items()):
             if message.qos == QOS_2 and message.pubrec_packet is not None:
                 self._send(handler, PubrelPacket.build(cast("int", message.packet_id)))
+            elif self._may_read is not None and not self._allowed(self._may_read, session, message.topic):
+                del session.inflight_out[packet_id]
             else:
                 message.publish_packet = message.build_publish_packet(dup=True)
                 self._send(handler, message.publish_packet)

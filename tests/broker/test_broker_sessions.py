@@ -300,6 +300,14 @@ def test_queued_messages_obey_the_read_policy(custom_broker, raw_mqtt) -> None:
     assert sub.connect() is True
     pub.publish(END, b"", qos=1)
     assert [m.topic for m in receive_until(sub, raw_mqtt)] == ["s/ok"]
+    # One sent but not acknowledged is asked again too before it goes with DUP set.
+    pub.publish("s/revoked", b"x", qos=1)
+    assert sub.receive().topic == "s/revoked"
+    sub.drop()  # no PUBACK
+    denied.add("s/revoked")
+    assert sub.connect() is True
+    pub.publish(END, b"", qos=1)
+    assert receive_until(sub, raw_mqtt) == []
 
 
 def test_the_broker_process_takes_the_limits(raw_mqtt) -> None:
