@@ -112,8 +112,10 @@ mosquitto too, tests/broker/test_broker_sessions.py):
     ``max_inflight`` messages unacknowledged (amqtt: no limit), at most ``max_queued`` more
     wait -- behind those, or while it is away -- and beyond that the newest are dropped. A
     session whose client stays away ``session_expiry`` seconds ends. Drops and expiries are
-    logged (``broker.messages_dropped``, ``broker.queue_dropped``, ``broker.session_expired``)
-    and counted (``counters``, ``EmbeddedBroker.stats()``).
+    counted (``counters``, ``EmbeddedBroker.stats()``) and logged: each burst of drops when it
+    starts (``broker.messages_dropped``) and with its count when it ends -- the queue drained,
+    the client resumed -- or every ``DROPS_REPORT_S`` while it lasts (``broker.queue_dropped``);
+    an expiry with what it held (``broker.session_expired``).
 18. A persistent CONNECT resumed a session a clean-session client had left in the table
     (session present 1 after a clean session), and one with the id of a connected client
     left that connection open (broker.py:567-575), whose later disconnect then marked the
@@ -179,6 +181,7 @@ SUBSCRIBE_FAILED = 0x80  # SUBACK return code of a refused filter
 MAX_STRING_READ = 65_535
 KEEPALIVE_GRACE = 1.5  # [MQTT-3.1.2-24]
 OUTBOX = "linguamq.outbox"  # key of a session's _Outbox in Session.attributes
+DROPS_REPORT_S = 60.0  # a burst of drops that goes on is logged again this often
 
 T = TypeVar("T")
 
@@ -272,7 +275,8 @@ class _Outbox:
     queued: collections.deque[_Item] = dataclasses.field(default_factory=collections.deque)
     live: BrokerProtocolHandler | None = None  # set by _resume, cleared on disconnect
     away_since: float = 0.0  # event loop time of the last disconnect
-    dropped: int = 0  # messages dropped since the client last resumed
+    dropped: int = 0  # messages dropped in this burst: since the queue last had room
+    drops_since: float = 0.0  # event loop time of the first drop of this burst
 
 
 def _outbox(session: Session) -> _Outbox:
@@ -738,14 +742,27 @@ class FixedBroker(Broker):
             outbox.queued.popleft()
             if self._may_read is None or self._allowed(self._may_read, session, item.topic):
                 self._transmit(session, handler, item)
+        if handler is not None and outbox.dropped:  # the queue drained: that burst is over
+            self._report_drops(session, outbox)
 
     def _dropped(self, session: Session, outbox: _Outbox, reason: str, count: int = 1) -> None:
-        """Count messages a client will never get; the first of a run is logged at once."""
+        """Count messages a client will never get. The first of a burst is logged at once, the
+        burst's count when it ends (the queue drained, the client resumed) or every
+        ``DROPS_REPORT_S`` while it goes on: a node stays connected for days."""
+        now = asyncio.get_running_loop().time()
         if outbox.dropped == 0:
             self._log.warning("broker.messages_dropped", client=session.client_id, reason=reason,
                               max_queued=self._max_queued)
+            outbox.drops_since = now
         outbox.dropped += count
         self.counters["queue_dropped"] += count
+        if now - outbox.drops_since >= DROPS_REPORT_S:
+            self._report_drops(session, outbox)
+
+    def _report_drops(self, session: Session, outbox: _Outbox) -> None:
+        self._log.warning("broker.queue_dropped", client=session.client_id, dropped=outbox.dropped,
+                          max_queued=self._max_queued)
+        outbox.dropped = 0
 
     async def _resume(self, handler: BrokerProtocolHandler) -> None:
         # Replaces ProtocolHandler._retry_deliveries (handler.py:174-194), run when a
@@ -769,10 +786,8 @@ class FixedBroker(Broker):
         outbox = _outbox(session)
         outbox.live = handler
         self._refill(session, outbox)
-        if outbox.dropped:
-            self._log.warning("broker.queue_dropped", client=session.client_id, dropped=outbox.dropped,
-                              max_queued=self._max_queued)
-            outbox.dropped = 0
+        if outbox.dropped:  # while it was away (the refill found its queue longer than its window)
+            self._report_drops(session, outbox)
 
     async def _on_puback(self, handler: BrokerProtocolHandler, packet: PubackPacket) -> None:
         # Replaces ProtocolHandler.handle_puback (handler.py:677-688): no task waits for it (19).

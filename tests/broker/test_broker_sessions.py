@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import structlog
 
 from linguamq.broker.process import BrokerOptions, BrokerProcess
 
@@ -308,6 +309,30 @@ def test_queued_messages_obey_the_read_policy(custom_broker, raw_mqtt) -> None:
     assert sub.connect() is True
     pub.publish(END, b"", qos=1)
     assert receive_until(sub, raw_mqtt) == []
+
+
+def test_each_burst_of_drops_to_a_connected_client_is_logged(custom_broker, raw_mqtt) -> None:
+    # Embedded only (its log): a node stays connected for days, so an overflow after its queue
+    # drained is logged again -- not only the first one since it connected.
+    with structlog.testing.capture_logs() as logs:
+        running, _ = custom_broker(max_inflight_messages=1, max_queued_messages=1)
+        sub = raw_mqtt.Client(running.port, "sub")
+        sub.connect()
+        sub.subscribe(("s/#", 1))
+        pub = raw_mqtt.Client(running.port, "pub")
+        pub.connect()
+        for _ in range(2):
+            for i in range(3):  # one in flight, one waits behind it, one dropped
+                pid = pub.publish(f"s/{i}", b"%d" % i, qos=1)
+                assert pub.expect(raw_mqtt.PUBACK).packet_id == pid
+            for _ in range(2):  # the queue drains: the burst is over
+                message = sub.receive()
+                sub.ack(raw_mqtt.PUBACK, message.packet_id)
+        pub.publish(END, b"", qos=1)
+        assert receive_until(sub, raw_mqtt) == []
+    assert len([e for e in logs if e["event"] == "broker.messages_dropped"]) == 2
+    assert [e["dropped"] for e in logs if e["event"] == "broker.queue_dropped"] == [1, 1]
+    assert running.broker.stats().queue_dropped == 2
 
 
 def test_the_broker_process_takes_the_limits(raw_mqtt) -> None:
