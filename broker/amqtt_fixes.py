@@ -110,7 +110,11 @@ mosquitto too, tests/broker/test_broker_sessions.py):
     messages; they go out in order when the client is back, each asked of ``may_read``
     again, with retain 0 (amqtt set it, broker.py:1128). As in mosquitto, a client has at most
     ``max_inflight`` messages unacknowledged (amqtt: no limit), at most ``max_queued`` more
-    wait -- behind those, or while it is away -- and beyond that the newest are dropped. A
+    wait -- behind those, or while it is away -- and beyond that the newest are dropped.
+    ``max_queued_bytes`` bounds them in bytes too (mosquitto's max_queued_bytes). A QoS 0
+    message waits on no window, but it is held while a client does not read its socket (each
+    send waits behind amqtt's write lock and drain): one for a client that has ``max_queued``
+    messages or ``max_queued_bytes`` bytes still unwritten is dropped. A
     session whose client stays away ``session_expiry`` seconds ends. Drops and expiries are
     counted (``counters``, ``EmbeddedBroker.stats()``) and logged: each burst of drops when it
     starts (``broker.messages_dropped``) and with its count when it ends -- the queue drained,
@@ -273,10 +277,19 @@ class _Outbox:
     connection it is live on once resumed."""
 
     queued: collections.deque[_Item] = dataclasses.field(default_factory=collections.deque)
+    queued_bytes: int = 0  # payload and topic bytes of ``queued``
+    # Packets handed to the connection and not yet written out: each holds its payload while
+    # it waits behind a client that does not read its socket (amqtt's write lock and drain).
+    sending: int = 0
+    sending_bytes: int = 0
     live: BrokerProtocolHandler | None = None  # set by _resume, cleared on disconnect
     away_since: float = 0.0  # event loop time of the last disconnect
     dropped: int = 0  # messages dropped in this burst: since the queue last had room
     drops_since: float = 0.0  # event loop time of the first drop of this burst
+
+
+def _size(item: _Item) -> int:
+    return len(item.data) + len(item.topic)
 
 
 def _outbox(session: Session) -> _Outbox:
@@ -318,14 +331,16 @@ class FixedBroker(Broker):
     """
 
     def __init__(self, config: dict[str, Any], *, max_payload: int, connect_timeout: float,
-                 max_inflight: int, max_queued: int, session_expiry: float, may_read: TopicPolicy | None,
-                 may_publish: TopicPolicy | None, authenticate: Authenticate | None = None) -> None:
+                 max_inflight: int, max_queued: int, max_queued_bytes: int, session_expiry: float,
+                 may_read: TopicPolicy | None, may_publish: TopicPolicy | None,
+                 authenticate: Authenticate | None = None) -> None:
         super().__init__(config)
         self._authenticate_user = authenticate
         self._max_payload = max(max_payload, MAX_STRING_READ)
         self._connect_timeout = connect_timeout
         self._max_inflight = max_inflight
         self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes  # 0: no limit in bytes
         self._session_expiry = session_expiry
         # Messages dropped (a full queue, an expired session) and sessions expired, ever.
         self.counters = {"queue_dropped": 0, "sessions_expired": 0}
@@ -703,6 +718,9 @@ class FixedBroker(Broker):
         handler = outbox.live
         if handler is not None and not outbox.queued and (
                 item.qos == QOS_0 or len(session.inflight_out) < self._max_inflight):
+            if item.qos == QOS_0 and self._over_limits(outbox.sending, outbox.sending_bytes, _size(item)):
+                self._dropped(session, outbox, "not_reading")  # a QoS 0 waits on no window: bounded here
+                return
             self._transmit(session, handler, item)
         elif handler is not None or session.transitions.is_connected() or (
                 not session.clean_session and item.qos != QOS_0):
@@ -712,24 +730,45 @@ class FixedBroker(Broker):
         """Start sending one PUBLISH. QoS 1/2: it stays in the session's inflight_out until
         acknowledged, whatever happens to the connection (19)."""
         if item.qos == QOS_0:
-            self._send(handler, PublishPacket.build(item.topic, bytes(item.data), None, False, QOS_0, item.retain))
+            packet = PublishPacket.build(item.topic, bytes(item.data), None, False, QOS_0, item.retain)
+            self._send(session, handler, packet, _size(item))
             return
         message = OutgoingApplicationMessage(session.next_packet_id, item.topic, item.qos, item.data, item.retain)
         message.publish_packet = message.build_publish_packet()
         session.inflight_out[cast("int", message.packet_id)] = message
-        self._send(handler, message.publish_packet)
+        self._send(session, handler, message.publish_packet, _size(item))
 
-    def _send(self, handler: BrokerProtocolHandler, packet: PublishPacket | PubrelPacket) -> None:
+    def _send(self, session: Session, handler: BrokerProtocolHandler, packet: PublishPacket | PubrelPacket,
+              size: int) -> None:
         # Started in order; the handler's write lock (FIFO) keeps that order on the wire.
-        self._tasks_queue.append(asyncio.ensure_future(handler._send_packet(packet)))
+        task = asyncio.ensure_future(handler._send_packet(packet))
+        outbox = _outbox(session)
+        outbox.sending += 1
+        outbox.sending_bytes += size
+        task.add_done_callback(functools.partial(self._sent, session, outbox, size))
+        self._tasks_queue.append(task)
+
+    def _sent(self, session: Session, outbox: _Outbox, size: int, _: asyncio.Future[Any]) -> None:
+        outbox.sending -= 1
+        outbox.sending_bytes -= size
+        if outbox.dropped and not outbox.sending and not outbox.queued:  # all written: burst over
+            self._report_drops(session, outbox)
+
+    def _over_limits(self, count: int, size: int, more: int) -> bool:
+        """Whether ``count`` messages of ``size`` bytes held for a client leave no room for
+        one more of ``more`` bytes: ``max_queued`` messages, ``max_queued_bytes`` bytes (one
+        message alone always fits, however large: max_payload bounds it)."""
+        return count >= self._max_queued or (
+            self._max_queued_bytes > 0 and count > 0 and size + more > self._max_queued_bytes)
 
     def _enqueue(self, session: Session, outbox: _Outbox, item: _Item) -> None:
-        """(17) Keep a message until it can go; beyond ``max_queued`` waiting, the newest is
-        dropped, as mosquitto's max_queued_messages does."""
-        if len(outbox.queued) >= self._max_queued:
+        """(17) Keep a message until it can go; beyond ``max_queued`` waiting (or
+        ``max_queued_bytes``), the newest is dropped, as mosquitto's settings of those names do."""
+        if self._over_limits(len(outbox.queued), outbox.queued_bytes, _size(item)):
             self._dropped(session, outbox, "queue_full")
             return
         outbox.queued.append(item)
+        outbox.queued_bytes += _size(item)
 
     def _refill(self, session: Session, outbox: _Outbox) -> None:
         """Send what waits, in order, while the in-flight window has room; each message is
@@ -740,6 +779,7 @@ class FixedBroker(Broker):
             if item.qos != QOS_0 and len(session.inflight_out) >= self._max_inflight:
                 return
             outbox.queued.popleft()
+            outbox.queued_bytes -= _size(item)
             if self._may_read is None or self._allowed(self._may_read, session, item.topic):
                 self._transmit(session, handler, item)
         if handler is not None and outbox.dropped:  # the queue drained: that burst is over
@@ -775,15 +815,15 @@ class FixedBroker(Broker):
         session = handler.session
         if session is None:
             return
+        outbox = _outbox(session)
         for packet_id, message in list(session.inflight_out.items()):
             if message.qos == QOS_2 and message.pubrec_packet is not None:
-                self._send(handler, PubrelPacket.build(cast("int", message.packet_id)))
+                self._send(session, handler, PubrelPacket.build(packet_id), 0)
             elif self._may_read is not None and not self._allowed(self._may_read, session, message.topic):
                 del session.inflight_out[packet_id]
             else:
                 message.publish_packet = message.build_publish_packet(dup=True)
-                self._send(handler, message.publish_packet)
-        outbox = _outbox(session)
+                self._send(session, handler, message.publish_packet, len(message.data or b"") + len(message.topic))
         outbox.live = handler
         self._refill(session, outbox)
         if outbox.dropped:  # while it was away (the refill found its queue longer than its window)
@@ -860,10 +900,18 @@ class FixedBroker(Broker):
         self._log.warning("broker.session_expired", client=session.client_id, dropped=lost,
                           away_s=round(self._session_expiry, 3))
 
-    def queued_messages(self) -> int:
-        """Messages held for clients that are away (read from any thread: a snapshot)."""
+    def _outboxes(self) -> list[_Outbox]:
         outboxes = [session.attributes.get(OUTBOX) for session, _ in list(self._sessions.values())]
-        return sum(len(outbox.queued) for outbox in outboxes if isinstance(outbox, _Outbox))
+        return [outbox for outbox in outboxes if isinstance(outbox, _Outbox)]
+
+    def queued_messages(self) -> int:
+        """Messages held for clients that are away or behind a full in-flight window (read
+        from any thread: a snapshot)."""
+        return sum(len(outbox.queued) for outbox in self._outboxes())
+
+    def sending_messages(self) -> int:
+        """Messages handed to connections and not yet written out (a snapshot, as above)."""
+        return sum(outbox.sending for outbox in self._outboxes())
 
     # --- policies ---------------------------------------------------------------------------
 

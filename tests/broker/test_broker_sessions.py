@@ -335,9 +335,34 @@ def test_each_burst_of_drops_to_a_connected_client_is_logged(custom_broker, raw_
     assert running.broker.stats().queue_dropped == 2
 
 
+def test_qos0_to_a_client_that_does_not_read_is_bounded(custom_broker, raw_mqtt) -> None:
+    # Embedded only (its stats). A QoS 0 message waits on no in-flight window: without a
+    # bound, each one sent to a client that stops reading its socket would hold its payload
+    # in the broker until keep-alive closes the connection.
+    mib = 2**20
+    running, _ = custom_broker(max_queued_bytes=4 * mib)
+    stuck = raw_mqtt.Client(running.port, "stuck")
+    stuck.connect()
+    stuck.subscribe(("s/#", 0), (END, 1))  # and never reads again
+    pub = raw_mqtt.Client(running.port, "pub")
+    pub.connect()
+    for i in range(64):
+        pub.publish(f"s/{i}", bytes(mib), qos=0)
+    assert pub.publish("x/sync", b"", qos=1) == pub.expect(raw_mqtt.PUBACK).packet_id  # all 64 routed
+    stats = running.broker.stats()
+    assert stats.queue_dropped > 0
+    assert stats.sending <= 5  # 4 MiB of them, and one that goes whatever its size
+    # Once it reads again it gets what was kept, in order, and then new messages.
+    pub.publish(END, b"", qos=1)  # QoS 1 on its way to "stuck": not dropped with the QoS 0 ones
+    got = receive_until(stuck, raw_mqtt)
+    indexes = [int(m.topic.split("/")[1]) for m in got]
+    assert indexes == sorted(indexes) and len(got) + stats.queue_dropped == 64
+
+
 def test_the_broker_process_takes_the_limits(raw_mqtt) -> None:
     # What `linguamq hub --max-queued-messages 2` starts: the broker in its own process.
-    options = BrokerOptions(max_inflight_messages=5, max_queued_messages=2, session_expiry_s=60)
+    options = BrokerOptions(max_inflight_messages=5, max_queued_messages=2, max_queued_bytes=2**20,
+                            session_expiry_s=60)
     with BrokerProcess(options=options) as running:
         port = int(running.url.rsplit(":", 1)[1])
         sub = away(raw_mqtt, port)
