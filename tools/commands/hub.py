@@ -99,6 +99,9 @@ def _broker_options(args: argparse.Namespace) -> BrokerOptions:
             raise ValueError(f"{flag} is a setting of the embedded broker; with --broker, set it on that broker")
         if value is not None and not value > 0 and flag != "--max-queued-bytes":
             raise ValueError(f"{flag} must be positive, got {value}")
+    if args.max_inflight_messages is not None and args.max_inflight_messages > 65_535:
+        raise ValueError(f"--max-inflight-messages must be at most 65535 (MQTT packet ids), "
+                         f"got {args.max_inflight_messages}")
     if args.max_queued_bytes is not None and args.max_queued_bytes < 0:
         raise ValueError(f"--max-queued-bytes must be >= 0 (0: no limit), got {args.max_queued_bytes}")
     if not 0 <= args.tls_port <= 65_535:
