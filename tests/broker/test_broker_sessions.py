@@ -359,6 +359,26 @@ def test_qos0_to_a_client_that_does_not_read_is_bounded(custom_broker, raw_mqtt)
     assert indexes == sorted(indexes) and len(got) + stats.queue_dropped == 64
 
 
+def test_a_client_holding_too_many_unreleased_qos2_is_disconnected(custom_broker, raw_mqtt) -> None:
+    # Each QoS 2 PUBLISH is kept until its PUBREL: a client that never sends one must not make
+    # the broker keep payloads without bound. The one beyond max_inflight_messages closes the
+    # connection, as in mosquitto's own test pub-qos2-inflight-exceeded (embedded only: the
+    # mosquitto 2.0.11 here answers every one with PUBREC and silently loses those beyond
+    # its limits).
+    running, _ = custom_broker(max_inflight_messages=2)
+    pub = raw_mqtt.Client(running.port, "pub", clean=False)
+    pub.connect()
+    for pid in (1, 2):
+        assert pub.publish("s/x", b"x", qos=2, packet_id=pid) == pub.expect(raw_mqtt.PUBREC).packet_id
+    pub.ack(raw_mqtt.PUBREL, 1)  # released: room for one more
+    assert pub.expect(raw_mqtt.PUBCOMP).packet_id == 1
+    pub.publish("s/x", b"x", qos=2, packet_id=2, dup=True)  # the same one again takes no room
+    assert pub.expect(raw_mqtt.PUBREC).packet_id == 2
+    assert pub.publish("s/x", b"x", qos=2, packet_id=3) == pub.expect(raw_mqtt.PUBREC).packet_id
+    pub.publish("s/x", b"x", qos=2, packet_id=4)
+    assert pub.read() is None  # closed
+
+
 def test_the_broker_process_takes_the_limits(raw_mqtt) -> None:
     # What `linguamq hub --max-queued-messages 2` starts: the broker in its own process.
     options = BrokerOptions(max_inflight_messages=5, max_queued_messages=2, max_queued_bytes=2**20,
