@@ -125,6 +125,9 @@ mosquitto too, tests/broker/test_broker_sessions.py):
     left that connection open (broker.py:567-575), whose later disconnect then marked the
     shared session away under the new connection. Here a clean session is never resumed,
     and the old connection is closed (its will out) before the session is resumed, as in 6.
+    A takeover (6 or this) waits ``connect_timeout`` / 2 for the old connection to end; one
+    that ends later has its client back on the new connection: it sends no will and leaves
+    the session as it is (``broker.late_disconnect``).
 19. Outgoing QoS 1/2: a task per message waited 5 s for PUBACK/PUBREC/PUBCOMP and removed
     the message from the session on timeout or disconnect (handler.py:318-328, 387-412), so
     nothing unacknowledged was ever sent again. Here no task waits: a message stays in the
@@ -157,6 +160,7 @@ import dataclasses
 import functools
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -350,6 +354,8 @@ class FixedBroker(Broker):
         self._may_read = may_read
         self._may_publish = may_publish
         self._connections: dict[asyncio.Task[Any], asyncio.WriteTransport] = {}
+        # Connections a takeover stopped waiting for (18): their late end is no disconnect.
+        self._superseded: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
         self._log = structlog.get_logger().bind(component="broker")
 
     # --- addresses and connections -------------------------------------------------------
@@ -550,7 +556,11 @@ class FixedBroker(Broker):
                 and isinstance(writer, _ClientWriter)):
             self._log.info("broker.takeover", client=client_id)
             writer.abort()
-            await asyncio.wait({writer.task}, timeout=self._connect_timeout / 2)
+            done, _ = await asyncio.wait({writer.task}, timeout=self._connect_timeout / 2)
+            if not done and handler is not None:
+                self._log.warning("broker.takeover_slow", client=client_id,
+                                  waited_s=self._connect_timeout / 2)
+                self._superseded.add(handler)
 
     # --- SUBSCRIBE and UNSUBSCRIBE in the order sent (14) ---------------------------------------
 
@@ -884,6 +894,14 @@ class FixedBroker(Broker):
         if outbox.live in (handler, None):
             outbox.live = None
             outbox.away_since = asyncio.get_running_loop().time()
+        if handler in self._superseded:
+            # (18) A connection a takeover stopped waiting for, ending now: its client is back
+            # on another connection. No will (it would say "offline" after the new connection
+            # said "online", with the new connection's will fields, which _resumed copied), and
+            # the session is not away (a later takeover would leave the live connection open).
+            self._log.info("broker.late_disconnect", client=client_session.client_id)
+            await self._stop_handler(handler)
+            return
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     async def _session_monitor(self) -> None:

@@ -14,6 +14,8 @@ mosquitto the test says why.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import pytest
@@ -377,6 +379,42 @@ def test_a_client_holding_too_many_unreleased_qos2_is_disconnected(custom_broker
     assert pub.publish("s/x", b"x", qos=2, packet_id=3) == pub.expect(raw_mqtt.PUBREC).packet_id
     pub.publish("s/x", b"x", qos=2, packet_id=4)
     assert pub.read() is None  # closed
+
+
+def test_a_takeover_outlived_by_its_old_connection_sends_no_will(custom_broker, raw_mqtt) -> None:
+    # Embedded only: the old connection's end is stalled from inside the broker. A takeover
+    # waits connect_timeout / 2 for the old connection to close; one that ends later must
+    # not say "offline" for a node that is online on its new connection, nor mark the
+    # session away (a third connection would then not close the second).
+    running, watcher_of = custom_broker(connect_timeout=0.5)
+    broker = running.broker._amqtt
+    release, stalled_done = threading.Event(), threading.Event()
+    original = broker._handle_disconnect
+
+    async def stalled(session, handler, waiter) -> None:
+        if stalled_done.is_set() or release.is_set():
+            return await original(session, handler, waiter)
+        await asyncio.to_thread(release.wait, raw_mqtt.wait)
+        try:
+            await original(session, handler, waiter)
+        finally:
+            stalled_done.set()
+
+    broker._handle_disconnect = stalled
+    watcher = watcher_of("watcher")
+    watcher.subscribe(("status/#", 1))
+    will = ("status/node", b"offline", 1, False)
+    old = raw_mqtt.Client(running.port, "node", clean=False, will=will)
+    old.connect()
+    new = raw_mqtt.Client(running.port, "node", clean=False, will=will)
+    assert new.connect() is True  # the old one is still being closed
+    assert new.publish("status/node", b"online", qos=1) == new.expect(raw_mqtt.PUBACK).packet_id
+    release.set()
+    assert stalled_done.wait(raw_mqtt.wait)
+    assert watcher.sync() == [("status/node", b"online", 1, False)]
+    third = raw_mqtt.Client(running.port, "node", clean=False)
+    assert third.connect() is True
+    assert new.read() is None  # taken over: closed
 
 
 def test_the_broker_process_takes_the_limits(raw_mqtt) -> None:
