@@ -114,7 +114,8 @@ mosquitto too, tests/broker/test_broker_sessions.py):
     ``max_queued_bytes`` bounds them in bytes too (mosquitto's max_queued_bytes). A QoS 0
     message waits on no window, but it is held while a client does not read its socket (each
     send waits behind amqtt's write lock and drain): one for a client that has ``max_queued``
-    messages or ``max_queued_bytes`` bytes still unwritten is dropped. A
+    messages or ``max_queued_bytes`` bytes still unwritten, while its socket takes no more,
+    is dropped. A
     session whose client stays away ``session_expiry`` seconds ends. Drops and expiries are
     counted (``counters``, ``EmbeddedBroker.stats()``) and logged: each burst of drops when it
     starts (``broker.messages_dropped``) and with its count when it ends -- the queue drained,
@@ -739,7 +740,7 @@ class FixedBroker(Broker):
         handler = outbox.live
         if handler is not None and not outbox.queued and (
                 item.qos == QOS_0 or len(session.inflight_out) < self._max_inflight):
-            if item.qos == QOS_0 and self._over_limits(outbox.sending, outbox.sending_bytes, _size(item)):
+            if item.qos == QOS_0 and self._not_reading(handler, outbox, item):
                 self._dropped(session, outbox, "not_reading")  # a QoS 0 waits on no window: bounded here
                 return
             self._transmit(session, handler, item)
@@ -774,6 +775,15 @@ class FixedBroker(Broker):
         outbox.sending_bytes -= size
         if outbox.dropped and not outbox.sending and not outbox.queued:  # all written: burst over
             self._report_drops(session, outbox)
+
+    def _not_reading(self, handler: BrokerProtocolHandler, outbox: _Outbox, item: _Item) -> bool:
+        """Whether the client is not taking what it is sent: the sends it has waiting reach
+        the queue's limits and its socket has bytes the kernel would not take. (A burst to a
+        client that reads is not dropped: amqtt parses a whole read's PUBLISHes before any
+        send runs, so a thousand sends can wait on a connection that has nothing buffered.)"""
+        writer = handler.writer
+        return (self._over_limits(outbox.sending, outbox.sending_bytes, _size(item))
+                and isinstance(writer, _ClientWriter) and writer.transport.get_write_buffer_size() > 0)
 
     def _over_limits(self, count: int, size: int, more: int) -> bool:
         """Whether ``count`` messages of ``size`` bytes held for a client leave no room for

@@ -454,6 +454,22 @@ def test_qos0_behind_a_full_in_flight_window_keeps_its_place(custom_broker, raw_
     assert [(m.topic, m.qos) for m in receive_until(sub, raw_mqtt)] == sent[:-1]
 
 
+def test_a_qos0_burst_to_a_client_that_reads_is_not_dropped(custom_broker, raw_mqtt) -> None:
+    # The bound above is for a client that does not read: one that does gets a burst of
+    # QoS 0 whole, even when the broker starts more sends at once than max_queued_messages.
+    running, _ = custom_broker(max_queued_messages=10)
+    sub = raw_mqtt.Client(running.port, "sub")
+    sub.connect()
+    sub.subscribe(("s/#", 0), (END, 1))
+    pub = raw_mqtt.Client(running.port, "pub")
+    pub.connect()
+    for i in range(1000):
+        pub.publish("s/x", b"%d" % i, qos=0)
+    pub.publish(END, b"", qos=1)
+    assert [m.payload for m in receive_until(sub, raw_mqtt)] == [b"%d" % i for i in range(1000)]
+    assert running.broker.stats().queue_dropped == 0
+
+
 def test_the_broker_process_takes_the_limits(raw_mqtt) -> None:
     # What `linguamq hub --max-queued-messages 2` starts: the broker in its own process.
     options = BrokerOptions(max_inflight_messages=5, max_queued_messages=2, max_queued_bytes=2**20,
