@@ -115,12 +115,11 @@ mosquitto too, tests/broker/test_broker_sessions.py):
     message waits on no window, but it is held while a client does not read its socket (each
     send waits behind amqtt's write lock and drain): one for a client that has ``max_queued``
     messages or ``max_queued_bytes`` bytes still unwritten, while its socket takes no more,
-    is dropped. A
-    session whose client stays away ``session_expiry`` seconds ends. Drops and expiries are
-    counted (``counters``, ``EmbeddedBroker.stats()``) and logged: each burst of drops when it
-    starts (``broker.messages_dropped``) and with its count when it ends -- the queue drained,
-    the client resumed -- or every ``DROPS_REPORT_S`` while it lasts (``broker.queue_dropped``);
-    an expiry with what it held (``broker.session_expired``).
+    is dropped. A session whose client stays away ``session_expiry`` seconds ends. Drops and
+    expiries are counted (``counters``, ``EmbeddedBroker.stats()``) and logged: each burst of
+    drops when it starts (``broker.messages_dropped``) and with its count when it ends -- all
+    written, the queue drained, the client resumed -- or every ``DROPS_REPORT_S`` while it
+    lasts (``broker.queue_dropped``); an expiry with what it held (``broker.session_expired``).
 18. A persistent CONNECT resumed a session a clean-session client had left in the table
     (session present 1 after a clean session), and one with the id of a connected client
     left that connection open (broker.py:567-575), whose later disconnect then marked the

@@ -48,7 +48,7 @@ class BrokerStats:
     sessions: int  # connected clients and persistent sessions of clients away
     queued: int  # messages waiting: for clients that are away, or behind a full in-flight window
     sending: int  # messages handed to connections, not yet written out (clients slow to read)
-    queue_dropped: int  # messages a persistent session never got: its queue was full, or it expired
+    queue_dropped: int  # messages a client never got: its queue was full, it did not read, its session expired
     sessions_expired: int  # persistent sessions ended because their client stayed away
 
 
