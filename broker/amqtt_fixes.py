@@ -110,25 +110,38 @@ mosquitto too, tests/broker/test_broker_sessions.py):
     messages; they go out in order when the client is back, each asked of ``may_read``
     again, with retain 0 (amqtt set it, broker.py:1128). As in mosquitto, a client has at most
     ``max_inflight`` messages unacknowledged (amqtt: no limit), at most ``max_queued`` more
-    wait -- behind those, or while it is away -- and beyond that the newest are dropped. A
-    session whose client stays away ``session_expiry`` seconds ends. Drops and expiries are
-    logged (``broker.messages_dropped``, ``broker.queue_dropped``, ``broker.session_expired``)
-    and counted (``counters``, ``EmbeddedBroker.stats()``).
+    wait -- behind those, or while it is away -- and beyond that the newest are dropped.
+    ``max_queued_bytes`` bounds them in bytes too (mosquitto's max_queued_bytes). A QoS 0
+    message waits on no window, but it is held while a client does not read its socket (each
+    send waits behind amqtt's write lock and drain): one for a client that has ``max_queued``
+    messages or ``max_queued_bytes`` bytes still unwritten, while its socket takes no more,
+    is dropped. A session whose client stays away ``session_expiry`` seconds ends. Drops and
+    expiries are counted (``counters``, ``EmbeddedBroker.stats()``) and logged: each burst of
+    drops when it starts (``broker.messages_dropped``) and with its count when it ends -- all
+    written, the queue drained, the client resumed -- or every ``DROPS_REPORT_S`` while it
+    lasts (``broker.queue_dropped``); an expiry with what it held (``broker.session_expired``).
 18. A persistent CONNECT resumed a session a clean-session client had left in the table
     (session present 1 after a clean session), and one with the id of a connected client
     left that connection open (broker.py:567-575), whose later disconnect then marked the
     shared session away under the new connection. Here a clean session is never resumed,
     and the old connection is closed (its will out) before the session is resumed, as in 6.
+    A takeover (6 or this) waits ``connect_timeout`` / 2 for the old connection to end; one
+    that ends later has its client back on the new connection: it sends no will and leaves
+    the session as it is (``broker.late_disconnect``).
 19. Outgoing QoS 1/2: a task per message waited 5 s for PUBACK/PUBREC/PUBCOMP and removed
     the message from the session on timeout or disconnect (handler.py:318-328, 387-412), so
     nothing unacknowledged was ever sent again. Here no task waits: a message stays in the
     session's inflight_out until acknowledged (an acknowledgement lets the next waiting one
     go, 17), and a resumed session first sends each again, in order -- the PUBLISH with DUP
-    set, or the PUBREL once its PUBREC came [MQTT-4.4.0-1] -- then its queue, then live ones.
+    set (asked of ``may_read`` again, as a queued one is), or the PUBREL once its PUBREC came
+    [MQTT-4.4.0-1] -- then its queue, then live ones.
 20. Incoming QoS 2: after a reconnect, the client's PUBREL got a PUBREC back and the message
     was never delivered (amqtt re-ran its receiving flow, handler.py:181-192). Here a QoS 2
     PUBLISH is kept in the session until its PUBREL, then routed once (a duplicate PUBLISH
-    gets its PUBREC again and is not kept twice), and every PUBREL gets a PUBCOMP.
+    gets its PUBREC again and is not kept twice), and every PUBREL gets a PUBCOMP. A client
+    has at most ``max_inflight`` of them unreleased (amqtt: no limit, each holding its
+    payload); one more closes its connection, as mosquitto's test pub-qos2-inflight-exceeded
+    requires (the mosquitto 2.0.11 our tests run acknowledges it, then loses it).
 21. A message went to each subscriber at the subscription's QoS (broker.py:1023), a QoS 0
     publish became QoS 1 (and, with 17, would have been queued). Here it goes at the lower of
     the two [MQTT-3.8.4-6], as from mosquitto.
@@ -147,6 +160,7 @@ import dataclasses
 import functools
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -178,6 +192,7 @@ SUBSCRIBE_FAILED = 0x80  # SUBACK return code of a refused filter
 MAX_STRING_READ = 65_535
 KEEPALIVE_GRACE = 1.5  # [MQTT-3.1.2-24]
 OUTBOX = "linguamq.outbox"  # key of a session's _Outbox in Session.attributes
+DROPS_REPORT_S = 60.0  # a burst of drops that goes on is logged again this often
 
 T = TypeVar("T")
 
@@ -269,9 +284,19 @@ class _Outbox:
     connection it is live on once resumed."""
 
     queued: collections.deque[_Item] = dataclasses.field(default_factory=collections.deque)
+    queued_bytes: int = 0  # payload and topic bytes of ``queued``
+    # Packets handed to the connection and not yet written out: each holds its payload while
+    # it waits behind a client that does not read its socket (amqtt's write lock and drain).
+    sending: int = 0
+    sending_bytes: int = 0
     live: BrokerProtocolHandler | None = None  # set by _resume, cleared on disconnect
     away_since: float = 0.0  # event loop time of the last disconnect
-    dropped: int = 0  # messages dropped since the client last resumed
+    dropped: int = 0  # messages dropped in this burst: since the queue last had room
+    drops_since: float = 0.0  # event loop time of the first drop of this burst
+
+
+def _size(item: _Item) -> int:
+    return len(item.data) + len(item.topic)
 
 
 def _outbox(session: Session) -> _Outbox:
@@ -313,20 +338,24 @@ class FixedBroker(Broker):
     """
 
     def __init__(self, config: dict[str, Any], *, max_payload: int, connect_timeout: float,
-                 max_inflight: int, max_queued: int, session_expiry: float, may_read: TopicPolicy | None,
-                 may_publish: TopicPolicy | None, authenticate: Authenticate | None = None) -> None:
+                 max_inflight: int, max_queued: int, max_queued_bytes: int, session_expiry: float,
+                 may_read: TopicPolicy | None, may_publish: TopicPolicy | None,
+                 authenticate: Authenticate | None = None) -> None:
         super().__init__(config)
         self._authenticate_user = authenticate
         self._max_payload = max(max_payload, MAX_STRING_READ)
         self._connect_timeout = connect_timeout
         self._max_inflight = max_inflight
         self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes  # 0: no limit in bytes
         self._session_expiry = session_expiry
         # Messages dropped (a full queue, an expired session) and sessions expired, ever.
         self.counters = {"queue_dropped": 0, "sessions_expired": 0}
         self._may_read = may_read
         self._may_publish = may_publish
         self._connections: dict[asyncio.Task[Any], asyncio.WriteTransport] = {}
+        # Connections a takeover stopped waiting for (18): their late end is no disconnect.
+        self._superseded: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
         self._log = structlog.get_logger().bind(component="broker")
 
     # --- addresses and connections -------------------------------------------------------
@@ -527,7 +556,11 @@ class FixedBroker(Broker):
                 and isinstance(writer, _ClientWriter)):
             self._log.info("broker.takeover", client=client_id)
             writer.abort()
-            await asyncio.wait({writer.task}, timeout=self._connect_timeout / 2)
+            done, _ = await asyncio.wait({writer.task}, timeout=self._connect_timeout / 2)
+            if not done and handler is not None:
+                self._log.warning("broker.takeover_slow", client=client_id,
+                                  waited_s=self._connect_timeout / 2)
+                self._superseded.add(handler)
 
     # --- SUBSCRIBE and UNSUBSCRIBE in the order sent (14) ---------------------------------------
 
@@ -668,6 +701,14 @@ class FixedBroker(Broker):
                 handler.writer.abort()
             return
         packet_id = cast("int", message.packet_id)
+        if packet_id not in session.inflight_in and len(session.inflight_in) >= self._max_inflight:
+            # Each one holds its payload (in a persistent session, for session_expiry): a
+            # client may leave at most max_inflight unreleased, as mosquitto enforces.
+            self._log.warning("broker.inflight_exceeded", client=session.client_id,
+                              max_inflight=self._max_inflight)
+            if isinstance(handler.writer, _ClientWriter):
+                handler.writer.abort()
+            return
         session.inflight_in.setdefault(packet_id, message)
         await handler._send_packet(PubrecPacket.build(packet_id))
 
@@ -698,6 +739,9 @@ class FixedBroker(Broker):
         handler = outbox.live
         if handler is not None and not outbox.queued and (
                 item.qos == QOS_0 or len(session.inflight_out) < self._max_inflight):
+            if item.qos == QOS_0 and self._not_reading(handler, outbox, item):
+                self._dropped(session, outbox, "not_reading")  # a QoS 0 waits on no window: bounded here
+                return
             self._transmit(session, handler, item)
         elif handler is not None or session.transitions.is_connected() or (
                 not session.clean_session and item.qos != QOS_0):
@@ -707,24 +751,54 @@ class FixedBroker(Broker):
         """Start sending one PUBLISH. QoS 1/2: it stays in the session's inflight_out until
         acknowledged, whatever happens to the connection (19)."""
         if item.qos == QOS_0:
-            self._send(handler, PublishPacket.build(item.topic, bytes(item.data), None, False, QOS_0, item.retain))
+            packet = PublishPacket.build(item.topic, bytes(item.data), None, False, QOS_0, item.retain)
+            self._send(session, handler, packet, _size(item))
             return
         message = OutgoingApplicationMessage(session.next_packet_id, item.topic, item.qos, item.data, item.retain)
         message.publish_packet = message.build_publish_packet()
         session.inflight_out[cast("int", message.packet_id)] = message
-        self._send(handler, message.publish_packet)
+        self._send(session, handler, message.publish_packet, _size(item))
 
-    def _send(self, handler: BrokerProtocolHandler, packet: PublishPacket | PubrelPacket) -> None:
+    def _send(self, session: Session, handler: BrokerProtocolHandler, packet: PublishPacket | PubrelPacket,
+              size: int) -> None:
         # Started in order; the handler's write lock (FIFO) keeps that order on the wire.
-        self._tasks_queue.append(asyncio.ensure_future(handler._send_packet(packet)))
+        task = asyncio.ensure_future(handler._send_packet(packet))
+        outbox = _outbox(session)
+        outbox.sending += 1
+        outbox.sending_bytes += size
+        task.add_done_callback(functools.partial(self._sent, session, outbox, size))
+        self._tasks_queue.append(task)
+
+    def _sent(self, session: Session, outbox: _Outbox, size: int, _: asyncio.Future[Any]) -> None:
+        outbox.sending -= 1
+        outbox.sending_bytes -= size
+        if outbox.dropped and not outbox.sending and not outbox.queued:  # all written: burst over
+            self._report_drops(session, outbox)
+
+    def _not_reading(self, handler: BrokerProtocolHandler, outbox: _Outbox, item: _Item) -> bool:
+        """Whether the client is not taking what it is sent: the sends it has waiting reach
+        the queue's limits and its socket has bytes the kernel would not take. (A burst to a
+        client that reads is not dropped: amqtt parses a whole read's PUBLISHes before any
+        send runs, so a thousand sends can wait on a connection that has nothing buffered.)"""
+        writer = handler.writer
+        return (self._over_limits(outbox.sending, outbox.sending_bytes, _size(item))
+                and isinstance(writer, _ClientWriter) and writer.transport.get_write_buffer_size() > 0)
+
+    def _over_limits(self, count: int, size: int, more: int) -> bool:
+        """Whether ``count`` messages of ``size`` bytes held for a client leave no room for
+        one more of ``more`` bytes: ``max_queued`` messages, ``max_queued_bytes`` bytes (one
+        message alone always fits, however large: max_payload bounds it)."""
+        return count >= self._max_queued or (
+            self._max_queued_bytes > 0 and count > 0 and size + more > self._max_queued_bytes)
 
     def _enqueue(self, session: Session, outbox: _Outbox, item: _Item) -> None:
-        """(17) Keep a message until it can go; beyond ``max_queued`` waiting, the newest is
-        dropped, as mosquitto's max_queued_messages does."""
-        if len(outbox.queued) >= self._max_queued:
+        """(17) Keep a message until it can go; beyond ``max_queued`` waiting (or
+        ``max_queued_bytes``), the newest is dropped, as mosquitto's settings of those names do."""
+        if self._over_limits(len(outbox.queued), outbox.queued_bytes, _size(item)):
             self._dropped(session, outbox, "queue_full")
             return
         outbox.queued.append(item)
+        outbox.queued_bytes += _size(item)
 
     def _refill(self, session: Session, outbox: _Outbox) -> None:
         """Send what waits, in order, while the in-flight window has room; each message is
@@ -735,40 +809,55 @@ class FixedBroker(Broker):
             if item.qos != QOS_0 and len(session.inflight_out) >= self._max_inflight:
                 return
             outbox.queued.popleft()
+            outbox.queued_bytes -= _size(item)
             if self._may_read is None or self._allowed(self._may_read, session, item.topic):
                 self._transmit(session, handler, item)
+        if handler is not None and outbox.dropped:  # the queue drained: that burst is over
+            self._report_drops(session, outbox)
 
     def _dropped(self, session: Session, outbox: _Outbox, reason: str, count: int = 1) -> None:
-        """Count messages a client will never get; the first of a run is logged at once."""
+        """Count messages a client will never get. The first of a burst is logged at once, the
+        burst's count when it ends (the queue drained, the client resumed) or every
+        ``DROPS_REPORT_S`` while it goes on: a node stays connected for days."""
+        now = asyncio.get_running_loop().time()
         if outbox.dropped == 0:
             self._log.warning("broker.messages_dropped", client=session.client_id, reason=reason,
                               max_queued=self._max_queued)
+            outbox.drops_since = now
         outbox.dropped += count
         self.counters["queue_dropped"] += count
+        if now - outbox.drops_since >= DROPS_REPORT_S:
+            self._report_drops(session, outbox)
+
+    def _report_drops(self, session: Session, outbox: _Outbox) -> None:
+        self._log.warning("broker.queue_dropped", client=session.client_id, dropped=outbox.dropped,
+                          max_queued=self._max_queued)
+        outbox.dropped = 0
 
     async def _resume(self, handler: BrokerProtocolHandler) -> None:
         # Replaces ProtocolHandler._retry_deliveries (handler.py:174-194), run when a
         # connection starts: (19) what the client had not acknowledged goes again first, in
         # the order first sent -- the PUBLISH with DUP set, or the PUBREL once a PUBREC came
-        # [MQTT-4.4.0-1] -- then what was queued while it was away (each asked of may_read
-        # again: the policy may have changed), then live messages. All started in this one
-        # step, so nothing overtakes.
+        # [MQTT-4.4.0-1] -- then what was queued while it was away, then live messages. Each
+        # PUBLISH, sent before or not, is asked of may_read again (the policy may have changed
+        # meanwhile); a refused one is forgotten. A PUBREL carries no payload: it goes. All
+        # started in this one step, so nothing overtakes.
         session = handler.session
         if session is None:
             return
-        for message in list(session.inflight_out.values()):
+        outbox = _outbox(session)
+        for packet_id, message in list(session.inflight_out.items()):
             if message.qos == QOS_2 and message.pubrec_packet is not None:
-                self._send(handler, PubrelPacket.build(cast("int", message.packet_id)))
+                self._send(session, handler, PubrelPacket.build(packet_id), 0)
+            elif self._may_read is not None and not self._allowed(self._may_read, session, message.topic):
+                del session.inflight_out[packet_id]
             else:
                 message.publish_packet = message.build_publish_packet(dup=True)
-                self._send(handler, message.publish_packet)
-        outbox = _outbox(session)
+                self._send(session, handler, message.publish_packet, len(message.data or b"") + len(message.topic))
         outbox.live = handler
         self._refill(session, outbox)
-        if outbox.dropped:
-            self._log.warning("broker.queue_dropped", client=session.client_id, dropped=outbox.dropped,
-                              max_queued=self._max_queued)
-            outbox.dropped = 0
+        if outbox.dropped:  # while it was away (the refill found its queue longer than its window)
+            self._report_drops(session, outbox)
 
     async def _on_puback(self, handler: BrokerProtocolHandler, packet: PubackPacket) -> None:
         # Replaces ProtocolHandler.handle_puback (handler.py:677-688): no task waits for it (19).
@@ -814,6 +903,14 @@ class FixedBroker(Broker):
         if outbox.live in (handler, None):
             outbox.live = None
             outbox.away_since = asyncio.get_running_loop().time()
+        if handler in self._superseded:
+            # (18) A connection a takeover stopped waiting for, ending now: its client is back
+            # on another connection. No will (it would say "offline" after the new connection
+            # said "online", with the new connection's will fields, which _resumed copied), and
+            # the session is not away (a later takeover would leave the live connection open).
+            self._log.info("broker.late_disconnect", client=client_session.client_id)
+            await self._stop_handler(handler)
+            return
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     async def _session_monitor(self) -> None:
@@ -841,10 +938,18 @@ class FixedBroker(Broker):
         self._log.warning("broker.session_expired", client=session.client_id, dropped=lost,
                           away_s=round(self._session_expiry, 3))
 
-    def queued_messages(self) -> int:
-        """Messages held for clients that are away (read from any thread: a snapshot)."""
+    def _outboxes(self) -> list[_Outbox]:
         outboxes = [session.attributes.get(OUTBOX) for session, _ in list(self._sessions.values())]
-        return sum(len(outbox.queued) for outbox in outboxes if isinstance(outbox, _Outbox))
+        return [outbox for outbox in outboxes if isinstance(outbox, _Outbox)]
+
+    def queued_messages(self) -> int:
+        """Messages held for clients that are away or behind a full in-flight window (read
+        from any thread: a snapshot)."""
+        return sum(len(outbox.queued) for outbox in self._outboxes())
+
+    def sending_messages(self) -> int:
+        """Messages handed to connections and not yet written out (a snapshot, as above)."""
+        return sum(outbox.sending for outbox in self._outboxes())
 
     # --- policies ---------------------------------------------------------------------------
 

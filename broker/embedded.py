@@ -37,6 +37,7 @@ T = TypeVar("T")
 DEFAULT_TLS_PORT = 8883
 DEFAULT_MAX_INFLIGHT_MESSAGES = 20  # QoS 1/2 messages sent to a client and not yet acknowledged (mosquitto's)
 DEFAULT_MAX_QUEUED_MESSAGES = 1000  # waiting behind those, or for a client that is away (mosquitto's)
+DEFAULT_MAX_QUEUED_BYTES = 256 * 2**20  # the same in bytes (mosquitto: no limit, 0); 0 = no limit
 DEFAULT_SESSION_EXPIRY_S = 3600.0  # a persistent session whose client stays away this long ends
 
 
@@ -46,7 +47,8 @@ class BrokerStats:
 
     sessions: int  # connected clients and persistent sessions of clients away
     queued: int  # messages waiting: for clients that are away, or behind a full in-flight window
-    queue_dropped: int  # messages a persistent session never got: its queue was full, or it expired
+    sending: int  # messages handed to connections, not yet written out (clients slow to read)
+    queue_dropped: int  # messages a client never got: its queue was full, it did not read, its session expired
     sessions_expired: int  # persistent sessions ended because their client stayed away
 
 
@@ -72,8 +74,10 @@ class EmbeddedBroker:
     A PUBLISH whose payload exceeds ``max_payload`` bytes closes the sender's connection.
     A client has at most ``max_inflight_messages`` QoS 1/2 messages unacknowledged; up to
     ``max_queued_messages`` more wait behind them, or while a client with a persistent session
-    (clean session = 0) is away (beyond that the newest are dropped). A persistent session ends
-    once its client stays away ``session_expiry_s`` seconds. ``stats()`` counts both.
+    (clean session = 0) is away, and up to as many QoS 0 messages wait to be written to a
+    client that reads slowly; ``max_queued_bytes`` (0: none) bounds each of those in bytes too.
+    Beyond either limit the newest are dropped. A persistent session ends once its client
+    stays away ``session_expiry_s`` seconds. ``stats()`` counts both.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
@@ -82,6 +86,7 @@ class EmbeddedBroker:
                  tls: TlsListener | None = None, connect_timeout: float = 10.0,
                  max_inflight_messages: int = DEFAULT_MAX_INFLIGHT_MESSAGES,
                  max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                  session_expiry_s: float = DEFAULT_SESSION_EXPIRY_S, start_timeout: float = 10.0,
                  stop_timeout: float = 15.0) -> None:
         _check(bool(host) and isinstance(host, str) and ":" not in host,
@@ -93,6 +98,8 @@ class EmbeddedBroker:
                f"max_inflight_messages must be in [1, 65535] (MQTT packet ids), got {max_inflight_messages!r}")
         _check(isinstance(max_queued_messages, int) and max_queued_messages > 0,
                f"max_queued_messages must be a positive integer, got {max_queued_messages!r}")
+        _check(isinstance(max_queued_bytes, int) and max_queued_bytes >= 0,
+               f"max_queued_bytes must be an integer >= 0 (0: no limit), got {max_queued_bytes!r}")
         for name, value in (("connect_timeout", connect_timeout), ("session_expiry_s", session_expiry_s),
                             ("start_timeout", start_timeout), ("stop_timeout", stop_timeout)):
             _check(value > 0, f"{name} must be positive, got {value}")
@@ -105,7 +112,7 @@ class EmbeddedBroker:
         self._policies = (may_read, may_publish)
         self._authenticate = authenticate
         self._timeouts = {"connect": connect_timeout, "start": start_timeout, "stop": stop_timeout}
-        self._limits = (max_inflight_messages, max_queued_messages)
+        self._limits = (max_inflight_messages, max_queued_messages, max_queued_bytes)
         self._session_expiry = session_expiry_s
         self._counters = {"queue_dropped": 0, "sessions_expired": 0}  # of the last run, once stopped
         self._amqtt: FixedBroker | None = None
@@ -150,9 +157,9 @@ class EmbeddedBroker:
         """Sessions and queues now, drops and expiries since start (safe from any thread)."""
         broker = self._amqtt
         if broker is None:
-            return BrokerStats(sessions=0, queued=0, **self._counters)
+            return BrokerStats(sessions=0, queued=0, sending=0, **self._counters)
         return BrokerStats(sessions=len(broker.sessions), queued=broker.queued_messages(),
-                           **broker.counters)
+                           sending=broker.sending_messages(), **broker.counters)
 
     def _bound(self) -> tuple[str, int]:
         if self._address is None:
@@ -170,6 +177,7 @@ class EmbeddedBroker:
             broker = FixedBroker(self._config(), max_payload=self._max_payload,
                                  connect_timeout=self._timeouts["connect"],
                                  max_inflight=self._limits[0], max_queued=self._limits[1],
+                                 max_queued_bytes=self._limits[2],
                                  session_expiry=self._session_expiry,
                                  may_read=self._policies[0], may_publish=self._policies[1],
                                  authenticate=self._authenticate)
@@ -187,7 +195,8 @@ class EmbeddedBroker:
             self._tls_address = broker.bound_address("default" if self._tls.only else "tls")
         self._log.info("broker.started", url=self.url, tls_url=self.tls_url, max_payload=self._max_payload,
                        users=self._authenticate is not None, max_inflight_messages=self._limits[0],
-                       max_queued_messages=self._limits[1], session_expiry_s=self._session_expiry)
+                       max_queued_messages=self._limits[1], max_queued_bytes=self._limits[2],
+                       session_expiry_s=self._session_expiry)
 
     async def stop(self) -> None:
         """Disconnect every client and close the listener. Stopping a stopped broker is a no-op."""

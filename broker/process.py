@@ -45,6 +45,7 @@ class BrokerOptions:
     tls_only: bool = False
     max_inflight_messages: int | None = None  # QoS 1/2 messages a client has unacknowledged
     max_queued_messages: int | None = None  # more waiting behind those, or while it is away
+    max_queued_bytes: int | None = None  # the same in bytes (0: no limit)
     session_expiry_s: float | None = None  # a persistent session whose client stays away this long ends
 
     def argv(self) -> list[str]:
@@ -58,7 +59,8 @@ class BrokerOptions:
 
     def _limits(self) -> dict[str, int | float]:
         limits = {"max_inflight_messages": self.max_inflight_messages,
-                  "max_queued_messages": self.max_queued_messages, "session_expiry_s": self.session_expiry_s}
+                  "max_queued_messages": self.max_queued_messages, "max_queued_bytes": self.max_queued_bytes,
+                  "session_expiry_s": self.session_expiry_s}
         return {name: value for name, value in limits.items() if value is not None}
 
 
@@ -171,12 +173,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tls-only", action="store_true")
     parser.add_argument("--max-inflight-messages", type=int)
     parser.add_argument("--max-queued-messages", type=int)
+    parser.add_argument("--max-queued-bytes", type=int)
     parser.add_argument("--session-expiry-s", type=float)
     args = parser.parse_args(argv)
     options = BrokerOptions(users=args.users, hub_secret=os.environ.pop(HUB_SECRET_ENV, None) or None,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_port=args.tls_port,
                             tls_only=args.tls_only, max_inflight_messages=args.max_inflight_messages,
-                            max_queued_messages=args.max_queued_messages, session_expiry_s=args.session_expiry_s)
+                            max_queued_messages=args.max_queued_messages, max_queued_bytes=args.max_queued_bytes,
+                            session_expiry_s=args.session_expiry_s)
     try:
         broker = EmbeddedBroker(host=args.host, port=args.port, **broker_kwargs(options))
         with BrokerThread(broker=broker) as running:

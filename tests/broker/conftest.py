@@ -224,8 +224,10 @@ class RawClient:
     """An MQTT 3.1.1 client written by hand: it acknowledges only when told to, can drop
     its socket without DISCONNECT, resend a packet id, and shows every flag on the wire."""
 
-    def __init__(self, port: int, client_id: str, *, clean: bool = True, keepalive: int = 60) -> None:
+    def __init__(self, port: int, client_id: str, *, clean: bool = True, keepalive: int = 60,
+                 will: tuple[str, bytes, int, bool] | None = None) -> None:
         self.port, self.client_id, self.clean, self.keepalive = port, client_id, clean, keepalive
+        self.will = will
         self.sock: socket.socket | None = None
         self._buffer = b""
         self._ids = itertools.count(1)
@@ -235,7 +237,7 @@ class RawClient:
         clean = self.clean if clean is None else clean
         self.drop()
         self.sock, self._buffer = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT), b""
-        self.sock.sendall(connect_packet(self.client_id, keepalive=self.keepalive, clean=clean))
+        self.sock.sendall(connect_packet(self.client_id, keepalive=self.keepalive, clean=clean, will=self.will))
         connack = self.read()
         assert connack is not None and connack.kind == CONNACK, connack
         assert connack.body[1] == 0, f"CONNACK return code {connack.body[1]}"
