@@ -210,5 +210,5 @@ def test_chunks_of_a_prompt_the_node_lost_ask_for_one_re_prefill_not_one_each(cl
         seen.append(reports.get(timeout=WAIT))
     assert [(r.ref, r.code) for r in seen] == [("s", "unknown_session"), ("z", "unknown_session")]
     for start, more in ((0, True), (3, True), (6, True), (9, False)):  # the re-prefill runs whole
-        chunk("s", start, more)
-    wait_until(lambda: cluster.node._kv.length("s", 0) == 12)
+        chunk("s", start, more)  # one at a time: this node's work queue holds 2
+        wait_until(lambda end=start + 3: cluster.node._kv.length("s", 0) == end)
