@@ -113,13 +113,15 @@ MakeHead = Callable[..., tuple[Head, FakeClient]]
 @pytest.fixture
 def make_head() -> Iterator[MakeHead]:
     """``make_head(cluster=..., encode=..., encode_chat=..., **HeadSettings fields)`` -> (a started head whose
-    one-stage plan on n1 is ready at epoch 4, its fake client); heads stop at the test's end.
+    one-stage plan on n1 is ready at epoch 4, its fake client); heads stop at the test's end. The
+    ring is off unless ``ring=True``: the fake client answers each step the head sends.
     ``decode`` maps token id i to chr(97 + i % 26); examples.MANIFEST's EOS is 2."""
     heads: list[Head] = []
 
     def make(*, cluster: str = "t-head", encode: Callable[[str], list[int]] = lambda text: [5] * len(text),
              encode_chat: Any = no_chat, **settings: Any) -> tuple[Head, FakeClient]:
         client = FakeClient(cluster)
+        settings.setdefault("ring", False)  # these tests play the tail: the head sends every step
         head = Head(client=client, manifest=MANIFEST, encode=encode, encode_chat=encode_chat,  # type: ignore[arg-type]
                     decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
                     settings=HeadSettings(cluster=cluster, **settings))
