@@ -7,7 +7,17 @@ password hashes, ``acl`` the rules derived from roles and topics that fill those
 0.12.1 and why.
 """
 
-from linguamq.broker.embedded import DEFAULT_MAX_PAYLOAD, DEFAULT_TLS_PORT, BrokerThread, EmbeddedBroker, TlsListener
+from linguamq.broker.embedded import (
+    DEFAULT_MAX_INFLIGHT_MESSAGES,
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_MAX_QUEUED_MESSAGES,
+    DEFAULT_SESSION_EXPIRY_S,
+    DEFAULT_TLS_PORT,
+    BrokerStats,
+    BrokerThread,
+    EmbeddedBroker,
+    TlsListener,
+)
 from linguamq.broker.errors import (
     BrokerConfigError,
     BrokerError,
@@ -18,6 +28,7 @@ from linguamq.broker.errors import (
 )
 from linguamq.broker.policy import Authenticate, ClientInfo, TopicPolicy, allow_all
 
-__all__ = ["DEFAULT_MAX_PAYLOAD", "DEFAULT_TLS_PORT", "Authenticate", "BrokerConfigError", "BrokerError", "BrokerNotRunningError",
-           "BrokerStartError", "BrokerThread", "BrokerTimeoutError", "ClientInfo", "EmbeddedBroker",
+__all__ = ["DEFAULT_MAX_INFLIGHT_MESSAGES", "DEFAULT_MAX_PAYLOAD", "DEFAULT_MAX_QUEUED_MESSAGES", "DEFAULT_SESSION_EXPIRY_S", "DEFAULT_TLS_PORT",
+           "Authenticate", "BrokerConfigError", "BrokerError", "BrokerNotRunningError",
+           "BrokerStartError", "BrokerStats", "BrokerThread", "BrokerTimeoutError", "ClientInfo", "EmbeddedBroker",
            "PayloadTooLargeError", "TlsListener", "TopicPolicy", "allow_all"]

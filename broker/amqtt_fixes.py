@@ -97,17 +97,72 @@ Users and TLS:
 16. TLS listeners: amqtt's SSL context asked clients for a certificate against the system CAs
     and allowed any TLS version; here it is TLS 1.2+, server certificate only (clients log in
     with a password), and the TLS handshake is bounded by ``connect_timeout``.
+
+Sessions and acknowledgements (MQTT 3.1.1 sections 3.1.2.4 and 4.3-4.4; each case runs on
+mosquitto too, tests/broker/test_broker_sessions.py):
+
+17. No persistent session survived: amqtt's AnonymousAuthPlugin marks every session
+    anonymous (plugins/authentication.py:37), and amqtt neither queues messages for an
+    anonymous session (broker.py:1033-1037) nor keeps it once its client is away
+    (_session_monitor, broker.py:364-366) -- "session present" was 0 and what was published
+    meanwhile was lost. Here no session is anonymous (``authenticate`` decides who connects).
+    A persistent session keeps its subscriptions and, while its client is away, its QoS 1/2
+    messages; they go out in order when the client is back, each asked of ``may_read``
+    again, with retain 0 (amqtt set it, broker.py:1128). As in mosquitto, a client has at most
+    ``max_inflight`` messages unacknowledged (amqtt: no limit), at most ``max_queued`` more
+    wait -- behind those, or while it is away -- and beyond that the newest are dropped.
+    ``max_queued_bytes`` bounds them in bytes too (mosquitto's max_queued_bytes). A QoS 0
+    message waits on no window, but it is held while a client does not read its socket (each
+    send waits behind amqtt's write lock and drain): one for a client that has ``max_queued``
+    messages or ``max_queued_bytes`` bytes still unwritten, while its socket takes no more,
+    is dropped. A session whose client stays away ``session_expiry`` seconds ends. Drops and
+    expiries are counted (``counters``, ``EmbeddedBroker.stats()``) and logged: each burst of
+    drops when it starts (``broker.messages_dropped``) and with its count when it ends -- all
+    written, the queue drained, the client resumed -- or every ``DROPS_REPORT_S`` while it
+    lasts (``broker.queue_dropped``); an expiry with what it held (``broker.session_expired``).
+18. A persistent CONNECT resumed a session a clean-session client had left in the table
+    (session present 1 after a clean session), and one with the id of a connected client
+    left that connection open (broker.py:567-575), whose later disconnect then marked the
+    shared session away under the new connection. Here a clean session is never resumed,
+    and the old connection is closed (its will out) before the session is resumed, as in 6.
+    A takeover (6 or this) waits ``connect_timeout`` / 2 for the old connection to end; one
+    that ends later has its client back on the new connection: it sends no will and leaves
+    the session as it is (``broker.late_disconnect``).
+19. Outgoing QoS 1/2: a task per message waited 5 s for PUBACK/PUBREC/PUBCOMP and removed
+    the message from the session on timeout or disconnect (handler.py:318-328, 387-412), so
+    nothing unacknowledged was ever sent again. Here no task waits: a message stays in the
+    session's inflight_out until acknowledged (an acknowledgement lets the next waiting one
+    go, 17), and a resumed session first sends each again, in order -- the PUBLISH with DUP
+    set (asked of ``may_read`` again, as a queued one is), or the PUBREL once its PUBREC came
+    [MQTT-4.4.0-1] -- then its queue, then live ones.
+20. Incoming QoS 2: after a reconnect, the client's PUBREL got a PUBREC back and the message
+    was never delivered (amqtt re-ran its receiving flow, handler.py:181-192). Here a QoS 2
+    PUBLISH is kept in the session until its PUBREL, then routed once (a duplicate PUBLISH
+    gets its PUBREC again and is not kept twice), and every PUBREL gets a PUBCOMP. A client
+    has at most ``max_inflight`` of them unreleased (amqtt: no limit, each holding its
+    payload); one more closes its connection, as mosquitto's test pub-qos2-inflight-exceeded
+    requires (the mosquitto 2.0.11 our tests run acknowledges it, then loses it).
+21. A message went to each subscriber at the subscription's QoS (broker.py:1023), a QoS 0
+    publish became QoS 1 (and, with 17, would have been queued). Here it goes at the lower of
+    the two [MQTT-3.8.4-6], as from mosquitto.
+22. A PUBLISH to any "$" topic closed the publisher's connection (broker.py:772-776). Here,
+    as mosquitto does, one to "$SYS/..." (the broker's own) is acknowledged and dropped, and
+    another "$" topic is delivered -- never to a filter that starts with a wildcard
+    [MQTT-4.7.2-1] (amqtt's ``_matches`` already keeps those apart).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import functools
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import structlog
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
@@ -119,10 +174,13 @@ from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacke
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
-from amqtt.session import IncomingApplicationMessage, Session
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from linguamq.broker.errors import PayloadTooLargeError
@@ -133,6 +191,8 @@ SUBSCRIBE_FAILED = 0x80  # SUBACK return code of a refused filter
 # makes of a packet is at most that long, except the payload of a PUBLISH.
 MAX_STRING_READ = 65_535
 KEEPALIVE_GRACE = 1.5  # [MQTT-3.1.2-24]
+OUTBOX = "linguamq.outbox"  # key of a session's _Outbox in Session.attributes
+DROPS_REPORT_S = 60.0  # a burst of drops that goes on is logged again this often
 
 T = TypeVar("T")
 
@@ -208,6 +268,53 @@ class _ClientWriter(StreamWriterAdapter):
             self.transport.abort()
 
 
+class _Item(NamedTuple):
+    """A message on its way to one client."""
+
+    topic: str
+    data: bytes | bytearray
+    qos: int
+    retain: bool
+
+
+@dataclasses.dataclass(eq=False)
+class _Outbox:
+    """What a session sends besides the messages in flight (17): the messages waiting, in
+    order -- while its client is away, or behind a full in-flight window -- and the
+    connection it is live on once resumed."""
+
+    queued: collections.deque[_Item] = dataclasses.field(default_factory=collections.deque)
+    queued_bytes: int = 0  # payload and topic bytes of ``queued``
+    # Packets handed to the connection and not yet written out: each holds its payload while
+    # it waits behind a client that does not read its socket (amqtt's write lock and drain).
+    sending: int = 0
+    sending_bytes: int = 0
+    live: BrokerProtocolHandler | None = None  # set by _resume, cleared on disconnect
+    away_since: float = 0.0  # event loop time of the last disconnect
+    dropped: int = 0  # messages dropped in this burst: since the queue last had room
+    drops_since: float = 0.0  # event loop time of the first drop of this burst
+
+
+def _size(item: _Item) -> int:
+    return len(item.data) + len(item.topic)
+
+
+def _outbox(session: Session) -> _Outbox:
+    outbox = session.attributes.get(OUTBOX)
+    if not isinstance(outbox, _Outbox):
+        outbox = session.attributes[OUTBOX] = _Outbox()
+    return outbox
+
+
+def _topic_problem(topic: str | None) -> str | None:
+    """Why a client may not PUBLISH to ``topic`` at all (a protocol error), or None."""
+    if not topic:
+        return "empty topic [MQTT-4.7.3-1]"
+    if "#" in topic or "+" in topic:
+        return "wildcard in a topic name [MQTT-3.3.2-2]"
+    return None
+
+
 def _done(value: T) -> asyncio.Future[T]:
     """A future that already holds ``value``: what amqtt's client loop hands its handlers."""
     future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -231,16 +338,24 @@ class FixedBroker(Broker):
     """
 
     def __init__(self, config: dict[str, Any], *, max_payload: int, connect_timeout: float,
-                 delivery_timeout: float, may_read: TopicPolicy | None,
-                 may_publish: TopicPolicy | None, authenticate: Authenticate | None = None) -> None:
+                 max_inflight: int, max_queued: int, max_queued_bytes: int, session_expiry: float,
+                 may_read: TopicPolicy | None, may_publish: TopicPolicy | None,
+                 authenticate: Authenticate | None = None) -> None:
         super().__init__(config)
         self._authenticate_user = authenticate
         self._max_payload = max(max_payload, MAX_STRING_READ)
         self._connect_timeout = connect_timeout
-        self._delivery_timeout = delivery_timeout
+        self._max_inflight = max_inflight
+        self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes  # 0: no limit in bytes
+        self._session_expiry = session_expiry
+        # Messages dropped (a full queue, an expired session) and sessions expired, ever.
+        self.counters = {"queue_dropped": 0, "sessions_expired": 0}
         self._may_read = may_read
         self._may_publish = may_publish
         self._connections: dict[asyncio.Task[Any], asyncio.WriteTransport] = {}
+        # Connections a takeover stopped waiting for (18): their late end is no disconnect.
+        self._superseded: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
         self._log = structlog.get_logger().bind(component="broker")
 
     # --- addresses and connections -------------------------------------------------------
@@ -329,6 +444,12 @@ class FixedBroker(Broker):
         handler.handle_publish = functools.partial(self._handle_publish, handler)
         handler.handle_subscribe = functools.partial(self._handle_subscribe, handler)
         handler.handle_unsubscribe = functools.partial(self._handle_unsubscribe, handler)
+        # (19, 20) Acknowledgements of both directions, and what a resumed session sends first.
+        handler.handle_puback = functools.partial(self._on_puback, handler)
+        handler.handle_pubrec = functools.partial(self._on_pubrec, handler)
+        handler.handle_pubcomp = functools.partial(self._on_pubcomp, handler)
+        handler.handle_pubrel = functools.partial(self._on_pubrel, handler)
+        handler._retry_deliveries = functools.partial(self._resume, handler)
         return handler, session
 
     async def _open_session(self, reader: Any, writer: Any, remote_address: str,
@@ -361,16 +482,29 @@ class FixedBroker(Broker):
             else:
                 session.client_id = gen_client_id()
             session.parent = 0
-        elif session.client_id in self._sessions:  # resume: new connection, same session
-            existing, _ = self._sessions[session.client_id]
-            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
-                         "username", "password"):
-                setattr(existing, name, getattr(session, name))
-            session = existing
-            session.parent = 1
         else:
-            session.parent = 0
+            session = await self._resumed(session)
         return handler, session
+
+    async def _resumed(self, session: Session) -> Session:
+        """(18) The persistent session a clean-session = 0 CONNECT continues (session present
+        1), or ``session`` itself, new (0). A session left by a clean-session client is not
+        continued (amqtt resumed it, broker.py:517-530); a connection still open on the
+        session is closed first, its will out, as for a clean takeover (6)."""
+        client_id = session.client_id or ""
+        existing = self._sessions.get(client_id, (None, None))[0]
+        if existing is not None and existing.clean_session:
+            await self._delete_session(client_id)
+            existing = None
+        if existing is None:
+            session.parent = 0
+            return session
+        await self._close_connection(client_id)
+        for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                     "username", "password", "remote_address", "remote_port", "ssl_object"):
+            setattr(existing, name, getattr(session, name))
+        existing.parent = 1
+        return existing
 
     async def _refusal(self, session: Session) -> tuple[int, str] | None:
         """(CONNACK code, why) if this CONNECT must be refused, else None."""
@@ -410,14 +544,23 @@ class FixedBroker(Broker):
     async def _delete_session(self, client_id: str) -> None:
         # (6) Take over: close the connected client with this id and let its will go out
         # before amqtt forgets its session and the new connection is acknowledged.
+        await self._close_connection(client_id)
+        await super()._delete_session(client_id)
+
+    async def _close_connection(self, client_id: str) -> None:
+        """Close the connection of the connected client ``client_id`` (if any) and wait,
+        bounded, until its disconnect is handled: will out, session marked away (6, 18)."""
         session, handler = self._sessions.get(client_id, (None, None))
         writer = handler.writer if handler is not None else None
         if (session is not None and session.transitions.is_connected()
                 and isinstance(writer, _ClientWriter)):
             self._log.info("broker.takeover", client=client_id)
             writer.abort()
-            await asyncio.wait({writer.task}, timeout=self._connect_timeout / 2)
-        await super()._delete_session(client_id)
+            done, _ = await asyncio.wait({writer.task}, timeout=self._connect_timeout / 2)
+            if not done and handler is not None:
+                self._log.warning("broker.takeover_slow", client=client_id,
+                                  waited_s=self._connect_timeout / 2)
+                self._superseded.add(handler)
 
     # --- SUBSCRIBE and UNSUBSCRIBE in the order sent (14) ---------------------------------------
 
@@ -452,14 +595,17 @@ class FixedBroker(Broker):
         session = handler.session
         header = packet.variable_header
         if (session is None or header is None or packet.topic_name is None or packet.data is None
-                or packet.qos not in (QOS_0, QOS_1) or (packet.qos == QOS_0 and packet.dup_flag)):
+                or (packet.qos == QOS_0 and packet.dup_flag)):
             await BrokerProtocolHandler.handle_publish(handler, packet)  # amqtt's own flow
             return
         message = IncomingApplicationMessage(header.packet_id, packet.topic_name, packet.qos,
                                              packet.data, packet.retain_flag)
         message.publish_packet = packet
-        # amqtt's checks, events, publish policy, broadcast and retain, in that order. It
-        # answers False for a topic a client must not publish to, where amqtt drops the client.
+        if packet.qos == QOS_2:
+            await self._receive_qos2(handler, session, message)
+            return
+        # The checks, events, publish policy, broadcast and retain of amqtt, in that order
+        # (22). It answers False for a topic no client may publish to: the client is dropped.
         if not await self._handle_message_delivery(session, handler, _done(message)):
             if isinstance(handler.writer, _ClientWriter):
                 handler.writer.abort()
@@ -477,12 +623,14 @@ class FixedBroker(Broker):
         # kept in amqtt's _tasks_queue, which its shutdown cancels. It also skips
         # _run_broadcast's f"Processing broadcast message: {broadcast}" (broker.py:1013), built
         # even with DEBUG off, the repr of the whole payload (~12 ms per MiB of tensor).
+        # (21) ``force_qos`` is the QoS the message was published with (a will's QoS for a
+        # will): each subscriber gets it at the lower of that and its subscription's QoS.
         self._reap_delivery_tasks()
         if topic is None or data is None:
             return
         for target, sub_qos in self._live_targets(topic):
             await self._deliver_live(session, target, topic, data,
-                                     sub_qos if force_qos is None else force_qos)
+                                     sub_qos if force_qos is None else min(force_qos, sub_qos))
 
     def _live_targets(self, topic: str) -> list[tuple[Session, int]]:
         """(13) Each client whose filters match ``topic`` once, with the highest QoS of its
@@ -500,19 +648,10 @@ class FixedBroker(Broker):
 
     async def _deliver_live(self, source: Session | None, target: Session, topic: str,
                             data: bytes | bytearray, qos: int) -> None:
-        """One message to one subscriber: amqtt's _run_broadcast loop body (broker.py:1025-1061)."""
-        if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
-            return
-        if target.transitions.state != "connected":
-            # Queued for a persistent session while it is away [MQTT 3.1.2.4], as amqtt does.
-            if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
-                await self._retain_broadcast_message({"session": source, "topic": topic, "data": data},
-                                                     qos, target)
-            return
-        handler = self._get_handler(target)
-        if handler is not None:
-            self._tasks_queue.append(asyncio.ensure_future(
-                handler.mqtt_publish(topic, data, qos, retain=False)))
+        """One message to one subscriber: amqtt's _run_broadcast loop body (broker.py:1025-1061),
+        sent on the client's connection once its session is resumed, else queued (17)."""
+        if await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
+            self._offer(target, _Item(topic, data, qos, False))
 
     def _reap_delivery_tasks(self) -> None:
         """Forget finished deliveries, logging failures (what amqtt's _broadcast_loop did)."""
@@ -521,6 +660,296 @@ class FixedBroker(Broker):
             task = tasks.popleft()
             if not task.cancelled() and task.exception() is not None:
                 self._log.warning("broker.delivery_failed", error=repr(task.exception()))
+
+    # --- what a client publishes (20, 22) ---------------------------------------------------
+
+    async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        # Replaces broker.py:742-791: amqtt's checks, events, publish policy, broadcast and
+        # retain, except for "$" topics (22) and with the QoS it was published at (21).
+        # False: a protocol error, the client's connection must close.
+        message = wait_deliver.result()
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED,
+                                              client_id=client_session.client_id, message=message)
+        if message is None:
+            return True
+        problem = _topic_problem(message.topic)
+        if problem is not None:
+            self._log.warning("broker.invalid_topic", client=client_session.client_id, topic=message.topic,
+                              problem=problem)
+            return False
+        if message.topic.startswith("$SYS"):  # (22) the broker's own: acknowledged, dropped
+            self._log.debug("broker.sys_publish_dropped", client=client_session.client_id, topic=message.topic)
+            return True
+        if not await self._topic_filtering(client_session, topic=message.topic, action=Action.PUBLISH):
+            self._log.info("broker.publish_denied", client=client_session.client_id, topic=message.topic)
+            return True
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_BROADCAST,
+                                              client_id=client_session.client_id, message=message)
+        await self._broadcast_message(client_session, message.topic, message.data, message.qos)
+        if message.publish_packet is not None and message.publish_packet.retain_flag:
+            await self.retain_message(client_session, message.topic, message.data, message.qos)
+        return True
+
+    async def _receive_qos2(self, handler: BrokerProtocolHandler, session: Session,
+                            message: IncomingApplicationMessage) -> None:
+        """(20) A QoS 2 PUBLISH is kept until its PUBREL, then routed once; a duplicate
+        (same packet id, before the PUBREL) gets its PUBREC again and is not kept twice."""
+        if _topic_problem(message.topic) is not None:
+            await self._handle_message_delivery(session, handler, _done(message))  # logs it
+            if isinstance(handler.writer, _ClientWriter):
+                handler.writer.abort()
+            return
+        packet_id = cast("int", message.packet_id)
+        if packet_id not in session.inflight_in and len(session.inflight_in) >= self._max_inflight:
+            # Each one holds its payload (in a persistent session, for session_expiry): a
+            # client may leave at most max_inflight unreleased, as mosquitto enforces.
+            self._log.warning("broker.inflight_exceeded", client=session.client_id,
+                              max_inflight=self._max_inflight)
+            if isinstance(handler.writer, _ClientWriter):
+                handler.writer.abort()
+            return
+        session.inflight_in.setdefault(packet_id, message)
+        await handler._send_packet(PubrecPacket.build(packet_id))
+
+    async def _on_pubrel(self, handler: BrokerProtocolHandler, packet: PubrelPacket) -> None:
+        # Replaces ProtocolHandler.handle_pubrel (handler.py:710-718), which only woke amqtt's
+        # waiting task (a PUBREL after a reconnect found none: a PUBREC came back instead).
+        session, packet_id = handler.session, packet.packet_id
+        if session is None or packet_id in handler._pubrel_waiters:
+            await BrokerProtocolHandler.handle_pubrel(handler, packet)  # amqtt's own flow
+            return
+        message = session.inflight_in.pop(packet_id, None)
+        if message is not None:
+            if not await self._handle_message_delivery(session, handler, _done(message)):
+                if isinstance(handler.writer, _ClientWriter):
+                    handler.writer.abort()
+                return
+            await asyncio.sleep(0)  # the deliveries just started write first, then the PUBCOMP
+        # Every PUBREL is answered, a repeated one too [MQTT-4.3.3], as mosquitto does.
+        await handler._send_packet(PubcompPacket.build(packet_id))
+
+    # --- what a client is sent: acknowledged, queued, sent again (17, 19) -------------------
+
+    def _offer(self, session: Session, item: _Item) -> None:
+        """One message for one client: sent now if its session is live, nothing waits before
+        it and its in-flight window has room; else queued behind (17). A clean session that
+        is away gets nothing; a persistent one keeps QoS 1/2 [MQTT-3.1.2-5]."""
+        outbox = _outbox(session)
+        handler = outbox.live
+        if handler is not None and not outbox.queued and (
+                item.qos == QOS_0 or len(session.inflight_out) < self._max_inflight):
+            if item.qos == QOS_0 and self._not_reading(handler, outbox, item):
+                self._dropped(session, outbox, "not_reading")  # a QoS 0 waits on no window: bounded here
+                return
+            self._transmit(session, handler, item)
+        elif handler is not None or session.transitions.is_connected() or (
+                not session.clean_session and item.qos != QOS_0):
+            self._enqueue(session, outbox, item)
+
+    def _transmit(self, session: Session, handler: BrokerProtocolHandler, item: _Item) -> None:
+        """Start sending one PUBLISH. QoS 1/2: it stays in the session's inflight_out until
+        acknowledged, whatever happens to the connection (19)."""
+        if item.qos == QOS_0:
+            packet = PublishPacket.build(item.topic, bytes(item.data), None, False, QOS_0, item.retain)
+            self._send(session, handler, packet, _size(item))
+            return
+        message = OutgoingApplicationMessage(session.next_packet_id, item.topic, item.qos, item.data, item.retain)
+        message.publish_packet = message.build_publish_packet()
+        session.inflight_out[cast("int", message.packet_id)] = message
+        self._send(session, handler, message.publish_packet, _size(item))
+
+    def _send(self, session: Session, handler: BrokerProtocolHandler, packet: PublishPacket | PubrelPacket,
+              size: int) -> None:
+        # Started in order; the handler's write lock (FIFO) keeps that order on the wire.
+        task = asyncio.ensure_future(handler._send_packet(packet))
+        outbox = _outbox(session)
+        outbox.sending += 1
+        outbox.sending_bytes += size
+        task.add_done_callback(functools.partial(self._sent, session, outbox, size))
+        self._tasks_queue.append(task)
+
+    def _sent(self, session: Session, outbox: _Outbox, size: int, _: asyncio.Future[Any]) -> None:
+        outbox.sending -= 1
+        outbox.sending_bytes -= size
+        if outbox.dropped and not outbox.sending and not outbox.queued:  # all written: burst over
+            self._report_drops(session, outbox)
+
+    def _not_reading(self, handler: BrokerProtocolHandler, outbox: _Outbox, item: _Item) -> bool:
+        """Whether the client is not taking what it is sent: the sends it has waiting reach
+        the queue's limits and its socket has bytes the kernel would not take. (A burst to a
+        client that reads is not dropped: amqtt parses a whole read's PUBLISHes before any
+        send runs, so a thousand sends can wait on a connection that has nothing buffered.)"""
+        writer = handler.writer
+        return (self._over_limits(outbox.sending, outbox.sending_bytes, _size(item))
+                and isinstance(writer, _ClientWriter) and writer.transport.get_write_buffer_size() > 0)
+
+    def _over_limits(self, count: int, size: int, more: int) -> bool:
+        """Whether ``count`` messages of ``size`` bytes held for a client leave no room for
+        one more of ``more`` bytes: ``max_queued`` messages, ``max_queued_bytes`` bytes (one
+        message alone always fits, however large: max_payload bounds it)."""
+        return count >= self._max_queued or (
+            self._max_queued_bytes > 0 and count > 0 and size + more > self._max_queued_bytes)
+
+    def _enqueue(self, session: Session, outbox: _Outbox, item: _Item) -> None:
+        """(17) Keep a message until it can go; beyond ``max_queued`` waiting (or
+        ``max_queued_bytes``), the newest is dropped, as mosquitto's settings of those names do."""
+        if self._over_limits(len(outbox.queued), outbox.queued_bytes, _size(item)):
+            self._dropped(session, outbox, "queue_full")
+            return
+        outbox.queued.append(item)
+        outbox.queued_bytes += _size(item)
+
+    def _refill(self, session: Session, outbox: _Outbox) -> None:
+        """Send what waits, in order, while the in-flight window has room; each message is
+        asked of ``may_read`` again (the policy may have changed while it waited)."""
+        handler = outbox.live
+        while handler is not None and outbox.queued:
+            item = outbox.queued[0]
+            if item.qos != QOS_0 and len(session.inflight_out) >= self._max_inflight:
+                return
+            outbox.queued.popleft()
+            outbox.queued_bytes -= _size(item)
+            if self._may_read is None or self._allowed(self._may_read, session, item.topic):
+                self._transmit(session, handler, item)
+        if handler is not None and outbox.dropped:  # the queue drained: that burst is over
+            self._report_drops(session, outbox)
+
+    def _dropped(self, session: Session, outbox: _Outbox, reason: str, count: int = 1) -> None:
+        """Count messages a client will never get. The first of a burst is logged at once, the
+        burst's count when it ends (the queue drained, the client resumed) or every
+        ``DROPS_REPORT_S`` while it goes on: a node stays connected for days."""
+        now = asyncio.get_running_loop().time()
+        if outbox.dropped == 0:
+            self._log.warning("broker.messages_dropped", client=session.client_id, reason=reason,
+                              max_queued=self._max_queued)
+            outbox.drops_since = now
+        outbox.dropped += count
+        self.counters["queue_dropped"] += count
+        if now - outbox.drops_since >= DROPS_REPORT_S:
+            self._report_drops(session, outbox)
+
+    def _report_drops(self, session: Session, outbox: _Outbox) -> None:
+        self._log.warning("broker.queue_dropped", client=session.client_id, dropped=outbox.dropped,
+                          max_queued=self._max_queued)
+        outbox.dropped = 0
+
+    async def _resume(self, handler: BrokerProtocolHandler) -> None:
+        # Replaces ProtocolHandler._retry_deliveries (handler.py:174-194), run when a
+        # connection starts: (19) what the client had not acknowledged goes again first, in
+        # the order first sent -- the PUBLISH with DUP set, or the PUBREL once a PUBREC came
+        # [MQTT-4.4.0-1] -- then what was queued while it was away, then live messages. Each
+        # PUBLISH, sent before or not, is asked of may_read again (the policy may have changed
+        # meanwhile); a refused one is forgotten. A PUBREL carries no payload: it goes. All
+        # started in this one step, so nothing overtakes.
+        session = handler.session
+        if session is None:
+            return
+        outbox = _outbox(session)
+        for packet_id, message in list(session.inflight_out.items()):
+            if message.qos == QOS_2 and message.pubrec_packet is not None:
+                self._send(session, handler, PubrelPacket.build(packet_id), 0)
+            elif self._may_read is not None and not self._allowed(self._may_read, session, message.topic):
+                del session.inflight_out[packet_id]
+            else:
+                message.publish_packet = message.build_publish_packet(dup=True)
+                self._send(session, handler, message.publish_packet, len(message.data or b"") + len(message.topic))
+        outbox.live = handler
+        self._refill(session, outbox)
+        if outbox.dropped:  # while it was away (the refill found its queue longer than its window)
+            self._report_drops(session, outbox)
+
+    async def _on_puback(self, handler: BrokerProtocolHandler, packet: PubackPacket) -> None:
+        # Replaces ProtocolHandler.handle_puback (handler.py:677-688): no task waits for it (19).
+        session, packet_id = handler.session, cast("Any", packet.variable_header).packet_id
+        if session is None or packet_id in handler._puback_waiters:
+            await BrokerProtocolHandler.handle_puback(handler, packet)  # amqtt's own flow
+            return
+        message = session.inflight_out.get(packet_id)
+        if message is not None and message.qos == QOS_1:
+            del session.inflight_out[packet_id]
+            self._refill(session, _outbox(session))
+
+    async def _on_pubrec(self, handler: BrokerProtocolHandler, packet: PubrecPacket) -> None:
+        # Replaces ProtocolHandler.handle_pubrec (handler.py:690-698) (19).
+        session, packet_id = handler.session, packet.packet_id
+        if session is None or packet_id in handler._pubrec_waiters:
+            await BrokerProtocolHandler.handle_pubrec(handler, packet)  # amqtt's own flow
+            return
+        message = session.inflight_out.get(packet_id)
+        if message is not None and message.qos == QOS_2:
+            message.pubrec_packet = packet
+        await handler._send_packet(PubrelPacket.build(packet_id))
+
+    async def _on_pubcomp(self, handler: BrokerProtocolHandler, packet: PubcompPacket) -> None:
+        # Replaces ProtocolHandler.handle_pubcomp (handler.py:700-708) (19).
+        session, packet_id = handler.session, packet.packet_id
+        if session is None or packet_id in handler._pubcomp_waiters:
+            await BrokerProtocolHandler.handle_pubcomp(handler, packet)  # amqtt's own flow
+            return
+        message = session.inflight_out.get(packet_id)
+        if message is not None and message.qos == QOS_2 and message.pubrec_packet is not None:
+            del session.inflight_out[packet_id]
+            self._refill(session, _outbox(session))
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Deliberately nothing: amqtt's queue for an away client (sent with retain set,
+        broker.py:1116-1131) is replaced by the outbox that ``_resume`` sends (17)."""
+
+    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        # (17) Away from now on: what follows is queued, not written to a closing connection.
+        outbox = _outbox(client_session)
+        if outbox.live in (handler, None):
+            outbox.live = None
+            outbox.away_since = asyncio.get_running_loop().time()
+        if handler in self._superseded:
+            # (18) A connection a takeover stopped waiting for, ending now: its client is back
+            # on another connection. No will (it would say "offline" after the new connection
+            # said "online", with the new connection's will fields, which _resumed copied), and
+            # the session is not away (a later takeover would leave the live connection open).
+            self._log.info("broker.late_disconnect", client=client_session.client_id)
+            await self._stop_handler(handler)
+            return
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _session_monitor(self) -> None:
+        # Replaces broker.py:356-386 (17): sessions of clean-session clients end with their
+        # connection, as in amqtt; a persistent one whose client stays away session_expiry
+        # seconds ends too, counted and logged with what it still held.
+        interval = min(1.0, self._session_expiry / 2)
+        while True:
+            await asyncio.sleep(interval)
+            now = asyncio.get_running_loop().time()
+            for client_id, (session, _) in list(self._sessions.items()):
+                if session.transitions.state != "disconnected" or _outbox(session).live is not None:
+                    continue  # (live: resumed by a connection that took over a slow-to-close one)
+                if not session.clean_session and now - _outbox(session).away_since < self._session_expiry:
+                    continue
+                if not session.clean_session:
+                    self._expired(session)
+                await self._cleanup_session(client_id)
+
+    def _expired(self, session: Session) -> None:
+        outbox = _outbox(session)
+        lost = len(outbox.queued) + len(session.inflight_out)
+        self.counters["sessions_expired"] += 1
+        self.counters["queue_dropped"] += lost
+        self._log.warning("broker.session_expired", client=session.client_id, dropped=lost,
+                          away_s=round(self._session_expiry, 3))
+
+    def _outboxes(self) -> list[_Outbox]:
+        outboxes = [session.attributes.get(OUTBOX) for session, _ in list(self._sessions.values())]
+        return [outbox for outbox in outboxes if isinstance(outbox, _Outbox)]
+
+    def queued_messages(self) -> int:
+        """Messages held for clients that are away or behind a full in-flight window (read
+        from any thread: a snapshot)."""
+        return sum(len(outbox.queued) for outbox in self._outboxes())
+
+    def sending_messages(self) -> int:
+        """Messages handed to connections and not yet written out (a snapshot, as above)."""
+        return sum(outbox.sending for outbox in self._outboxes())
 
     # --- policies ---------------------------------------------------------------------------
 
@@ -547,8 +976,13 @@ class FixedBroker(Broker):
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         # Credentials, client id and will were checked before the session was opened (15,
-        # _refusal); what is left is amqtt's plugin (anonymous: yes).
-        return await super()._authenticate(session, listener)
+        # _refusal); what is left is amqtt's plugin (anonymous: yes). (17) That plugin marks
+        # every session anonymous (authentication.py:37), and amqtt neither queues messages
+        # for an anonymous session (broker.py:1037) nor keeps it once its client is away
+        # (broker.py:364-366): no persistent session ever survived. Ours do, as mosquitto's.
+        accepted = await super()._authenticate(session, listener)
+        session.is_anonymous = False
+        return accepted
 
     # --- subscriptions and retained messages ---------------------------------------------
 
@@ -573,7 +1007,7 @@ class FixedBroker(Broker):
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_SUBSCRIBED, client_id=client_session.client_id,
                 topic=topic_filter, qos=qos)
-        await self._deliver_retained(client_session, handler, granted)
+        await self._deliver_retained(client_session, granted)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Session) -> None:
@@ -594,21 +1028,7 @@ class FixedBroker(Broker):
             selected.append((topic, message.data, min(qos, message.qos or 0)))
         return selected
 
-    async def _deliver_retained(self, session: Session, handler: BrokerProtocolHandler,
-                                granted: list[tuple[str, int]]) -> None:
-        selected = self._retained_for(session, granted)
-        if not selected:
-            return
-        # Started in order; the handler's write lock keeps that order on the wire.
-        sends = [handler.mqtt_publish(topic, data, qos, retain=True) for topic, data, qos in selected]
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True),
-                                             self._delivery_timeout)
-        except TimeoutError:
-            self._log.warning("broker.retained_delivery_timeout", client=session.client_id,
-                              messages=len(sends), timeout_s=self._delivery_timeout)
-            return
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            self._log.warning("broker.retained_delivery_failed", client=session.client_id,
-                              failed=len(failed), error=repr(failed[0]))
+    async def _deliver_retained(self, session: Session, granted: list[tuple[str, int]]) -> None:
+        # After the SUBACK, in order, like any other delivery to this client (17, 19).
+        for topic, data, qos in self._retained_for(session, granted):
+            self._offer(session, _Item(topic, data, qos, True))

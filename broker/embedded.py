@@ -35,6 +35,21 @@ PLUGINS = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous
 
 T = TypeVar("T")
 DEFAULT_TLS_PORT = 8883
+DEFAULT_MAX_INFLIGHT_MESSAGES = 20  # QoS 1/2 messages sent to a client and not yet acknowledged (mosquitto's)
+DEFAULT_MAX_QUEUED_MESSAGES = 1000  # waiting behind those, or for a client that is away (mosquitto's)
+DEFAULT_MAX_QUEUED_BYTES = 256 * 2**20  # the same in bytes (mosquitto: no limit, 0); 0 = no limit
+DEFAULT_SESSION_EXPIRY_S = 3600.0  # a persistent session whose client stays away this long ends
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerStats:
+    """What the broker holds for clients, and what it had to let go (``EmbeddedBroker.stats``)."""
+
+    sessions: int  # connected clients and persistent sessions of clients away
+    queued: int  # messages waiting: for clients that are away, or behind a full in-flight window
+    sending: int  # messages handed to connections, not yet written out (clients slow to read)
+    queue_dropped: int  # messages a client never got: its queue was full, it did not read, its session expired
+    sessions_expired: int  # persistent sessions ended because their client stayed away
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +72,35 @@ class EmbeddedBroker:
     welcome); ``broker/acl.py`` and ``broker/users.py`` make all three from a users file.
     ``tls`` adds a TLS listener (``tls_port`` after start); with ``tls.only`` it is the only one.
     A PUBLISH whose payload exceeds ``max_payload`` bytes closes the sender's connection.
+    A client has at most ``max_inflight_messages`` QoS 1/2 messages unacknowledged; up to
+    ``max_queued_messages`` more wait behind them, or while a client with a persistent session
+    (clean session = 0) is away, and up to as many QoS 0 messages wait to be written to a
+    client that reads slowly; ``max_queued_bytes`` (0: none) bounds each of those in bytes too.
+    Beyond either limit the newest are dropped. A persistent session ends once its client
+    stays away ``session_expiry_s`` seconds. ``stats()`` counts both.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, may_read: TopicPolicy | None = None,
                  may_publish: TopicPolicy | None = None, authenticate: Authenticate | None = None,
                  tls: TlsListener | None = None, connect_timeout: float = 10.0,
-                 delivery_timeout: float = 30.0, start_timeout: float = 10.0,
+                 max_inflight_messages: int = DEFAULT_MAX_INFLIGHT_MESSAGES,
+                 max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+                 session_expiry_s: float = DEFAULT_SESSION_EXPIRY_S, start_timeout: float = 10.0,
                  stop_timeout: float = 15.0) -> None:
         _check(bool(host) and isinstance(host, str) and ":" not in host,
                f"host must be an IPv4 address or a name, got {host!r}")
         _check(isinstance(port, int) and 0 <= port <= 65_535, f"port out of range: {port!r}")
         _check(MAX_STRING_READ < max_payload <= MQTT_MAX_PAYLOAD,
                f"max_payload must be in ({MAX_STRING_READ}, {MQTT_MAX_PAYLOAD}], got {max_payload}")
-        for name, value in (("connect_timeout", connect_timeout), ("delivery_timeout", delivery_timeout),
+        _check(isinstance(max_inflight_messages, int) and 0 < max_inflight_messages < 65_536,
+               f"max_inflight_messages must be in [1, 65535] (MQTT packet ids), got {max_inflight_messages!r}")
+        _check(isinstance(max_queued_messages, int) and max_queued_messages > 0,
+               f"max_queued_messages must be a positive integer, got {max_queued_messages!r}")
+        _check(isinstance(max_queued_bytes, int) and max_queued_bytes >= 0,
+               f"max_queued_bytes must be an integer >= 0 (0: no limit), got {max_queued_bytes!r}")
+        for name, value in (("connect_timeout", connect_timeout), ("session_expiry_s", session_expiry_s),
                             ("start_timeout", start_timeout), ("stop_timeout", stop_timeout)):
             _check(value > 0, f"{name} must be positive, got {value}")
         if tls is not None:
@@ -81,8 +111,10 @@ class EmbeddedBroker:
         self._max_payload = max_payload
         self._policies = (may_read, may_publish)
         self._authenticate = authenticate
-        self._timeouts = {"connect": connect_timeout, "delivery": delivery_timeout,
-                          "start": start_timeout, "stop": stop_timeout}
+        self._timeouts = {"connect": connect_timeout, "start": start_timeout, "stop": stop_timeout}
+        self._limits = (max_inflight_messages, max_queued_messages, max_queued_bytes)
+        self._session_expiry = session_expiry_s
+        self._counters = {"queue_dropped": 0, "sessions_expired": 0}  # of the last run, once stopped
         self._amqtt: FixedBroker | None = None
         self._address: tuple[str, int] | None = None  # of the plaintext listener (or the TLS one if only)
         self._tls_address: tuple[str, int] | None = None
@@ -121,6 +153,14 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._amqtt is not None
 
+    def stats(self) -> BrokerStats:
+        """Sessions and queues now, drops and expiries since start (safe from any thread)."""
+        broker = self._amqtt
+        if broker is None:
+            return BrokerStats(sessions=0, queued=0, sending=0, **self._counters)
+        return BrokerStats(sessions=len(broker.sessions), queued=broker.queued_messages(),
+                           sending=broker.sending_messages(), **broker.counters)
+
     def _bound(self) -> tuple[str, int]:
         if self._address is None:
             raise BrokerNotRunningError("the broker is not running: start() it first")
@@ -136,7 +176,9 @@ class EmbeddedBroker:
         try:
             broker = FixedBroker(self._config(), max_payload=self._max_payload,
                                  connect_timeout=self._timeouts["connect"],
-                                 delivery_timeout=self._timeouts["delivery"],
+                                 max_inflight=self._limits[0], max_queued=self._limits[1],
+                                 max_queued_bytes=self._limits[2],
+                                 session_expiry=self._session_expiry,
                                  may_read=self._policies[0], may_publish=self._policies[1],
                                  authenticate=self._authenticate)
             await asyncio.wait_for(broker.start(), self._timeouts["start"])
@@ -152,7 +194,9 @@ class EmbeddedBroker:
         if self._tls is not None:
             self._tls_address = broker.bound_address("default" if self._tls.only else "tls")
         self._log.info("broker.started", url=self.url, tls_url=self.tls_url, max_payload=self._max_payload,
-                       users=self._authenticate is not None)
+                       users=self._authenticate is not None, max_inflight_messages=self._limits[0],
+                       max_queued_messages=self._limits[1], max_queued_bytes=self._limits[2],
+                       session_expiry_s=self._session_expiry)
 
     async def stop(self) -> None:
         """Disconnect every client and close the listener. Stopping a stopped broker is a no-op."""
@@ -160,6 +204,7 @@ class EmbeddedBroker:
         if broker is None:
             return
         url, self._address, self._tls_address = self.url, None, None
+        self._counters = dict(broker.counters)
         try:
             await asyncio.wait_for(broker.shutdown(), self._timeouts["stop"])
         except TimeoutError as exc:

@@ -34,7 +34,8 @@ START_TIMEOUT_S = 30.0
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BrokerOptions:
-    """What secures an embedded broker: a users file, a TLS listener."""
+    """What secures an embedded broker (a users file, a TLS listener) and bounds what it keeps
+    for each client (None: ``EmbeddedBroker``'s defaults)."""
 
     users: Path | None = None  # users file: authentication and ACLs (None: open broker)
     hub_secret: str | None = None  # password of the hub's own clients (users.HUB_USERNAME)
@@ -42,13 +43,25 @@ class BrokerOptions:
     tls_key: Path | None = None
     tls_port: int = 8883  # 0: any free port
     tls_only: bool = False
+    max_inflight_messages: int | None = None  # QoS 1/2 messages a client has unacknowledged
+    max_queued_messages: int | None = None  # more waiting behind those, or while it is away
+    max_queued_bytes: int | None = None  # the same in bytes (0: no limit)
+    session_expiry_s: float | None = None  # a persistent session whose client stays away this long ends
 
     def argv(self) -> list[str]:
         out = ["--users", str(self.users)] if self.users else []
         if self.tls_cert:
             out += ["--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key), "--tls-port", str(self.tls_port)]
             out += ["--tls-only"] if self.tls_only else []
+        for flag, value in self._limits().items():
+            out += [f"--{flag.replace('_', '-')}", str(value)]
         return out
+
+    def _limits(self) -> dict[str, int | float]:
+        limits = {"max_inflight_messages": self.max_inflight_messages,
+                  "max_queued_messages": self.max_queued_messages, "max_queued_bytes": self.max_queued_bytes,
+                  "session_expiry_s": self.session_expiry_s}
+        return {name: value for name, value in limits.items() if value is not None}
 
 
 def broker_kwargs(options: BrokerOptions) -> dict[str, Any]:
@@ -62,6 +75,7 @@ def broker_kwargs(options: BrokerOptions) -> dict[str, Any]:
     if options.tls_cert is not None:
         kwargs["tls"] = TlsListener(cert=str(options.tls_cert), key=str(options.tls_key), port=options.tls_port,
                                     only=options.tls_only)
+    kwargs.update(options._limits())
     return kwargs
 
 
@@ -157,10 +171,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--tls-port", type=int, default=8883)
     parser.add_argument("--tls-only", action="store_true")
+    parser.add_argument("--max-inflight-messages", type=int)
+    parser.add_argument("--max-queued-messages", type=int)
+    parser.add_argument("--max-queued-bytes", type=int)
+    parser.add_argument("--session-expiry-s", type=float)
     args = parser.parse_args(argv)
     options = BrokerOptions(users=args.users, hub_secret=os.environ.pop(HUB_SECRET_ENV, None) or None,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_port=args.tls_port,
-                            tls_only=args.tls_only)
+                            tls_only=args.tls_only, max_inflight_messages=args.max_inflight_messages,
+                            max_queued_messages=args.max_queued_messages, max_queued_bytes=args.max_queued_bytes,
+                            session_expiry_s=args.session_expiry_s)
     try:
         broker = EmbeddedBroker(host=args.host, port=args.port, **broker_kwargs(options))
         with BrokerThread(broker=broker) as running:

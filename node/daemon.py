@@ -315,7 +315,13 @@ class NodeDaemon:
 
     def _runtime_settings(self) -> RuntimeSettings:
         return RuntimeSettings(intra_op_threads=self.settings.threads, allow_spinning=self.settings.spin,
-                               merge_layers=self.settings.merge_layers)
+                               merge_layers=self.settings.merge_layers, merge_dir=self._merge_dir)
+
+    @property
+    def _merge_dir(self) -> Path:
+        """This node's merged layers, of every model: nodes sharing a cache directory (one
+        machine) each delete only their own earlier ones."""
+        return self.settings.cache_dir / MERGED_DIR / self.name
 
     def _materialize(self, pieces: list) -> Path:
         """The manifest's directory layout in the cache: each piece's file links to its verified blob."""
@@ -344,7 +350,8 @@ class NodeDaemon:
                   for seg in assignment.segments}
         # Layers merged for earlier segments are a copy of their weights on disk: only the current ones stay.
         in_use = {s.runtime.merged_file.name for s in stages.values() if s.runtime.merged_file is not None}
-        merge.remove_merged_except(model_dir / MERGED_DIR, in_use)
+        if left := merge.remove_merged_except(self._merge_dir, in_use):
+            self._log.warning("earlier merged layers not deleted", files=left)
         return stages
 
     def _run_act(self, topic: str, header: ActHeader, array: np.ndarray, t_recv: float) -> None:

@@ -60,6 +60,7 @@ class RuntimeSettings:
     allow_spinning: bool = False
     verify_sha256: bool = True
     merge_layers: bool = True  # a segment's in-place layers as one graph, when `onnx` is importable
+    merge_dir: Path | None = None  # where merged layers are written; None: `merged/` beside the pieces
 
 
 log = structlog.get_logger()
@@ -288,9 +289,9 @@ def _load_units(artifact_dir: Path, manifest: ModelManifest, specs: tuple[PieceS
     reuse = tuple(reuse)
     layers = tuple(s for s in specs if s.kind == "layer")
     merged = None
-    if settings.merge_layers and manifest.rope_inv_freq and len(layers) > 1 and merge.can_merge():
+    if settings.merge_layers and merge.can_merge(layers):
         merged = next((u for u in reuse if isinstance(u, MergedLayers) and u.specs == layers), None) \
-            or _load_merged(artifact_dir, layers, options, settings.verify_sha256)
+            or _load_merged(artifact_dir, layers, options, settings)
     singles = _load_pieces(artifact_dir, tuple(s for s in specs if merged is None or s not in layers), options,
                            settings.verify_sha256, [u for u in reuse if isinstance(u, LoadedPiece)])
     units: list[Loaded] = [p for p in singles if p.spec.kind == "embed"]
@@ -310,19 +311,30 @@ def _load_pieces(artifact_dir: Path, specs: tuple[PieceSpec, ...], options: ort.
 
 
 def _load_merged(artifact_dir: Path, layers: tuple[PieceSpec, ...], options: ort.SessionOptions,
-                 verify: bool) -> MergedLayers | None:
-    """The layers merged into ``artifact_dir/merged`` and loaded; None (the caller loads them one
-    by one) if that fails for a reason of this machine's (disk, permissions), said in the log."""
-    out_dir = artifact_dir / MERGED_DIR
+                 settings: RuntimeSettings) -> MergedLayers | None:
+    """The layers merged and loaded. A merged file that does not load is merged again once;
+    if that fails too (no room, no rights, a broken onnx, too little memory), None: the
+    caller loads the layers one by one, and the log says why."""
     for spec in layers:  # even when merged before: a piece found tampered with is refused as when run alone
-        _check_file(artifact_dir, spec, verify)
-    try:
-        path = merge.merge_layers(artifact_dir, layers, out_dir)
-    except OSError as exc:
-        log.warning("layers not merged; running them one by one", error=str(exc))
-        return None
-    session = _new_session(path, f"layers {layers[0].index - 1}..{layers[-1].index - 1} merged", options,
-                           hint=" (a node started with --no-merge runs them one by one)")
+        _check_file(artifact_dir, spec, settings.verify_sha256)
+    out_dir = settings.merge_dir or artifact_dir / MERGED_DIR
+    name = f"layers {layers[0].index - 1}..{layers[-1].index - 1} merged"
+    for attempt in range(2):
+        path = out_dir / merge.merged_file(layers)
+        try:
+            if attempt:
+                merge.discard(path)
+            path = merge.merge_layers(artifact_dir, layers, out_dir, verify=settings.verify_sha256)
+            session = _new_session(path, name, options)
+            _check_merged_io(path, layers, session)
+            return MergedLayers(specs=layers, session=session, file=path)
+        except Exception as exc:  # whatever it was, one call per layer still works
+            log.warning("layers not merged" if attempt else "merged layers would not load; merging again",
+                        file=path.name, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return None
+
+
+def _check_merged_io(path: Path, layers: tuple[PieceSpec, ...], session: ort.InferenceSession) -> None:
     names = [merge.layer_name(s.index - 1, n) for s in layers for n in merge.PER_LAYER_INPUTS]
     expected = (("hidden", *merge.SHARED_INPUTS, *names),
                 ("hidden_out", *(merge.layer_name(s.index - 1, n) for s in layers for n in merge.PER_LAYER_OUTPUTS)))
@@ -330,7 +342,6 @@ def _load_merged(artifact_dir: Path, layers: tuple[PieceSpec, ...], options: ort
     if sorted(got[0]) != sorted(expected[0]) or sorted(got[1]) != sorted(expected[1]):
         raise ArtifactError(f"merged layers {path.name}: expected inputs {expected[0]} and outputs {expected[1]}, "
                             f"got {got[0]} and {got[1]}")
-    return MergedLayers(specs=layers, session=session, file=path)
 
 
 def _load_piece(artifact_dir: Path, spec: PieceSpec, options: ort.SessionOptions, verify: bool) -> LoadedPiece:
@@ -348,13 +359,13 @@ def _check_file(artifact_dir: Path, spec: PieceSpec, verify: bool) -> Path:
     return path
 
 
-def _new_session(path: Path, what: str, options: ort.SessionOptions, hint: str = "") -> ort.InferenceSession:
+def _new_session(path: Path, what: str, options: ort.SessionOptions) -> ort.InferenceSession:
     try:
         # From the path, not from bytes: ORT's Python session keeps a model given as bytes
         # alive, which doubles the resident weights.
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own pybind classes; translate them all here
-        raise ArtifactError(f"{what}: ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}{hint}") from exc
+        raise ArtifactError(f"{what}: ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}") from exc
 
 
 def _check_io(spec: PieceSpec, session: ort.InferenceSession) -> None:

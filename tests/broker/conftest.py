@@ -8,6 +8,7 @@ messages with plain tuples (``Msg`` is a NamedTuple).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import queue
@@ -152,8 +153,8 @@ def _remaining_length(n: int) -> bytes:
 
 
 def connect_packet(client_id: str, *, keepalive: int,
-                   will: tuple[str, bytes, int, bool] | None = None) -> bytes:
-    flags, payload = 0x02, _string(client_id.encode())  # clean session
+                   will: tuple[str, bytes, int, bool] | None = None, clean: bool = True) -> bytes:
+    flags, payload = (0x02 if clean else 0), _string(client_id.encode())
     if will is not None:
         topic, message, qos, retain = will
         flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
@@ -193,6 +194,150 @@ def closed_by_peer(sock: socket.socket, timeout: float = WAIT) -> bool:
     return True
 
 
+class Packet(NamedTuple):
+    """One MQTT packet as read off the wire: type (high nibble), flags (low nibble), body."""
+
+    kind: int
+    flags: int
+    body: bytes
+
+    @property
+    def packet_id(self) -> int:  # PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK
+        return int.from_bytes(self.body[:2], "big")
+
+
+class Published(NamedTuple):
+    """A PUBLISH a RawClient received."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    packet_id: int | None
+    dup: bool
+    retain: bool
+
+
+CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK = 2, 3, 4, 5, 6, 7, 9
+
+
+class RawClient:
+    """An MQTT 3.1.1 client written by hand: it acknowledges only when told to, can drop
+    its socket without DISCONNECT, resend a packet id, and shows every flag on the wire."""
+
+    def __init__(self, port: int, client_id: str, *, clean: bool = True, keepalive: int = 60,
+                 will: tuple[str, bytes, int, bool] | None = None) -> None:
+        self.port, self.client_id, self.clean, self.keepalive = port, client_id, clean, keepalive
+        self.will = will
+        self.sock: socket.socket | None = None
+        self._buffer = b""
+        self._ids = itertools.count(1)
+
+    def connect(self, *, clean: bool | None = None) -> bool:
+        """CONNECT and wait for CONNACK 0; returns its session-present flag."""
+        clean = self.clean if clean is None else clean
+        self.drop()
+        self.sock, self._buffer = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT), b""
+        self.sock.sendall(connect_packet(self.client_id, keepalive=self.keepalive, clean=clean, will=self.will))
+        connack = self.read()
+        assert connack is not None and connack.kind == CONNACK, connack
+        assert connack.body[1] == 0, f"CONNACK return code {connack.body[1]}"
+        return bool(connack.body[0] & 1)
+
+    def drop(self) -> None:
+        """Close the socket without DISCONNECT (the broker sees a lost connection)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def disconnect(self) -> None:
+        """DISCONNECT, then wait until the broker closed the connection: what is published
+        after this returns finds the client away."""
+        if self.sock is not None:
+            self.sock.sendall(b"\xe0\x00")
+            assert closed_by_peer(self.sock), "the broker kept the connection after DISCONNECT"
+            self.drop()
+
+    def send(self, kind: int, flags: int, body: bytes) -> None:
+        assert self.sock is not None, "not connected"
+        self.sock.sendall(bytes([kind << 4 | flags]) + _remaining_length(len(body)) + body)
+
+    def ack(self, kind: int, packet_id: int) -> None:
+        """PUBACK, PUBREC, PUBREL (flags 2) or PUBCOMP for ``packet_id``."""
+        self.send(kind, 2 if kind == PUBREL else 0, packet_id.to_bytes(2, "big"))
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, packet_id: int | None = None,
+                dup: bool = False, retain: bool = False) -> int | None:
+        """Send a PUBLISH (no wait for its acknowledgement); returns its packet id."""
+        pid = (packet_id or next(self._ids)) if qos else None
+        body = _string(topic.encode()) + (pid.to_bytes(2, "big") if pid else b"") + payload
+        self.send(PUBLISH, (8 if dup else 0) | qos << 1 | (1 if retain else 0), body)
+        return pid
+
+    def subscribe(self, *filters: tuple[str, int]) -> list[int]:
+        pid = next(self._ids)
+        payload = b"".join(_string(f.encode()) + bytes([q]) for f, q in filters)
+        self.send(8, 2, pid.to_bytes(2, "big") + payload)
+        suback = self.expect(SUBACK)
+        assert suback.packet_id == pid
+        return list(suback.body[2:])
+
+    def read(self, timeout: float = WAIT) -> Packet | None:
+        """The next packet, or None once the broker closed the connection."""
+        assert self.sock is not None, "not connected"
+        self.sock.settimeout(timeout)
+        while True:
+            packet = self._parse()
+            if packet is not None:
+                return packet
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionError:
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+    def quiet(self, timeout: float = 0.5) -> bool:
+        """True if nothing arrives for ``timeout`` seconds (for what must NOT be sent)."""
+        try:
+            packet = self.read(timeout)
+        except TimeoutError:
+            return True
+        raise AssertionError(f"unexpected packet {packet}")
+
+    def expect(self, kind: int) -> Packet:
+        packet = self.read()
+        assert packet is not None, f"connection closed while waiting for packet type {kind}"
+        assert packet.kind == kind, f"expected packet type {kind}, got {packet}"
+        return packet
+
+    def receive(self) -> Published:
+        return parse_publish(self.expect(PUBLISH))
+
+    def _parse(self) -> Packet | None:
+        data = self._buffer
+        length, shift, i = 0, 0, 1
+        while True:
+            if i >= len(data):
+                return None
+            length |= (data[i] & 0x7F) << shift
+            shift, i = shift + 7, i + 1
+            if not data[i - 1] & 0x80:
+                break
+        if len(data) < i + length:
+            return None
+        self._buffer = data[i + length:]
+        return Packet(data[0] >> 4, data[0] & 0x0F, data[i:i + length])
+
+
+def parse_publish(packet: Packet) -> Published:
+    qos = (packet.flags >> 1) & 3
+    n = int.from_bytes(packet.body[:2], "big")
+    topic, rest = packet.body[2:2 + n].decode(), packet.body[2 + n:]
+    pid = int.from_bytes(rest[:2], "big") if qos else None
+    return Published(topic, rest[2:] if qos else rest, qos, pid, bool(packet.flags & 8), bool(packet.flags & 1))
+
+
 # --- mosquitto, the reference broker ---------------------------------------------------------
 
 
@@ -202,6 +347,8 @@ class RunningBroker:
 
     kind: str
     port: int
+    thread: BrokerThread | None = None  # the embedded broker's
+    log: Path | None = None  # mosquitto's log file
 
 
 # --- fixtures -----------------------------------------------------------------------------
@@ -224,10 +371,25 @@ def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runni
     """Each test that uses it runs twice: on the embedded broker and on a fresh mosquitto."""
     if request.param == "embedded":
         with BrokerThread() as running:
-            yield RunningBroker("embedded", running.port)
+            yield RunningBroker("embedded", running.port, thread=running)
     else:
         with mosquitto(root=tmp_path) as port:
-            yield RunningBroker("mosquitto", port)
+            yield RunningBroker("mosquitto", port, log=tmp_path / "mosquitto.log")
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def broker_with(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., RunningBroker]]:
+    """``broker_with(max_queued_messages=3)``: a broker with settings both brokers have (under
+    the same names in mosquitto.conf); each test that uses it runs on both."""
+    with contextlib.ExitStack() as stack:
+        def start(**settings: int) -> RunningBroker:
+            if request.param == "embedded":
+                running = stack.enter_context(BrokerThread(broker=EmbeddedBroker(**settings)))  # type: ignore[arg-type]
+                return RunningBroker("embedded", running.port, thread=running)
+            conf = "allow_anonymous true\n" + "".join(f"{key} {value}\n" for key, value in settings.items())
+            port = stack.enter_context(mosquitto(conf, root=tmp_path))
+            return RunningBroker("mosquitto", port, log=tmp_path / "mosquitto.log")
+        yield start
 
 
 @pytest.fixture
@@ -255,7 +417,17 @@ def custom_broker() -> Iterator[Callable[..., tuple[BrokerThread, Callable[..., 
 
 
 @pytest.fixture
-def raw_mqtt() -> SimpleNamespace:
+def raw_mqtt() -> Iterator[SimpleNamespace]:
     """Helpers for a hand-made MQTT client: ``connect(port, id, keepalive=, will=)``,
-    ``closed_by_peer(sock)``."""
-    return SimpleNamespace(connect=raw_connect, closed_by_peer=closed_by_peer, wait=WAIT)
+    ``closed_by_peer(sock)``, ``Client(port, id, clean=)`` (a RawClient) and the packet types."""
+    made: list[RawClient] = []
+
+    def client(port: int, client_id: str, **kwargs: object) -> RawClient:
+        made.append(RawClient(port, client_id, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield SimpleNamespace(connect=raw_connect, closed_by_peer=closed_by_peer, wait=WAIT, Client=client,
+                           CONNACK=CONNACK, PUBLISH=PUBLISH, PUBACK=PUBACK, PUBREC=PUBREC, PUBREL=PUBREL,
+                           PUBCOMP=PUBCOMP, SUBACK=SUBACK, parse=parse_publish)
+    for made_client in made:
+        made_client.drop()

@@ -178,6 +178,7 @@ def test_a_failing_policy_denies(custom_broker) -> None:
 
 def test_embedded_broker_rejects_nonsense_settings() -> None:
     for bad in ({"port": -1}, {"port": 70_000}, {"max_payload": 1000}, {"host": ""},
-                {"connect_timeout": 0}):
+                {"connect_timeout": 0}, {"max_inflight_messages": 0}, {"max_inflight_messages": 65_536},
+                {"max_queued_messages": 0}, {"max_queued_bytes": -1}, {"session_expiry_s": 0}):
         with pytest.raises(BrokerConfigError):
             EmbeddedBroker(**bad)  # type: ignore[arg-type]

@@ -157,19 +157,29 @@ def test_a_sessions_end_that_finds_the_queue_full_still_frees_its_kv(cluster: Cl
 
 
 def test_a_new_assignment_leaves_only_its_own_merged_layers_on_disk(cluster: Cluster) -> None:
-    """Merged layers are a copy of a segment's weights: a node that moves on deletes the old copy."""
+    """Merged layers are a copy of a segment's weights: a node that moves on deletes its old
+    copy (and only its own: nodes on one machine share the cache directory), then still answers."""
     node = cluster.node
-    merged = node.settings.cache_dir / "models" / cluster.sha[:16] / MERGED_DIR
+    merged = node.settings.cache_dir / MERGED_DIR / "n1"
+    other_node = node.settings.cache_dir / MERGED_DIR / "n2"
+    other_node.mkdir(parents=True)
+    (other_node / "layers-0-2-0000000000000000.onnx").write_bytes(b"n2's")
 
-    def files() -> list[str]:
-        return sorted(p.name for p in merged.iterdir())
+    def files() -> list[list[str]]:
+        return [p.name.split("-")[1:3] for p in sorted(merged.iterdir())]
 
-    assert [f.split("-")[1:3] for f in files()] == [["0", "2"]] * 2  # layers 0-2: the graph and its weights
-    segment = Segment(first=0, last=2, next_piece=3)  # embed, layers 0-1
+    assert files() == [["0", "2"]] * 3  # layers 0-2: the graph, its weights, its checksum
+    segments = (Segment(first=0, last=2, next_piece=3), Segment(first=3, last=4, next_piece=None))
     cluster.hub.publish(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(CLUSTER, node="n1"),
-                        Assignment(node="n1", epoch=2, manifest_sha256=cluster.sha, segments=(segment,)), wait=WAIT)
+                        Assignment(node="n1", epoch=2, manifest_sha256=cluster.sha, segments=segments), wait=WAIT)
     wait_until(lambda: node.epoch == 2 and node.state == "ready")
-    assert [f.split("-")[1:3] for f in files()] == [["0", "1"]] * 2
+    assert files() == [["0", "1"]] * 3  # layers 0-1 merged; layer 2 alone in its segment
+    assert [p.name for p in other_node.iterdir()] == ["layers-0-2-0000000000000000.onnx"]
+    outputs: queue.Queue[object] = queue.Queue()
+    cluster.hub.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.build(CLUSTER, session="s9"),
+                          lambda _t, value, _r: outputs.put(value), wait=WAIT)
+    cluster.act("s9", epoch=2)
+    assert outputs.get(timeout=WAIT)  # through both segments: the node answers
 
 
 def test_the_tails_sampling_is_in_its_stage_not_in_the_transfer(cluster: Cluster,

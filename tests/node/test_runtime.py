@@ -167,6 +167,49 @@ def test_merged_layers_are_kept_for_the_same_layers_and_merged_again_for_others(
                   - runtime(artifacts, 1, 3, merge_layers=False).run("s", hidden, positions(0, 12))).max() < 1e-4
 
 
+@pytest.mark.parametrize(("damage", "verify"), [("weights changed", True), ("weights gone", True),
+                                               ("weights gone", False), ("graph empty", False)])
+def test_a_damaged_merged_file_is_merged_again(artifacts: Art, tmp_path: Path, damage: str, verify: bool) -> None:
+    """A disk loses or changes a merged file as it may a piece: the runtime notices (its
+    checksum; without verification, because it will not load), merges again and computes
+    what the pieces compute."""
+    path, manifest = artifacts
+    copy = tmp_path / "art"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns(MERGED_DIR))
+    want = runtime((copy, manifest), merge_layers=False).run("s", IDS, positions(0, 12))
+    graph = runtime((copy, manifest)).merged_file
+    assert graph is not None
+    weights = graph.with_name(graph.name + ".data")
+    match damage:
+        case "weights changed":
+            data = bytearray(weights.read_bytes())
+            data[len(data) // 4:len(data) // 2] = bytes(len(data) // 2 - len(data) // 4)  # a stretch zeroed
+            weights.write_bytes(bytes(data))
+        case "weights gone":
+            weights.unlink()
+        case "graph empty":
+            graph.write_bytes(b"")
+    again = runtime((copy, manifest), verify_sha256=verify)
+    assert again.merged_file == graph and len(again.loaded) == 3
+    assert np.abs(again.run("s", IDS, positions(0, 12)) - want).max() < 1e-4
+
+
+def test_merged_layers_grow_their_kv_buffers_as_layers_one_by_one_do(tmp_path: Path) -> None:
+    """Past the first capacity (256 positions) every layer's buffer is copied into a larger
+    one; the merged graph reads them all where they now lie."""
+    from linguamq.models.export import ExportOptions, export_model
+    from linguamq.models.tiny import TinySpec, make_tiny
+    make_tiny(TinySpec(family="llama", layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=5), tmp_path / "hf")
+    manifest = export_model(tmp_path / "hf", tmp_path / "art", ExportOptions(max_context=700))
+    art = (tmp_path / "art", manifest)
+    ids = np.random.default_rng(1).integers(1, 320, (1, 600)).astype(np.int64)
+    merged, single = runtime(art), runtime(art, merge_layers=False)
+    assert len(merged.loaded) == 3
+    for start, end in ((0, 250), (250, 300), (300, 301), (301, 560), (560, 561), (561, 562)):
+        got, want = (rt.run("s", ids[:, start:end], positions(start, end - start)) for rt in (merged, single))
+        assert np.abs(got - want).max() < 1e-4, (start, end)
+
+
 def test_layers_run_one_by_one_where_they_cannot_be_merged(artifacts: Art, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """No `onnx` package (a Termux node), or no room to write the merged file: the same logits."""
@@ -177,7 +220,7 @@ def test_layers_run_one_by_one_where_they_cannot_be_merged(artifacts: Art, tmp_p
     (copy / MERGED_DIR).write_text("a file where the merged directory would go")
     unwritable = runtime((copy, manifest))
     with monkeypatch.context() as patch:
-        patch.setattr(merge, "can_merge", lambda: False)
+        patch.setattr(merge.importlib.util, "find_spec", lambda _name: None)
         no_onnx = runtime(artifacts)
     for rt in (unwritable, no_onnx):
         assert len(rt.loaded) == 5 and rt.merged_file is None

@@ -134,3 +134,17 @@ def test_the_installed_command_prints_no_traceback(family_dirs: dict[str, Path],
 def test_run_local_on_a_directory_without_artifacts_fails_cleanly(tmp_path: Path, capsys: Capsys) -> None:
     code, _, err = cli(capsys, "run-local", str(tmp_path), "--prompt", "hi")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "manifest.json" in err
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (("--broker", "mqtt://127.0.0.1:1", "--max-queued-messages", "5"), "--max-queued-messages is a setting of the embedded broker"),
+    (("--session-expiry", "0"), "--session-expiry must be positive"),
+    (("--max-inflight-messages", "-1"), "--max-inflight-messages must be positive"),
+    (("--max-inflight-messages", "65536"), "--max-inflight-messages must be at most 65535"),
+    (("--max-queued-bytes", "-1"), "--max-queued-bytes must be >= 0"),
+    (("--broker", "mqtt://127.0.0.1:1", "--max-queued-bytes", "0"), "--max-queued-bytes is a setting of the embedded"),
+])
+def test_hub_refuses_broker_limits_it_cannot_apply(tmp_path: Path, capsys: Capsys, flags: tuple[str, ...],
+                                                   error: str) -> None:
+    code, _, err = cli(capsys, "hub", "--artifacts", str(tmp_path), *flags)
+    assert code == 2 and error in err

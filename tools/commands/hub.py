@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from linguamq.broker.embedded import DEFAULT_TLS_PORT
+from linguamq.broker.embedded import (
+    DEFAULT_MAX_INFLIGHT_MESSAGES,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_MESSAGES,
+    DEFAULT_SESSION_EXPIRY_S,
+    DEFAULT_TLS_PORT,
+)
 from linguamq.broker.errors import BrokerError
 from linguamq.broker.process import BrokerOptions
 from linguamq.gateway.settings import check_exposure
@@ -27,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="URL", help="use this external broker (mqtt://host:port) instead")
     parser.add_argument("--broker-thread", action="store_true",
                         help="run the embedded broker as a thread of the hub (default: its own process)")
+    sessions = parser.add_argument_group("what the embedded broker keeps for each client (as mosquitto's settings)")
+    sessions.add_argument("--max-inflight-messages", type=int, metavar="N",
+                          help=f"QoS 1/2 messages a client may leave unacknowledged (default {DEFAULT_MAX_INFLIGHT_MESSAGES})")
+    sessions.add_argument("--max-queued-messages", type=int, metavar="N",
+                          help="messages waiting behind those, or for a client with a persistent session that is "
+                               f"away; beyond that the newest are dropped and counted (default {DEFAULT_MAX_QUEUED_MESSAGES})")
+    sessions.add_argument("--max-queued-bytes", type=int, metavar="B",
+                          help="the same in bytes; also bounds QoS 0 messages waiting for a client that reads "
+                               f"slowly (default {DEFAULT_MAX_QUEUED_BYTES // 2**20} MiB; 0 = no limit)")
+    sessions.add_argument("--session-expiry", type=float, metavar="S",
+                          help="a persistent session whose client stays away S seconds ends "
+                               f"(default {DEFAULT_SESSION_EXPIRY_S:g})")
     parser.add_argument("--cluster", default="home", help="cluster name (default home)")
     parser.add_argument("--min-nodes", type=int, default=1, help="nodes to wait for before the first plan")
     parser.add_argument("--settle", type=float, default=1.0, metavar="S",
@@ -77,13 +95,27 @@ def _broker_options(args: argparse.Namespace) -> BrokerOptions:
     if args.broker and (args.users or args.tls_cert):
         raise ValueError("--users and --tls-* secure the embedded broker; with --broker, secure that broker "
                          "(`linguamq users export-mosquitto`) and log in with --username")
+    limits = {"--max-inflight-messages": args.max_inflight_messages, "--max-queued-messages": args.max_queued_messages,
+              "--max-queued-bytes": args.max_queued_bytes, "--session-expiry": args.session_expiry}
+    for flag, value in limits.items():
+        if value is not None and args.broker:
+            raise ValueError(f"{flag} is a setting of the embedded broker; with --broker, set it on that broker")
+        if value is not None and not value > 0 and flag != "--max-queued-bytes":
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if args.max_inflight_messages is not None and args.max_inflight_messages > 65_535:
+        raise ValueError(f"--max-inflight-messages must be at most 65535 (MQTT packet ids), "
+                         f"got {args.max_inflight_messages}")
+    if args.max_queued_bytes is not None and args.max_queued_bytes < 0:
+        raise ValueError(f"--max-queued-bytes must be >= 0 (0: no limit), got {args.max_queued_bytes}")
     if not 0 <= args.tls_port <= 65_535:
         raise ValueError(f"--tls-port out of range: {args.tls_port}")
     for path in (args.users, args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise ValueError(f"no such file: {path}")
     return BrokerOptions(users=args.users, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_port=args.tls_port,
-                         tls_only=args.tls_only)
+                         tls_only=args.tls_only, max_inflight_messages=args.max_inflight_messages,
+                         max_queued_messages=args.max_queued_messages, max_queued_bytes=args.max_queued_bytes,
+                         session_expiry_s=args.session_expiry)
 
 
 def _hub_cafile(args: argparse.Namespace) -> str | None:
