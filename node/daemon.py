@@ -77,6 +77,9 @@ class NodeSettings:
     max_sessions: int = 0  # sessions holding KV here at once; a new one beyond is refused `overloaded` (0: no cap)
     max_envelope_mb: float = 64.0  # larger payloads are refused before decoding (the broker's default cap)
     merge_layers: bool = True  # run a segment's layers as one graph where `onnx` is installed (node/merge.py)
+    # The ring's bound on a silent head: the tail sends no step ahead once the hub's telemetry
+    # (every ~1 s) is older than this, so the chains of a head that died stop within seconds.
+    head_silence_s: float = 5.0
 
 
 def status_will(cluster: str, name: str) -> Will:
@@ -126,6 +129,7 @@ class NodeDaemon:
         self._ahead: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
         self._eos: frozenset[int] = frozenset()  # the manifest's: the tail sends no step after one
         self._asked: dict[tuple[str, int], tuple[int, int]] = {}  # (epoch, step) of the last re-prefill asked for
+        self._head_seen: float | None = None  # monotonic time of the hub's last telemetry; None: never heard
         self.duplicates = 0  # envelopes of a step older than one already run: redeliveries, dropped
 
     # --- lifecycle ------------------------------------------------------------------
@@ -143,6 +147,8 @@ class NodeDaemon:
                                self._on_assignment, on_reject=self._reject)
         self._client.subscribe(topics.NODE_CONTROL, topics.NODE_CONTROL.build(self._cluster, node=self.name),
                                self._on_control, on_reject=self._reject)
+        self._client.subscribe(topics.HUB_TELEMETRY, topics.HUB_TELEMETRY.build(self._cluster), self._on_hub,
+                               on_reject=self._reject)
         ClockResponder(client=self._client, cluster=self._cluster, node=self.name).start()  # for `linguamq trace`
         for target, name in ((self._work_loop, "worker"), (self._telemetry_loop, "telemetry")):
             thread = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
@@ -174,6 +180,16 @@ class NodeDaemon:
 
     def _on_assignment(self, topic: str, assignment: Assignment, retained: bool) -> None:
         self._set_control("assign", assignment)
+
+    def _on_hub(self, topic: str, telemetry: Telemetry, retained: bool) -> None:
+        """The head is alive: the ring may go on (``_send_ahead``)."""
+        self._head_seen = time.monotonic()
+
+    def _head_silent(self) -> bool:
+        """The hub's telemetry stopped for longer than ``head_silence_s``. A node that never
+        heard it (a broker whose ACL predates the rule) applies no bound."""
+        seen = self._head_seen
+        return seen is not None and time.monotonic() - seen > self.settings.head_silence_s
 
     def _set_control(self, kind: str, item: Any) -> None:
         """Latest wins: an older manifest or assignment not yet applied is superseded."""
@@ -452,7 +468,10 @@ class NodeDaemon:
             out = self._sample(header, out)  # (1, 1) token
         t_end = time.time()
         if nxt is None:  # the ring: the next step leaves before the token goes to the head
-            self._send_ahead(header, int(out[0, 0]), start_pos=header.start_pos + steps)
+            try:
+                self._send_ahead(header, int(out[0, 0]), start_pos=header.start_pos + steps)
+            except MqttError as exc:  # the token still goes out: the head's retry resumes the session
+                self._log.warning("next step not sent", session=header.session, step=header.step + 1, error=str(exc))
         hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
                   t_start=t_start, t_end=t_end, t_send=time.time())
         hops = (*header.hops, hop)[-envelope.MAX_HOPS:]
@@ -475,10 +494,14 @@ class NodeDaemon:
         the head, which only watches the tokens, is off the critical path. Not after EOS,
         nor past the request's steps (``header.ring``: its max_tokens; 0: the head sends each
         step), and once per (chain, step): a redelivered or recomputed step samples the same
-        token again, and sending its successor twice would double every later step."""
+        token again, and sending its successor twice would double every later step. Nor
+        while the head is silent: only the head ends a chain (EOS and the limit aside), and
+        one that died would leave every session running to its limit, its KV held."""
         nxt = header.step + 1
         if not header.ring or nxt >= header.ring or token in self._eos:
             return
+        if self._head_silent():  # nothing bounds a chain but the head: stop it; a live head retries
+            return self._log.info("next step not sent: the head is silent", session=header.session, step=nxt)
         mark = (header.chain, nxt)
         if self._ahead.get(header.session, (-1, -1)) >= mark:
             return

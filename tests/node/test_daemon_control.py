@@ -6,12 +6,14 @@
 - The tail's sampling is part of its stage in the trace, not of the transfer after it.
 - The ring: the tail sends each next step to the first stage itself, none after EOS or the
   request's steps, one successor per (chain, step) whatever is redelivered; a newer chain (a
-  retry) replaces the old one; an end stops the chain and frees the KV without a report.
+  retry) replaces the old one; an end stops the chain and frees the KV without a report; a
+  silent head (its telemetry stopped) stops the chain; a failed step ahead loses no token.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import queue
 import threading
@@ -29,11 +31,11 @@ from linguamq.node import daemon as node_daemon
 from linguamq.node.daemon import NodeDaemon, NodeSettings, status_will
 from linguamq.node.runtime import MERGED_DIR
 from linguamq.schemas import envelope
-from linguamq.schemas.cluster import Assignment, Segment
+from linguamq.schemas.cluster import Assignment, Segment, Telemetry
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.manifest import ModelManifest
-from linguamq.schemas.requests import ErrorReport
-from linguamq.topics.client import MqttClient
+from linguamq.schemas.requests import ErrorReport, Sampling
+from linguamq.topics.client import MqttClient, MqttError
 
 pytestmark = pytest.mark.integration
 CLUSTER = "t-node"
@@ -251,10 +253,10 @@ class Wire:
         return handle
 
     def send(self, session: str, *, step: int, start: int, ids: list[int], chain: int = 1, ring: int = 0,
-             end: bool = False) -> None:
+             end: bool = False, sampling: Sampling | None = None) -> None:
         array = np.array([ids], dtype=np.int64)
         header = ActHeader.for_tensor(array, session=session, request=session, step=step, epoch=1, piece=0,
-                                      start_pos=start, chain=chain, ring=ring, end=end)
+                                      start_pos=start, chain=chain, ring=ring, end=end, sampling=sampling)
         self.cluster.hub.publish(topics.ACT, topics.ACT.build(CLUSTER, piece=0), envelope.encode(header, array),
                                  wait=WAIT)
 
@@ -272,11 +274,12 @@ class Wire:
 
 
 PROMPT = [3, 4, 5]
+SAMPLED = Sampling(temperature=1.0, seed=11)  # sampling is a function of (seed, step): a wrong step shows
 
 
 def test_the_tail_sends_each_next_step_itself_until_max_tokens(roomy: Cluster) -> None:
     wire = Wire(roomy)
-    wire.send("r", step=0, start=0, ids=PROMPT, ring=4)
+    wire.send("r", step=0, start=0, ids=PROMPT, ring=4, sampling=SAMPLED)
     wire.wait_out("r", 3)
     # Each next step went out before the token that made it (nothing waits for a head), none after 3 ...
     assert [(h.step, h.start_pos, h.shape) for h in wire.acts("r")] == [(0, 0, (1, 3)), (1, 3, (1, 1)),
@@ -286,11 +289,11 @@ def test_the_tail_sends_each_next_step_itself_until_max_tokens(roomy: Cluster) -
     assert order == [("act", 0), ("act", 1), ("out", 0), ("act", 2), ("out", 1), ("act", 3), ("out", 2), ("out", 3)]
     ring = [t for _, t in wire.outs("r")]
     # ... and the tokens are those of steps sent one by one (the head's way, ring 0: nothing sent ahead)
-    wire.send("h", step=0, start=0, ids=PROMPT)
+    wire.send("h", step=0, start=0, ids=PROMPT, sampling=SAMPLED)
     wire.wait_out("h", 0)
     by_hand = [wire.outs("h")[0][1]]
     for k in range(1, 4):
-        wire.send("h", step=k, start=len(PROMPT) + k - 1, ids=[by_hand[-1]])
+        wire.send("h", step=k, start=len(PROMPT) + k - 1, ids=[by_hand[-1]], sampling=SAMPLED)
         wire.wait_out("h", k)
         by_hand.append(wire.outs("h")[-1][1])
     assert ring == by_hand
@@ -339,3 +342,76 @@ def test_an_end_stops_the_chain_and_frees_the_kv_without_a_report(roomy: Cluster
     wire.send("m", step=0, start=0, ids=PROMPT)  # a marker: whatever "x" had queued is done before it
     wire.wait_out("m", 0)
     assert len(wire.outs("x")) < 50 and not [r for r in wire.reports if r.ref == "x"]
+
+
+class HubTelemetry:
+    """The stand-in hub's heartbeat on hub/telemetry (the head's, every ~1 s; here faster)."""
+
+    def __init__(self, cluster: Cluster, interval_s: float) -> None:
+        self.cluster, self.interval_s = cluster, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=WAIT)
+
+    def _beat(self) -> None:
+        seq = 0
+        while not self._stop.wait(self.interval_s):
+            seq += 1
+            self.cluster.hub.publish(topics.HUB_TELEMETRY, topics.HUB_TELEMETRY.build(CLUSTER),
+                                     Telemetry(node="head", ts=time.time(), seq=seq, epoch=1))
+
+
+def test_a_silent_heads_chain_stops_and_a_retry_resumes_it(roomy: Cluster) -> None:
+    node, wire = roomy.node, Wire(roomy)
+    node.settings = dataclasses.replace(node.settings, head_silence_s=0.5)
+    gate = threading.Semaphore(0)  # the test lets the node run one step at a time
+    node._emulate_slowdown = lambda _compute_s: gate.acquire(timeout=WAIT)  # type: ignore[method-assign]
+    beat = HubTelemetry(roomy, interval_s=0.05)
+    beat.start()
+    try:
+        wait_until(lambda: node._head_seen is not None)
+        wire.send("q", step=0, start=0, ids=PROMPT, ring=30)
+        for step in range(3):  # the head speaks: the tail sends each next step
+            gate.release()
+            wire.wait_out("q", step)
+        beat.stop()
+        wait_until(node._head_silent)
+        gate.release()  # step 3, sent ahead while the head spoke, runs: its successor stays home
+        wire.wait_out("q", 3)
+        assert [h.step for h in wire.acts("q")] == [0, 1, 2, 3]  # step 4 would have crossed act/0 before out 3
+        tokens = [t for _, t in wire.outs("q")]
+        beat.start()  # the head was only slow: its retry (a re-prefill, a new chain) resumes the session
+        wait_until(lambda: not node._head_silent())
+        gate.release(3)
+        wire.send("q", step=4, start=0, ids=PROMPT + tokens, chain=2, ring=30)
+        wire.wait_out("q", 6, chain=2)
+    finally:
+        beat.stop()
+        gate.release(100)
+
+
+def test_a_failed_step_ahead_still_sends_the_token(roomy: Cluster) -> None:
+    wire, client = Wire(roomy), roomy.node._client
+    publish = client.publish
+
+    def refuse_steps(topic: topics.Topic, name: str, payload, **kw) -> None:
+        if topic is topics.ACT:
+            raise MqttError("publish refused (a broker blip)")
+        publish(topic, name, payload, **kw)
+
+    client.publish = refuse_steps  # type: ignore[method-assign]
+    try:
+        wire.send("f", step=0, start=0, ids=PROMPT, ring=4)
+        wait_until(lambda: wire.outs("f") or wire.reports)
+    finally:
+        client.publish = publish  # type: ignore[method-assign]
+    assert [h.step for h, _ in wire.outs("f")] == [0]  # the head has its token; its retry sends step 1
