@@ -206,11 +206,22 @@ class Head:
         self._intake_thread.start()
 
     def stop(self) -> None:
+        """Stop, ending every running session first: with the ring only the head ends a
+        chain, and on an external broker the nodes would run each to its max_tokens."""
         self._stop.set()
         self._intake.put(None)
         for thread in (self._watchdog, self._intake_thread):
             if thread is not None:
                 thread.join(timeout=5)
+        with self._lock:
+            sessions = list(self._sessions.values())
+            try:
+                for session in sessions:
+                    self._finish(session, "error", "the hub stopped")
+                if sessions:  # its end again, acknowledged: one connection, in order, so all are there
+                    self._end_session(sessions[-1], wait=2.0)
+            except MqttError as exc:  # the broker is gone: the nodes stop the ring on the head's silence
+                log.warning("sessions not ended at stop", sessions=len(sessions), error=str(exc))
 
     @property
     def ready(self) -> bool:
@@ -317,7 +328,8 @@ class Head:
 
     def _admit(self) -> None:
         """Start queued requests while there is room and a ready pipeline."""
-        while self.ready and self._queue and len(self._sessions) < self.settings.max_sessions:
+        while self.ready and self._queue and len(self._sessions) < self.settings.max_sessions \
+                and not self._stop.is_set():
             ticket, prompt = self._queue.popleft()
             del self._waiting[ticket.key]
             request = ticket.request
@@ -412,8 +424,11 @@ class Head:
         header, token_array = value
         with self._lock:
             session = self._sessions.get(header.session)
-            if session is None or header.epoch != session.epoch or header.step != session.step:
-                return  # finished, re-prefilled under a newer epoch, or a redelivered duplicate
+            if session is None or (header.epoch, header.chain, header.step) != \
+                    (session.epoch, session.chain, session.step):
+                # finished, re-prefilled under a newer epoch, a redelivered duplicate, or a token of
+                # a chain a retry replaced: the new chain's tail feeds its own token into the KV
+                return
             if token_array.shape != (1, 1) or token_array.dtype.kind not in "iu":
                 return self._finish(session, "error", f"tail sent a {token_array.dtype} {token_array.shape} token")
             self._advance(session, int(token_array[0, 0]))
@@ -469,13 +484,14 @@ class Head:
         log.info("request done", request=session.request.id, tokens=n, reason=reason, error=error)
         self._admit()
 
-    def _end_session(self, session: _Session) -> None:
+    def _end_session(self, session: _Session, wait: float | None = None) -> None:
         """Tell every stage to free the session's KV cache (an empty envelope marked end)."""
         empty = np.zeros((1, 0), dtype=np.int64)
         header = ActHeader.for_tensor(empty, session=session.id, request=session.request.id,
                                       step=session.step, epoch=session.epoch, piece=0, start_pos=0, end=True,
                                       chain=session.chain)
-        self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, empty))
+        self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, empty),
+                             wait=wait)
 
     # --- cluster state ---------------------------------------------------------------
 

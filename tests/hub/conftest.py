@@ -99,7 +99,8 @@ class FakeClient:
         """The tail's output for the step ``header`` sent."""
         out = np.array([[value]], dtype=np.int64)
         reply = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
-                                     epoch=header.epoch, piece=len(MANIFEST.pieces), start_pos=header.start_pos + 1)
+                                     epoch=header.epoch, piece=len(MANIFEST.pieces), start_pos=header.start_pos + 1,
+                                     chain=header.chain)
         self.handlers["session_out"](topics.SESSION_OUT.build(self.cluster, session=header.session),
                                      (reply, out), False)
 

@@ -58,7 +58,7 @@ def test_a_stop_string_ends_the_session_and_drops_the_step_already_sent_ahead(ma
     assert client.kinds() == ["step", "event", "result", "end"]
 
 
-def test_a_retry_starts_a_new_chain_and_the_old_chains_token_still_counts(make_head) -> None:
+def test_a_retry_starts_a_new_chain_and_only_the_new_chains_tokens_count(make_head) -> None:
     head, client = make_head(ring=True, retry_min_s=0.3, max_retries=3, step_timeout_s=30)
     client.ask(GenerateRequest(id="r3", prompt="abc", max_tokens=3))
     (prefill,) = client.acts()
@@ -67,13 +67,30 @@ def test_a_retry_starts_a_new_chain_and_the_old_chains_token_still_counts(make_h
     retry = client.acts()[-1]
     assert (retry.step, retry.start_pos, retry.shape, retry.ring) == (1, 0, (1, 4), 3)
     assert retry.chain > prefill.chain  # the nodes drop whatever is left of the first chain
-    client.token(ahead(prefill, 1, 3), 11)  # the old chain's answer came after all: taken once
-    client.token(retry, 11)  # the new chain's answer to the same step: a duplicate
+    # The old chain's answer came after all, and differs (a tie, sampling): the new chain's
+    # tail feeds its own token into the KV, so only that one may reach the text.
+    client.token(ahead(prefill, 1, 3), 20)
+    assert [e.index for e in client.events()] == [0]
+    client.token(retry, 11)
     client.token(ahead(retry, 2, 3), 12)
     (result,) = client.results()
     assert result.error is None and result.tokens == (10, 11, 12)
     assert [e.index for e in client.events()] == [0, 1, 2]
     assert client.ends()[-1].chain == retry.chain
+
+
+def test_stopping_the_head_ends_every_running_session(make_head) -> None:
+    head, client = make_head(ring=True, retry_min_s=30.0)
+    prefills = {}
+    for rid in ("s1", "s2"):
+        client.ask(GenerateRequest(id=rid, prompt="abc", max_tokens=100))
+        prefills[rid] = client.acts()[-1]
+    client.token(prefills["s1"], 10)  # s1 is decoding: its tail runs the chain on its own
+    head.stop()
+    # Only the head ends a chain: each session gets an end of its chain (the nodes drop the
+    # step the tail sent ahead and free the KV), and its client an answer.
+    assert {(e.request, e.chain) for e in client.ends()} == {(r, p.chain) for r, p in prefills.items()}
+    assert {(r.request, r.stop_reason) for r in client.results()} == {("s1", "error"), ("s2", "error")}
 
 
 def test_without_the_ring_the_head_sends_every_step(make_head) -> None:
