@@ -20,7 +20,7 @@ from linguamq.client import generate_remote, new_request_id
 from linguamq.schemas import envelope
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.manifest import ModelManifest, file_sha256
-from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, TokenEvent
+from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, Sampling, TokenEvent
 from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
 from linguamq.topics.client import MqttClient
 
@@ -102,10 +102,24 @@ def test_the_tail_sends_each_next_step_before_its_token_reaches_the_head(running
         assert order.index(("act", k)) < order.index(("out", k - 1)), order
 
 
+SAMPLED = Sampling(temperature=1.0, top_k=40, seed=1234)  # sampling is a function of (seed, step)
+
+
+def test_seeded_sampling_equals_run_local(running: Running, reference) -> None:
+    # With the ring the tail sends each step and samples it: a step it numbered wrong would
+    # sample another token than run-local (greedy would not show it: every step the same).
+    expected = reference(running.art, PROMPTS[4], 16, SAMPLED)
+    assert expected != reference(running.art, PROMPTS[4], 16)  # the sampling matters here
+    assert running.generate(PROMPTS[4], max_tokens=16, sampling=SAMPLED).tokens == expected
+
+
 def test_without_the_ring_the_head_sends_each_step(artifacts, tmp_path, reference) -> None:
     for run in start(artifacts["llama"], tmp_path, "t-noring", hub_args=("--no-ring",)):
         for prompt in PROMPTS[:2]:
             assert run.generate(prompt, max_tokens=24).tokens == reference(run.art, prompt, 24)
+        # the same seeded sampling as the ring's (test_seeded_sampling_equals_run_local): the same tokens
+        assert run.generate(PROMPTS[4], max_tokens=16, sampling=SAMPLED).tokens == \
+            reference(run.art, PROMPTS[4], 16, SAMPLED)
         result, order = steps_in_order(run, PROMPTS[4], 8)
         assert result.tokens == reference(run.art, PROMPTS[4], 8)
         for k in range(1, len(result.tokens)):  # the head sent step k once the token of step k - 1 came
