@@ -12,7 +12,7 @@ The same re-prefill is the step retry: a session that makes no progress for much
 than its own measured step time (a message lost to a frozen or reconnecting node: QoS 1
 gives up after 5 s, clean sessions drop what was queued) is re-sent, with backoff; the
 nodes' KV alignment rule makes that idempotent, and outputs are accepted once per
-(epoch, step).
+(epoch, chain, step).
 
 Request ids belong to their client: a request made on `requests/{c}` is known by (c, id),
 one on the open `requests` topic by (None, id), and its session id on the wire (envelopes,
