@@ -9,7 +9,8 @@ the same rules:
 - ``hub``: everything (the hub's planner, head and blob server, `linguamq trace`).
 - ``node`` U: publishes its own status (and will), telemetry, probe and errors, activations,
   session outputs, blob requests and clock answers; reads the manifest, its own assignment,
-  control, probe and pings, activations, and the blob chunks addressed to it.
+  control, probe and pings, activations, the blob chunks addressed to it, and the hub's
+  telemetry (the ring stops a silent head's chains).
 - ``client`` U: publishes requests on `requests/U` and cancels on `cancel/U`; reads
   `responses/U/+` and `errors/U`.
 
@@ -52,7 +53,7 @@ _NODE = (
     Rule(WRITE, T.ACT), Rule(WRITE, T.SESSION_OUT), Rule(WRITE, T.BLOB_REQUEST), Rule(WRITE, T.PONG),
     Rule(READ, T.MODEL), Rule(READ, T.NODE_ASSIGN, ("node",)), Rule(READ, T.NODE_CONTROL, ("node",)),
     Rule(READ, T.NODE_PROBE, ("node",)), Rule(READ, T.PING, ("node",)), Rule(READ, T.ACT),
-    Rule(READ, T.BLOB_CHUNK, ("node",)),
+    Rule(READ, T.BLOB_CHUNK, ("node",)), Rule(READ, T.HUB_TELEMETRY),
 )
 _CLIENT = (
     Rule(WRITE, T.REQUESTS_FROM, ("client",)), Rule(WRITE, T.CANCEL_FROM, ("client",)),

@@ -12,7 +12,7 @@ The same re-prefill is the step retry: a session that makes no progress for much
 than its own measured step time (a message lost to a frozen or reconnecting node: QoS 1
 gives up after 5 s, clean sessions drop what was queued) is re-sent, with backoff; the
 nodes' KV alignment rule makes that idempotent, and outputs are accepted once per
-(epoch, step).
+(epoch, chain, step).
 
 Request ids belong to their client: a request made on `requests/{c}` is known by (c, id),
 one on the open `requests` topic by (None, id), and its session id on the wire (envelopes,
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import queue
 import re
 import threading
@@ -98,6 +99,9 @@ class HeadSettings:
     rate: float = 0.0  # requests per second per client (its `client` field); 0: no limit
     burst: int = 10  # requests a client may send at once before the rate applies
     telemetry_interval_s: float = 1.0  # the hub's Telemetry (rejections) on hub/telemetry
+    # The ring: the tail sends each next step to the first stage itself and the head only
+    # watches the tokens; off (hub --no-ring), the head sends every step as it gets its token.
+    ring: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 0:
@@ -134,6 +138,7 @@ class _Session:
     step_times: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=STEP_HISTORY))
     retries: int = 0  # re-sends of the current step; reset by a token
     reprefills: int = 0  # after a node lost the session's KV (evicted, expired, restarted)
+    chain: int = 0  # the chain of its last (re-)prefill: nodes drop steps of older ones
 
     @property
     def id(self) -> str:
@@ -170,6 +175,9 @@ class Head:
         self._step_times: deque[float] = deque(maxlen=STEP_HISTORY)  # every session's, for a first step
         self._prefill_rates: deque[float] = deque(maxlen=STEP_HISTORY)  # seconds per prompt token of prefills
         self.retries = 0  # steps re-sent, all sessions (tests and the chaos bench read it)
+        # Chains are numbered across sessions: a request id asked again after its end starts a
+        # chain newer than the ended one, which the nodes would drop otherwise.
+        self._chains = itertools.count(1)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.errors = 0  # watchdog rounds that failed (logged, then tried again)
@@ -198,11 +206,22 @@ class Head:
         self._intake_thread.start()
 
     def stop(self) -> None:
+        """Stop, ending every running session first: with the ring only the head ends a
+        chain, and on an external broker the nodes would run each to its max_tokens."""
         self._stop.set()
         self._intake.put(None)
         for thread in (self._watchdog, self._intake_thread):
             if thread is not None:
                 thread.join(timeout=5)
+        with self._lock:
+            sessions = list(self._sessions.values())
+            try:
+                for session in sessions:
+                    self._finish(session, "error", "the hub stopped")
+                if sessions:  # its end again, acknowledged: one connection, in order, so all are there
+                    self._end_session(sessions[-1], wait=2.0)
+            except MqttError as exc:  # the broker is gone: the nodes stop the ring on the head's silence
+                log.warning("sessions not ended at stop", sessions=len(sessions), error=str(exc))
 
     @property
     def ready(self) -> bool:
@@ -309,7 +328,8 @@ class Head:
 
     def _admit(self) -> None:
         """Start queued requests while there is room and a ready pipeline."""
-        while self.ready and self._queue and len(self._sessions) < self.settings.max_sessions:
+        while self.ready and self._queue and len(self._sessions) < self.settings.max_sessions \
+                and not self._stop.is_set():
             ticket, prompt = self._queue.popleft()
             del self._waiting[ticket.key]
             request = ticket.request
@@ -361,6 +381,7 @@ class Head:
         inputs that lead there, so a re-prefill at the same step yields the same token
         (sampling is seeded per step)."""
         session.epoch, session.t_last = self._ready_epoch, time.perf_counter()
+        session.chain = next(self._chains)  # a new chain: the nodes drop what is left of the old one
         history = np.asarray([session.prompt + session.tokens], dtype=np.int64)
         session.t_sent, session.inputs = time.perf_counter(), history.shape[1]
         for start, end in prefill_chunks(history.shape[1], self.settings.prefill_chunk):  # in order on one
@@ -393,7 +414,8 @@ class Head:
         request = session.request
         header = ActHeader.for_tensor(ids, session=session.id, request=request.id, step=session.step,
                                       epoch=session.epoch, piece=0, start_pos=start_pos, sampling=request.sampling,
-                                      more=more)
+                                      more=more, chain=session.chain,
+                                      ring=session.max_tokens if self.settings.ring else 0)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, ids))
 
     # --- tokens --------------------------------------------------------------------
@@ -402,8 +424,11 @@ class Head:
         header, token_array = value
         with self._lock:
             session = self._sessions.get(header.session)
-            if session is None or header.epoch != session.epoch or header.step != session.step:
-                return  # finished, re-prefilled under a newer epoch, or a redelivered duplicate
+            if session is None or (header.epoch, header.chain, header.step) != \
+                    (session.epoch, session.chain, session.step):
+                # finished, re-prefilled under a newer epoch, a redelivered duplicate, or a token of
+                # a chain a retry replaced: the new chain's tail feeds its own token into the KV
+                return
             if token_array.shape != (1, 1) or token_array.dtype.kind not in "iu":
                 return self._finish(session, "error", f"tail sent a {token_array.dtype} {token_array.shape} token")
             self._advance(session, int(token_array[0, 0]))
@@ -421,13 +446,17 @@ class Head:
         if len(session.tokens) == 1:
             session.t_first = now
         if token not in self._eos and len(session.tokens) < session.max_tokens:
-            # The next step goes out before the text work (decoding, TokenEvent): the pipeline
-            # computes while the head streams. If the text then holds a stop string, the
-            # session ends and that step's token is dropped (its session is gone).
+            # The next step is under way before the text work (decoding, TokenEvent): the
+            # pipeline computes while the head streams. With the ring the tail sent it already,
+            # before this token; without, it goes out here. If the text then holds a stop
+            # string, the session ends: its `end` reaches every stage after that step, which
+            # is dropped (its token finds no session; a step the tail sent ahead of it finds
+            # the session ended at the first stage).
             session.step += 1
-            start = len(session.prompt) + len(session.tokens) - 1
             session.t_sent, session.inputs = time.perf_counter(), 1
-            self._send(session, np.asarray([[token]], dtype=np.int64), start_pos=start)
+            if not self.settings.ring:
+                start = len(session.prompt) + len(session.tokens) - 1
+                self._send(session, np.asarray([[token]], dtype=np.int64), start_pos=start)
         reason = stop_reason(token, self._eos, session.stream, session.tokens, session.max_tokens)
         if reason is not None:
             return self._finish(session, reason)
@@ -455,12 +484,14 @@ class Head:
         log.info("request done", request=session.request.id, tokens=n, reason=reason, error=error)
         self._admit()
 
-    def _end_session(self, session: _Session) -> None:
+    def _end_session(self, session: _Session, wait: float | None = None) -> None:
         """Tell every stage to free the session's KV cache (an empty envelope marked end)."""
         empty = np.zeros((1, 0), dtype=np.int64)
         header = ActHeader.for_tensor(empty, session=session.id, request=session.request.id,
-                                      step=session.step, epoch=session.epoch, piece=0, start_pos=0, end=True)
-        self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, empty))
+                                      step=session.step, epoch=session.epoch, piece=0, start_pos=0, end=True,
+                                      chain=session.chain)
+        self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(header, empty),
+                             wait=wait)
 
     # --- cluster state ---------------------------------------------------------------
 

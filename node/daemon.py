@@ -58,6 +58,7 @@ from linguamq.topics.client import MqttClient, MqttError, Will
 log = structlog.get_logger()
 MAX_TRACKED_STEPS = 65536  # (session, stage) pairs whose last step is remembered, least recent dropped
 LATE_ENDS_MAX = 4096  # end envelopes kept while the work queue is full (ends are tiny; any node may send them)
+ENDED = 2**63  # the step an `end` records: above every real step of its chain
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,6 +77,9 @@ class NodeSettings:
     max_sessions: int = 0  # sessions holding KV here at once; a new one beyond is refused `overloaded` (0: no cap)
     max_envelope_mb: float = 64.0  # larger payloads are refused before decoding (the broker's default cap)
     merge_layers: bool = True  # run a segment's layers as one graph where `onnx` is installed (node/merge.py)
+    # The ring's bound on a silent head: the tail sends no step ahead once the hub's telemetry
+    # (every ~1 s) is older than this, so the chains of a head that died stop within seconds.
+    head_silence_s: float = 5.0
 
 
 def status_will(cluster: str, name: str) -> Will:
@@ -119,8 +123,13 @@ class NodeDaemon:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._log = log.bind(node=self.name)
-        self._steps: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()  # last step run
+        # (chain, step) last run per (session, stage); (chain, ENDED) once the session ended
+        self._steps: collections.OrderedDict[tuple[str, int], tuple[int, int]] = collections.OrderedDict()
+        # The tail's ring: (chain, step) of the last step it sent ahead per session, sent once
+        self._ahead: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        self._eos: frozenset[int] = frozenset()  # the manifest's: the tail sends no step after one
         self._asked: dict[tuple[str, int], tuple[int, int]] = {}  # (epoch, step) of the last re-prefill asked for
+        self._head_seen: float | None = None  # monotonic time of the hub's last telemetry; None: never heard
         self.duplicates = 0  # envelopes of a step older than one already run: redeliveries, dropped
 
     # --- lifecycle ------------------------------------------------------------------
@@ -138,6 +147,8 @@ class NodeDaemon:
                                self._on_assignment, on_reject=self._reject)
         self._client.subscribe(topics.NODE_CONTROL, topics.NODE_CONTROL.build(self._cluster, node=self.name),
                                self._on_control, on_reject=self._reject)
+        self._client.subscribe(topics.HUB_TELEMETRY, topics.HUB_TELEMETRY.build(self._cluster), self._on_hub,
+                               on_reject=self._reject)
         ClockResponder(client=self._client, cluster=self._cluster, node=self.name).start()  # for `linguamq trace`
         for target, name in ((self._work_loop, "worker"), (self._telemetry_loop, "telemetry")):
             thread = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
@@ -169,6 +180,16 @@ class NodeDaemon:
 
     def _on_assignment(self, topic: str, assignment: Assignment, retained: bool) -> None:
         self._set_control("assign", assignment)
+
+    def _on_hub(self, topic: str, telemetry: Telemetry, retained: bool) -> None:
+        """The head is alive: the ring may go on (``_send_ahead``)."""
+        self._head_seen = time.monotonic()
+
+    def _head_silent(self) -> bool:
+        """The hub's telemetry stopped for longer than ``head_silence_s``. A node that never
+        heard it (a broker whose ACL predates the rule) applies no bound."""
+        seen = self._head_seen
+        return seen is not None and time.monotonic() - seen > self.settings.head_silence_s
 
     def _set_control(self, kind: str, item: Any) -> None:
         """Latest wins: an older manifest or assignment not yet applied is superseded."""
@@ -237,6 +258,7 @@ class NodeDaemon:
     def _apply_manifest(self, manifest: ModelManifest) -> None:
         self._manifest = manifest
         self._manifest_sha = hashlib.sha256(manifest.to_json()).hexdigest()
+        self._eos = frozenset(manifest.eos_token_ids)
         self._measure()
         if self._pending is not None:
             pending, self._pending = self._pending, None
@@ -259,6 +281,7 @@ class NodeDaemon:
             self._client.unsubscribe(topics.ACT.build(self._cluster, piece=first))
         self._kv = cache  # the one the new runtimes hold: the alignment rule truncates it
         self._steps.clear()
+        self._ahead.clear()
         self._timings = {}  # timings of the old segments are no measure of the new ones
         self._stages, self.epoch = stages, assignment.epoch
         for first in stages:
@@ -358,7 +381,7 @@ class NodeDaemon:
         if self._is_duplicate(stage, header):
             return
         if header.end:
-            self._steps.pop((header.session, stage.segment.first), None)
+            self._ahead.pop(header.session, None)
             stage.runtime.drop(header.session)
             return self._forward_end(stage, header)
         if array.dtype.kind == "f" and not np.isfinite(array).all():  # would poison the session's KV
@@ -388,21 +411,26 @@ class NodeDaemon:
             len(self._kv.sessions()) >= cap
 
     def _is_duplicate(self, stage: _Stage, header: ActHeader) -> bool:
-        """Idempotent steps: an envelope of a step older than the last this stage ran for the
-        session is a redelivery (QoS 1, a backlog after a freeze) and is dropped: run, it
-        would cut the session's cache back to its position. The current step again (a retry,
-        a redelivery) passes: the alignment rule recomputes it, with the same result."""
+        """Idempotent steps, one chain: envelopes are ordered by (chain, step), and one older
+        than the last this stage ran for the session is dropped. Of the same chain it is a
+        redelivery (QoS 1, a backlog after a freeze): run, it would cut the session's cache
+        back to its position. Of an older chain it belongs to steps the head has replaced by
+        a (re-)prefill (a retry): dropped, so a tail never keeps a second chain going. The
+        current step again (a redelivery) passes: the alignment rule recomputes it, with the
+        same result. An `end` records (chain, ENDED): the step a tail sent ahead before the
+        head ended the session is dropped here, quietly; only a newer chain (the same
+        request id asked again) runs."""
         key = (header.session, stage.segment.first)
         last = self._steps.get(key)
-        if last is not None and header.step < last:
+        here = (header.chain, ENDED if header.end else header.step)
+        if last is not None and (header.chain < last[0] if header.end else here < last):
             self.duplicates += 1
             self._log.debug("old step dropped", session=header.session, step=header.step, last=last)
             return True
-        if not header.end:
-            self._steps[key] = header.step
-            self._steps.move_to_end(key)
-            while len(self._steps) > MAX_TRACKED_STEPS:
-                self._steps.popitem(last=False)
+        self._steps[key] = here
+        self._steps.move_to_end(key)
+        while len(self._steps) > MAX_TRACKED_STEPS:
+            self._steps.popitem(last=False)
         return False
 
     def _align_cache(self, stage: _Stage, header: ActHeader, topic: str) -> bool:
@@ -439,21 +467,53 @@ class NodeDaemon:
         if nxt is None:
             out = self._sample(header, out)  # (1, 1) token
         t_end = time.time()
+        if nxt is None:  # the ring: the next step leaves before the token goes to the head
+            try:
+                self._send_ahead(header, int(out[0, 0]), start_pos=header.start_pos + steps)
+            except MqttError as exc:  # the token still goes out: the head's retry resumes the session
+                self._log.warning("next step not sent", session=header.session, step=header.step + 1, error=str(exc))
         hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
                   t_start=t_start, t_end=t_end, t_send=time.time())
         hops = (*header.hops, hop)[-envelope.MAX_HOPS:]
         if nxt is not None:
             head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                         epoch=header.epoch, piece=nxt, start_pos=header.start_pos,
-                                        sampling=header.sampling, hops=hops, more=header.more)
+                                        sampling=header.sampling, hops=hops, more=header.more, chain=header.chain,
+                                        ring=header.ring)
             name = topics.ACT.build(self._cluster, piece=nxt)
             return self._client.publish(topics.ACT, name, envelope.encode(head, out))
         assert self._manifest is not None  # a node runs pieces only once it holds the manifest
         head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                     epoch=header.epoch, piece=len(self._manifest.pieces),
-                                    start_pos=header.start_pos + steps, hops=hops)
+                                    start_pos=header.start_pos + steps, hops=hops, chain=header.chain)
         name = topics.SESSION_OUT.build(self._cluster, session=header.session)
         self._client.publish(topics.SESSION_OUT, name, envelope.encode(head, out))
+
+    def _send_ahead(self, header: ActHeader, token: int, *, start_pos: int) -> None:
+        """The ring: the tail sends the session's next step straight to the first stage, and
+        the head, which only watches the tokens, is off the critical path. Not after EOS,
+        nor past the request's steps (``header.ring``: its max_tokens; 0: the head sends each
+        step), and once per (chain, step): a redelivered or recomputed step samples the same
+        token again, and sending its successor twice would double every later step. Nor
+        while the head is silent: only the head ends a chain (EOS and the limit aside), and
+        one that died would leave every session running to its limit, its KV held."""
+        nxt = header.step + 1
+        if not header.ring or nxt >= header.ring or token in self._eos:
+            return
+        if self._head_silent():  # nothing bounds a chain but the head: stop it; a live head retries
+            return self._log.info("next step not sent: the head is silent", session=header.session, step=nxt)
+        mark = (header.chain, nxt)
+        if self._ahead.get(header.session, (-1, -1)) >= mark:
+            return
+        self._ahead[header.session] = mark
+        self._ahead.move_to_end(header.session)
+        while len(self._ahead) > MAX_TRACKED_STEPS:
+            self._ahead.popitem(last=False)
+        ids = np.array([[token]], dtype=np.int64)
+        step = ActHeader.for_tensor(ids, session=header.session, request=header.request, step=nxt, epoch=header.epoch,
+                                    piece=0, start_pos=start_pos, sampling=header.sampling, chain=header.chain,
+                                    ring=header.ring)
+        self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(step, ids))
 
     def _sample(self, header: ActHeader, logits: np.ndarray) -> np.ndarray:
         sampling = header.sampling

@@ -65,7 +65,10 @@ class ActHeader(Message):
     """The JSON header of an activation envelope.
 
     ``step`` counts a session's generation steps (0: the prompt); a prompt sent in chunks
-    has several envelopes with the same step and increasing ``start_pos``.
+    has several envelopes with the same step and increasing ``start_pos``. ``chain``
+    numbers the head's (re-)prefills: each starts a new chain of steps, and a stage drops
+    an envelope of an older chain than one it has seen for the session (a retry never
+    leaves two chains running). ``ring`` > 0 asks the tail to send the next step itself.
     """
 
     TYPE = "act"
@@ -83,6 +86,9 @@ class ActHeader(Message):
     hops: tuple[Hop, ...] = spec(max_len=MAX_HOPS, default=())
     end: bool = spec(default=False, doc="the session is over: free its state, compute nothing")
     more: bool = spec(default=False, doc="a chunk of a prompt with more chunks to come: the tail samples nothing")
+    chain: int = spec(ge=0, default=0, doc="the head's (re-)prefill this step descends from; older chains are dropped")
+    ring: int = spec(ge=0, default=0, doc="0: the head sends each step; n: the tail sends the next step itself "
+                     "(to the first stage) while it is below n (max_tokens) and the token is not EOS")
 
     def __post_init__(self) -> None:  # a new cross-field check here belongs in _build_acceptor too
         Struct.__post_init__(self)

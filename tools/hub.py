@@ -51,6 +51,7 @@ class HubSettings:
     rate: float = 0.0  # requests per second per client; 0: no limit
     burst: int = 10  # requests a client may send at once
     prefill_chunk: int = 256  # prompt tokens per envelope; 0: whole prompts
+    ring: bool = True  # the tail sends each next step to the first stage; off: the head sends every step
     # Security (embedded broker): a users file and a TLS listener; see broker/process.py.
     broker_options: BrokerOptions = BrokerOptions()
     # How the hub's own clients log in to an external broker (a hub-role user), and the CA
@@ -119,7 +120,7 @@ class Hub:
                                      encode=encode, decode=decode, encode_chat=encode_chat, rss_mb=system.rss_mb,
                                      settings=HeadSettings(cluster=s.cluster, max_sessions=s.max_sessions,
                                                            max_tokens=s.max_tokens, rate=s.rate, burst=s.burst,
-                                                           prefill_chunk=s.prefill_chunk)))
+                                                           prefill_chunk=s.prefill_chunk, ring=s.ring)))
         planner_ = self.planner
         self.head.also_rejected = lambda: planner_.rejected  # the head's telemetry counts the whole hub
         if s.http_port is not None:  # a client of the cluster like any other, with the hub's login to follow it

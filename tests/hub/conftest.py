@@ -99,7 +99,8 @@ class FakeClient:
         """The tail's output for the step ``header`` sent."""
         out = np.array([[value]], dtype=np.int64)
         reply = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
-                                     epoch=header.epoch, piece=len(MANIFEST.pieces), start_pos=header.start_pos + 1)
+                                     epoch=header.epoch, piece=len(MANIFEST.pieces), start_pos=header.start_pos + 1,
+                                     chain=header.chain)
         self.handlers["session_out"](topics.SESSION_OUT.build(self.cluster, session=header.session),
                                      (reply, out), False)
 
@@ -113,13 +114,15 @@ MakeHead = Callable[..., tuple[Head, FakeClient]]
 @pytest.fixture
 def make_head() -> Iterator[MakeHead]:
     """``make_head(cluster=..., encode=..., encode_chat=..., **HeadSettings fields)`` -> (a started head whose
-    one-stage plan on n1 is ready at epoch 4, its fake client); heads stop at the test's end.
+    one-stage plan on n1 is ready at epoch 4, its fake client); heads stop at the test's end. The
+    ring is off unless ``ring=True``: the fake client answers each step the head sends.
     ``decode`` maps token id i to chr(97 + i % 26); examples.MANIFEST's EOS is 2."""
     heads: list[Head] = []
 
     def make(*, cluster: str = "t-head", encode: Callable[[str], list[int]] = lambda text: [5] * len(text),
              encode_chat: Any = no_chat, **settings: Any) -> tuple[Head, FakeClient]:
         client = FakeClient(cluster)
+        settings.setdefault("ring", False)  # these tests play the tail: the head sends every step
         head = Head(client=client, manifest=MANIFEST, encode=encode, encode_chat=encode_chat,  # type: ignore[arg-type]
                     decode=lambda ids: "".join(chr(97 + i % 26) for i in ids),
                     settings=HeadSettings(cluster=cluster, **settings))

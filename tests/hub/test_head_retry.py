@@ -44,8 +44,10 @@ def test_a_lost_step_is_resent_as_a_reprefill_with_backoff_then_resumes(make_hea
         assert 0.25 < waited < 1.5
         wait_until(lambda: len(client.acts()) == 4)  # again, after about twice as long
         assert time.monotonic() - t0 > 0.8
-        client.token(step1, 12)  # the original's answer arrives late: accepted once
-        client.token(retry, 12)  # ... and the retry's copy is a duplicate: ignored
+        client.token(step1, 12)  # the original's answer arrives late: a replaced chain's, ignored
+        client.token(retry, 12)  # ... and so is the first retry's
+        assert [e.index for e in client.events()] == [0]
+        client.token(client.acts()[-1], 12)  # the latest retry's chain: taken
         client.token(client.acts()[-1], 13)
         (result,) = client.results()
         assert result.error is None and result.tokens == (11, 12, 13)

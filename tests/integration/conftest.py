@@ -50,17 +50,21 @@ def chat_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference():
-    """(artifact dir, prompt, max_tokens) -> run-local's greedy token ids (cached)."""
-    cache: dict[tuple[str, str, int], tuple[int, ...]] = {}
+    """(artifact dir, prompt, max_tokens, sampling=None) -> run-local's token ids (cached);
+    greedy unless ``sampling`` (the request's Sampling) is given."""
+    cache: dict[tuple[str, str, int, object], tuple[int, ...]] = {}
     models: dict[str, object] = {}
 
-    def run(art: Path, prompt: str, max_tokens: int) -> tuple[int, ...]:
+    def run(art: Path, prompt: str, max_tokens: int, sampling=None) -> tuple[int, ...]:
+        from linguamq.node.sampling import SamplingParams
         from linguamq.tools.local import generate_local
-        key = (str(art), prompt, max_tokens)
+        key = (str(art), prompt, max_tokens, sampling)
         if key not in cache:
             local = models.setdefault(str(art), open_local(art))
             ids = local.tokenizer.encode(prompt).ids
-            result = generate_local(local.runtime, prompt_ids=ids, max_tokens=max_tokens,
+            params = SamplingParams() if sampling is None else SamplingParams(
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+            result = generate_local(local.runtime, prompt_ids=ids, max_tokens=max_tokens, sampling=params,
                                     eos_token_ids=local.manifest.eos_token_ids)
             cache[key] = result.tokens
         return cache[key]

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from linguamq import topics
 from linguamq.client import generate_remote, new_request_id
 from linguamq.schemas import envelope
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.manifest import ModelManifest, file_sha256
-from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult
+from linguamq.schemas.requests import ErrorReport, GenerateRequest, GenerateResult, Sampling, TokenEvent
 from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
 from linguamq.topics.client import MqttClient
 
@@ -41,11 +42,12 @@ class Running:
         return generate_remote(self.client, self.cluster.cluster, request, timeout=60)
 
 
-def start(art: Path, workdir: Path, cluster: str, broker_url: str | None = None) -> Iterator[Running]:
+def start(art: Path, workdir: Path, cluster: str, broker_url: str | None = None,
+          hub_args: tuple[str, ...] = ()) -> Iterator[Running]:
     # The even split puts every node to work: these tests are about the pipeline, not the plan.
     # Prompts go in chunks of 2 tokens: most of them are several chunks, which must change nothing.
     with LocalCluster(artifacts=art, nodes=NODES, workdir=workdir, cluster=cluster, broker_url=broker_url,
-                      objective="even", hub_args=("--prefill-chunk", "2")) as c:
+                      objective="even", hub_args=("--prefill-chunk", "2", *hub_args)) as c:
         with MqttClient(url=c.url, client_id=f"test-{cluster}") as client:
             c.wait_ready(client, nodes=len(NODES), timeout=90)
             yield Running(c, client, art)
@@ -71,6 +73,81 @@ def test_eight_concurrent_requests_each_equal_their_run_local(running: Running, 
     for prompt, result in zip(PROMPTS, results):
         assert result.error is None, result.error
         assert result.tokens == reference(running.art, prompt, 16), prompt
+
+
+def steps_in_order(run: Running, prompt: str, max_tokens: int) -> tuple[GenerateResult, list[tuple[str, int]]]:
+    """A request's result, and its steps' inputs on act/0 ("act", step; not its end) and outputs
+    ("out", step) in the order a client of the broker sees them (one publisher's messages keep
+    theirs)."""
+    seen: list[tuple[str, int, str]] = []
+    act, out = topics.ACT.build(run.cluster.cluster, piece=0), topics.SESSION_OUT.filter(run.cluster.cluster)
+    run.client.subscribe(topics.ACT, act, lambda _t, v, _r: v[0].end or seen.append(("act", v[0].step, v[0].request)),
+                         wait=10)
+    run.client.subscribe(topics.SESSION_OUT, out, lambda _t, v, _r: seen.append(("out", v[0].step, v[0].request)),
+                         wait=10)
+    try:
+        result = run.generate(prompt, max_tokens=max_tokens)
+    finally:
+        run.client.unsubscribe(act)
+        run.client.unsubscribe(out)
+    return result, [(kind, step) for kind, step, request in list(seen) if request == result.request]
+
+
+def test_the_tail_sends_each_next_step_before_its_token_reaches_the_head(running: Running, reference) -> None:
+    result, order = steps_in_order(running, PROMPTS[1], 8)
+    assert result.tokens == reference(running.art, PROMPTS[1], 8)
+    decodes = [k for kind, k in order if kind == "act" and k > 0]
+    assert decodes == list(range(1, len(result.tokens)))
+    for k in decodes:  # the ring: step k left the tail before the token of step k - 1
+        assert order.index(("act", k)) < order.index(("out", k - 1)), order
+
+
+SAMPLED = Sampling(temperature=1.0, top_k=40, seed=1234)  # sampling is a function of (seed, step)
+
+
+def test_seeded_sampling_equals_run_local(running: Running, reference) -> None:
+    # With the ring the tail sends each step and samples it: a step it numbered wrong would
+    # sample another token than run-local (greedy would not show it: every step the same).
+    expected = reference(running.art, PROMPTS[4], 16, SAMPLED)
+    assert expected != reference(running.art, PROMPTS[4], 16)  # the sampling matters here
+    assert running.generate(PROMPTS[4], max_tokens=16, sampling=SAMPLED).tokens == expected
+
+
+def test_without_the_ring_the_head_sends_each_step(artifacts, tmp_path, reference) -> None:
+    for run in start(artifacts["llama"], tmp_path, "t-noring", hub_args=("--no-ring",)):
+        for prompt in PROMPTS[:2]:
+            assert run.generate(prompt, max_tokens=24).tokens == reference(run.art, prompt, 24)
+        # the same seeded sampling as the ring's (test_seeded_sampling_equals_run_local): the same tokens
+        assert run.generate(PROMPTS[4], max_tokens=16, sampling=SAMPLED).tokens == \
+            reference(run.art, PROMPTS[4], 16, SAMPLED)
+        result, order = steps_in_order(run, PROMPTS[4], 8)
+        assert result.tokens == reference(run.art, PROMPTS[4], 8)
+        for k in range(1, len(result.tokens)):  # the head sent step k once the token of step k - 1 came
+            assert order.index(("out", k - 1)) < order.index(("act", k)), order
+
+
+def test_a_stop_string_ends_the_request_with_its_text_and_no_token_after_it(running: Running, reference) -> None:
+    tokenizer = Tokenizer.from_file(str(running.art / running.manifest.tokenizer_file))
+    full = reference(running.art, PROMPTS[0], 24)
+
+    def text(n: int) -> str:
+        return tokenizer.decode(list(full[:n]), skip_special_tokens=True)
+
+    whole = text(len(full))
+    at = next(a for a in range(len(whole) // 3, len(whole) - 3) if whole.find(whole[a:a + 3]) == a
+              and whole[a:a + 3].strip())
+    stop = whole[at:at + 3]
+    n = next(n for n in range(1, len(full) + 1) if stop in text(n))  # the token that completes it
+    assert n < len(full)  # the pipeline had more tokens to give
+    seen: queue.Queue[TokenEvent | GenerateResult] = queue.Queue()  # all the head published (the client skips repeats)
+    request = GenerateRequest(id=new_request_id(), prompt=PROMPTS[0], max_tokens=24, stop=(stop,))
+    with MqttClient(url=running.cluster.url, client_id="test-stop-watch") as watch:
+        watch.subscribe(topics.RESPONSES, topics.RESPONSES.build(running.cluster.cluster, request=request.id),
+                        lambda _t, v, _r: seen.put(v), wait=10)
+        result = generate_remote(running.client, running.cluster.cluster, request, timeout=60)
+        events = list(iter(lambda: seen.get(timeout=10), result))  # up to the result, in the order published
+    assert (result.stop_reason, result.text, result.tokens) == ("stop", whole[:at], full[:n])
+    assert "".join(e.text for e in events) == result.text and all(e.index < n for e in events)
 
 
 def test_nodes_fetched_their_pieces_over_mqtt(running: Running) -> None:

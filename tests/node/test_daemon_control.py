@@ -4,10 +4,16 @@
 - A node whose activation queue is full still adopts a new assignment: the retained
   assignment is sent once, and a node that dropped it stayed on its old epoch.
 - The tail's sampling is part of its stage in the trace, not of the transfer after it.
+- The ring: the tail sends each next step to the first stage itself, none after EOS or the
+  request's steps, one successor per (chain, step) whatever is redelivered; a newer chain (a
+  retry) replaces the old one; an end stops the chain and frees the KV without a report; a
+  silent head (its telemetry stopped) stops the chain; a failed step ahead loses no token.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import queue
 import threading
@@ -25,11 +31,11 @@ from linguamq.node import daemon as node_daemon
 from linguamq.node.daemon import NodeDaemon, NodeSettings, status_will
 from linguamq.node.runtime import MERGED_DIR
 from linguamq.schemas import envelope
-from linguamq.schemas.cluster import Assignment, Segment
+from linguamq.schemas.cluster import Assignment, Segment, Telemetry
 from linguamq.schemas.envelope import ActHeader
 from linguamq.schemas.manifest import ModelManifest
-from linguamq.schemas.requests import ErrorReport
-from linguamq.topics.client import MqttClient
+from linguamq.schemas.requests import ErrorReport, Sampling
+from linguamq.topics.client import MqttClient, MqttError
 
 pytestmark = pytest.mark.integration
 CLUSTER = "t-node"
@@ -64,6 +70,16 @@ def wait_until(predicate, timeout: float = WAIT) -> None:
 @pytest.fixture
 def cluster(artifacts: tuple[Path, ModelManifest], tmp_path: Path) -> Iterator[Cluster]:
     """Node n1 (an activation queue of 2) ready on epoch 1."""
+    yield from _cluster(artifacts, tmp_path, queue_size=2)
+
+
+@pytest.fixture
+def roomy(artifacts: tuple[Path, ModelManifest], tmp_path: Path) -> Iterator[Cluster]:
+    """Node n1 (the default activation queue) ready on epoch 1."""
+    yield from _cluster(artifacts, tmp_path, queue_size=NodeSettings(name="n1").queue_size)
+
+
+def _cluster(artifacts: tuple[Path, ModelManifest], tmp_path: Path, *, queue_size: int) -> Iterator[Cluster]:
     art, manifest = artifacts
     manifest_json = manifest.to_json()
     with BrokerThread() as broker, MqttClient(url=broker.url, client_id="hub") as hub, \
@@ -72,7 +88,7 @@ def cluster(artifacts: tuple[Path, ModelManifest], tmp_path: Path) -> Iterator[C
                    reporter="hub").start()
         hub.publish(topics.MODEL, topics.MODEL.build(CLUSTER), manifest_json, wait=WAIT)
         node = NodeDaemon(client=client, settings=NodeSettings(name="n1", cluster=CLUSTER, cache_dir=tmp_path,
-                                                               threads=1, spin=False, queue_size=2))
+                                                               threads=1, spin=False, queue_size=queue_size))
         running = Cluster(hub, node, manifest, hashlib.sha256(manifest_json).hexdigest())
         running.assign(epoch=1)
         node.start()
@@ -212,3 +228,190 @@ def test_chunks_of_a_prompt_the_node_lost_ask_for_one_re_prefill_not_one_each(cl
     for start, more in ((0, True), (3, True), (6, True), (9, False)):  # the re-prefill runs whole
         chunk("s", start, more)  # one at a time: this node's work queue holds 2
         wait_until(lambda end=start + 3: cluster.node._kv.length("s", 0) == end)
+
+
+# --- the ring: the tail sends the next step itself -------------------------------------------
+
+class Wire:
+    """What crosses act/0 and sessions/+/out, in the order this client receives it."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster, self._lock = cluster, threading.Lock()
+        self.seen: list[tuple[str, ActHeader, int | None]] = []  # ("act" | "out", header, token of an out)
+        self.reports: list[ErrorReport] = []
+        hub = cluster.hub
+        hub.subscribe(topics.ACT, topics.ACT.build(CLUSTER, piece=0), self._on("act"), wait=WAIT)
+        hub.subscribe(topics.SESSION_OUT, topics.SESSION_OUT.filter(CLUSTER), self._on("out"), wait=WAIT)
+        hub.subscribe(topics.ERRORS, topics.ERRORS.filter(CLUSTER), lambda _t, r, _r: self.reports.append(r),
+                      wait=WAIT)
+
+    def _on(self, kind: str):
+        def handle(_topic: str, value: tuple[ActHeader, np.ndarray], _retained: bool) -> None:
+            header, array = value
+            with self._lock:
+                self.seen.append((kind, header, int(array[0, 0]) if kind == "out" else None))
+        return handle
+
+    def send(self, session: str, *, step: int, start: int, ids: list[int], chain: int = 1, ring: int = 0,
+             end: bool = False, sampling: Sampling | None = None) -> None:
+        array = np.array([ids], dtype=np.int64)
+        header = ActHeader.for_tensor(array, session=session, request=session, step=step, epoch=1, piece=0,
+                                      start_pos=start, chain=chain, ring=ring, end=end, sampling=sampling)
+        self.cluster.hub.publish(topics.ACT, topics.ACT.build(CLUSTER, piece=0), envelope.encode(header, array),
+                                 wait=WAIT)
+
+    def acts(self, session: str) -> list[ActHeader]:
+        with self._lock:
+            return [h for kind, h, _ in self.seen if kind == "act" and h.session == session and not h.end]
+
+    def outs(self, session: str) -> list[tuple[ActHeader, int]]:
+        with self._lock:
+            return [(h, t) for kind, h, t in self.seen if kind == "out" and h.session == session and t is not None]
+
+    def wait_out(self, session: str, step: int, chain: int = 1) -> None:
+        """Until the session's output for (chain, step) arrived."""
+        wait_until(lambda: any((h.chain, h.step) == (chain, step) for h, _ in self.outs(session)))
+
+
+PROMPT = [3, 4, 5]
+SAMPLED = Sampling(temperature=1.0, seed=11)  # sampling is a function of (seed, step): a wrong step shows
+
+
+def test_the_tail_sends_each_next_step_itself_until_max_tokens(roomy: Cluster) -> None:
+    wire = Wire(roomy)
+    wire.send("r", step=0, start=0, ids=PROMPT, ring=4, sampling=SAMPLED)
+    wire.wait_out("r", 3)
+    # Each next step went out before the token that made it (nothing waits for a head), none after 3 ...
+    assert [(h.step, h.start_pos, h.shape) for h in wire.acts("r")] == [(0, 0, (1, 3)), (1, 3, (1, 1)),
+                                                                       (2, 4, (1, 1)), (3, 5, (1, 1))]
+    with wire._lock:
+        order = [(kind, h.step) for kind, h, _ in wire.seen if h.session == "r"]
+    assert order == [("act", 0), ("act", 1), ("out", 0), ("act", 2), ("out", 1), ("act", 3), ("out", 2), ("out", 3)]
+    ring = [t for _, t in wire.outs("r")]
+    # ... and the tokens are those of steps sent one by one (the head's way, ring 0: nothing sent ahead)
+    wire.send("h", step=0, start=0, ids=PROMPT, sampling=SAMPLED)
+    wire.wait_out("h", 0)
+    by_hand = [wire.outs("h")[0][1]]
+    for k in range(1, 4):
+        wire.send("h", step=k, start=len(PROMPT) + k - 1, ids=[by_hand[-1]], sampling=SAMPLED)
+        wire.wait_out("h", k)
+        by_hand.append(wire.outs("h")[-1][1])
+    assert ring == by_hand
+    assert [h.step for h in wire.acts("h")] == [0, 1, 2, 3]  # only the steps sent by hand
+
+
+def test_no_step_follows_an_eos(roomy: Cluster) -> None:
+    wire = Wire(roomy)
+    roomy.node._eos = frozenset(range(roomy.manifest.vocab_size))  # whatever it samples is an EOS
+    wire.send("e", step=0, start=0, ids=PROMPT, ring=4)
+    wire.wait_out("e", 0)  # a step sent ahead would have crossed act/0 before this output
+    assert [h.step for h in wire.acts("e")] == [0]
+
+
+def test_a_redelivered_step_does_not_start_a_second_chain(roomy: Cluster) -> None:
+    wire = Wire(roomy)
+    for _ in range(2):  # QoS 1 delivers the step twice: both run, one successor
+        wire.send("d", step=0, start=0, ids=PROMPT, ring=6)
+    wire.wait_out("d", 5)
+    assert collections.Counter(h.step for h in wire.acts("d")) == {0: 2, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+
+
+def test_a_retry_replaces_the_chain_it_retries(roomy: Cluster) -> None:
+    wire = Wire(roomy)
+    wire.send("c", step=0, start=0, ids=PROMPT, chain=1, ring=8)
+    wire.send("c", step=0, start=0, ids=PROMPT, chain=2, ring=8)  # the head's re-prefill of the same step
+    wire.wait_out("c", 7, chain=2)
+    outs = wire.outs("c")
+    chains = [h.chain for h, _ in outs]
+    assert chains == sorted(chains), chains  # the old chain stopped once the new one ran
+    assert [h.step for h, _ in outs if h.chain == 2] == list(range(8))
+    tokens = {h.step: t for h, t in outs if h.chain == 2}
+    assert all(tokens[h.step] == t for h, t in outs)  # both chains sampled the same tokens
+    assert roomy.node.duplicates >= 1  # the old chain's next step, dropped
+
+
+def test_an_end_stops_the_chain_and_frees_the_kv_without_a_report(roomy: Cluster) -> None:
+    wire = Wire(roomy)
+    wire.send("x", step=0, start=0, ids=PROMPT, ring=50)
+    wire.wait_out("x", 2)
+    dropped = roomy.node.duplicates
+    # The head ends the session at the step it saw last, older than the tail's: a stop string, a cancel.
+    wire.send("x", step=1, start=0, ids=[], end=True)
+    wait_until(lambda: roomy.node.duplicates > dropped)  # the chain's next step, dropped after the end
+    wait_until(lambda: "x" not in roomy.node._kv.sessions())
+    wire.send("m", step=0, start=0, ids=PROMPT)  # a marker: whatever "x" had queued is done before it
+    wire.wait_out("m", 0)
+    assert len(wire.outs("x")) < 50 and not [r for r in wire.reports if r.ref == "x"]
+
+
+class HubTelemetry:
+    """The stand-in hub's heartbeat on hub/telemetry (the head's, every ~1 s; here faster)."""
+
+    def __init__(self, cluster: Cluster, interval_s: float) -> None:
+        self.cluster, self.interval_s = cluster, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=WAIT)
+
+    def _beat(self) -> None:
+        seq = 0
+        while not self._stop.wait(self.interval_s):
+            seq += 1
+            self.cluster.hub.publish(topics.HUB_TELEMETRY, topics.HUB_TELEMETRY.build(CLUSTER),
+                                     Telemetry(node="head", ts=time.time(), seq=seq, epoch=1))
+
+
+def test_a_silent_heads_chain_stops_and_a_retry_resumes_it(roomy: Cluster) -> None:
+    node, wire = roomy.node, Wire(roomy)
+    node.settings = dataclasses.replace(node.settings, head_silence_s=0.5)
+    gate = threading.Semaphore(0)  # the test lets the node run one step at a time
+    node._emulate_slowdown = lambda _compute_s: gate.acquire(timeout=WAIT)  # type: ignore[method-assign]
+    beat = HubTelemetry(roomy, interval_s=0.05)
+    beat.start()
+    try:
+        wait_until(lambda: node._head_seen is not None)
+        wire.send("q", step=0, start=0, ids=PROMPT, ring=30)
+        for step in range(3):  # the head speaks: the tail sends each next step
+            gate.release()
+            wire.wait_out("q", step)
+        beat.stop()
+        wait_until(node._head_silent)
+        gate.release()  # step 3, sent ahead while the head spoke, runs: its successor stays home
+        wire.wait_out("q", 3)
+        assert [h.step for h in wire.acts("q")] == [0, 1, 2, 3]  # step 4 would have crossed act/0 before out 3
+        tokens = [t for _, t in wire.outs("q")]
+        beat.start()  # the head was only slow: its retry (a re-prefill, a new chain) resumes the session
+        wait_until(lambda: not node._head_silent())
+        gate.release(3)
+        wire.send("q", step=4, start=0, ids=PROMPT + tokens, chain=2, ring=30)
+        wire.wait_out("q", 6, chain=2)
+    finally:
+        beat.stop()
+        gate.release(100)
+
+
+def test_a_failed_step_ahead_still_sends_the_token(roomy: Cluster) -> None:
+    wire, client = Wire(roomy), roomy.node._client
+    publish = client.publish
+
+    def refuse_steps(topic: topics.Topic, name: str, payload, **kw) -> None:
+        if topic is topics.ACT:
+            raise MqttError("publish refused (a broker blip)")
+        publish(topic, name, payload, **kw)
+
+    client.publish = refuse_steps  # type: ignore[method-assign]
+    try:
+        wire.send("f", step=0, start=0, ids=PROMPT, ring=4)
+        wait_until(lambda: wire.outs("f") or wire.reports)
+    finally:
+        client.publish = publish  # type: ignore[method-assign]
+    assert [h.step for h, _ in wire.outs("f")] == [0]  # the head has its token; its retry sends step 1

@@ -169,8 +169,9 @@ def test_clock_responder_answers_on_the_askers_topic_and_the_offset_comes_back()
 # --- the model, on synthetic events ----------------------------------------------------------
 
 
-def synthetic_events() -> list[dict]:
-    """Two steps of one session over two nodes; n1's clock is 2 s ahead, n2's 1 s behind."""
+def synthetic_events(ring: bool = False) -> list[dict]:
+    """Two steps of one session over two nodes; n1's clock is 2 s ahead, n2's 1 s behind.
+    With ``ring`` the tail sends step 1, 0.5 ms before token 0 reaches the tracer."""
     off = {"n1": 2.0, "n2": -1.0}
     plan = Plan(epoch=1, objective="even", predicted_ms_per_token=5.0,
                 stages=(Stage(node="n1", first=0, last=1, predicted_ms=1.0),
@@ -182,8 +183,9 @@ def synthetic_events() -> list[dict]:
         return Hop(node=node, first=first, last=last, **dict(zip(("t_recv", "t_start", "t_end", "t_send"),
                                                                  (x + off[node] for x in times))))
 
-    for step, t in ((0, 101.0), (1, 101.1)):
-        header = dict(session="s1", request="s1", step=step, epoch=1, start_pos=step and 5)
+    for step, t in ((0, 101.0), (1, 101.0115 if ring else 101.1)):
+        header = dict(session="s1", request="s1", step=step, epoch=1, start_pos=step and 5, chain=1,
+                      ring=4 if ring else 0)
         events.append({"kind": "input", "t": t, "msg": ActHeader(
             dtype="int64", shape=(1, 5 if step == 0 else 1), piece=0, **header)})
         hops = (hop("n1", 0, 1, t + 0.001, t + 0.002, t + 0.005, t + 0.005),
@@ -191,6 +193,15 @@ def synthetic_events() -> list[dict]:
         events.append({"kind": "step", "t": t + 0.012, "token": 7 + step, "msg": ActHeader(
             dtype="int64", shape=(1, 1), piece=4, hops=hops, **header)})
     return events
+
+
+def test_a_step_the_tail_sent_is_labelled_the_tails() -> None:
+    head, tail = (replay(synthetic_events(ring)).timings()[1] for ring in (False, True))
+    assert not head.trace.ring and "head 88.0 | head>  1.0 |" in head.describe()
+    # The ring: the step left the tail before its token; the hop to n1 is the tail's
+    assert tail.trace.ring and tail.head_ms == pytest.approx(-0.5) and tail.head_to_first_ms == pytest.approx(1.0)
+    assert "tail -0.5 | tail>  1.0 |" in tail.describe() and "head" not in tail.describe()
+    assert tail.cycle_ms == pytest.approx(11.5)  # = t_out(1) - t_out(0), as without the ring
 
 
 def test_timings_put_every_node_on_the_tracers_clock() -> None:

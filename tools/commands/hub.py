@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                         help="send prompts in chunks of N tokens: nodes serve other requests between chunks and "
                              "stages work on successive chunks at once (default 256; 0 = whole prompts)")
+    parser.add_argument("--no-ring", dest="ring", action="store_false",
+                        help="the head sends every decode step itself (by default the stage that samples sends the "
+                             "next step straight to the first stage, and the head only watches the tokens)")
     parser.add_argument("--json", action="store_true", help="print the ready line as JSON")
     http = parser.add_argument_group("HTTP (OpenAI API and dashboard, as `linguamq serve`)")
     http.add_argument("--http", type=int, metavar="PORT", help="serve them on PORT (0 = any free)")
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                               objective=args.objective, broker_in_process=not args.broker_thread,
                               plan_sessions=args.plan_sessions, drift_ratio=args.drift_ratio,
                               max_tokens=args.max_tokens, rate=args.rate, burst=args.burst,
-                              prefill_chunk=args.prefill_chunk, broker_options=options, http_port=args.http, http_host=args.http_host,
+                              prefill_chunk=args.prefill_chunk, ring=args.ring, broker_options=options, http_port=args.http, http_host=args.http_host,
                               **login)).start()
     except (OSError, SchemaError, TopicError, MqttError, BrokerError, ValueError) as exc:
         print(f"linguamq hub: error: {exc}", file=sys.stderr)

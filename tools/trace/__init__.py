@@ -14,6 +14,13 @@ and `sessions/+/out` (the tail's outputs) as the head does, so "seen by the trac
 "seen by the head" up to one broker fan-out. All times below are the tracer's wall
 clock; node timestamps are moved onto it by their estimated offset.
 
+With the ring (hub default) the tail sends step k to the first node itself, before token
+k-1 goes to the head: on act/0 the tracer then sees the tail's envelope, ``head_ms`` is
+the tail's lead (negative: the step left before its token) and ``head->first`` is the
+transfer tail -> first node; a step whose input is the tail's (``StepTrace.ring``) shows
+them as ``tail`` and ``tail>``. The sum is the same cycle. Steps the head sends (prompts,
+retries, hub --no-ring) keep the head's labels.
+
 Accounting of one decode step k of a session (``StepTiming``): a token goes round the
 ring head -> n1 -> ... -> tail -> head, and every part of that round has a figure:
     head_ms       = t_in(k) - t_out(k-1): the head's turnaround, from token k-1 arriving

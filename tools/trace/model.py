@@ -37,6 +37,9 @@ class StepTrace:
     t_prev_out: float | None  # the previous step's output of this session (same epoch)
     hops: tuple[Hop, ...]
     token: int | None
+    # The ring: the step's input came from the tail (ActHeader.ring > 0, the chain of the
+    # previous step), which sends it before its token: t_in is the tail's, not the head's.
+    ring: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +83,11 @@ class StepTiming:
         """One line: session, step, head turnaround, head->n1, each hop and transfer, in ms."""
         t = self.trace
         parts = [f"{t.session[:12]:<12} s{t.step:<4} e{t.epoch}"]
+        sender = "tail" if t.ring else "head"  # the ring: the tail's lead (negative), tail -> first node
         if self.head_ms is not None:
-            parts.append(f"head {self.head_ms:4.1f}")
+            parts.append(f"{sender} {self.head_ms:4.1f}")
         if self.head_to_first_ms is not None:
-            parts.append(f"head>{self.head_to_first_ms:5.1f}")
+            parts.append(f"{sender}>{self.head_to_first_ms:5.1f}")
         for h in self.hops:
             parts.append(f"{h.node}[{h.first}-{h.last}] q{h.queue_ms:.1f} c{h.compute_ms:.1f}")
             if h.transfer_ms is not None:
@@ -125,7 +129,7 @@ class TraceModel:
         self.step_count = 0  # steps ever applied (``steps`` keeps the latest ``max_steps``)
         self.error_count = 0
         self._inputs: dict[tuple[str, int, int], tuple[float, ActHeader]] = {}
-        self._last_out: dict[str, tuple[int, int, float]] = {}  # session -> (epoch, step, t_out)
+        self._last_out: dict[str, tuple[int, int, float, int]] = {}  # session -> (epoch, step, t_out, chain)
         self._lock = threading.Lock()
 
     # --- events in -----------------------------------------------------------------------
@@ -163,13 +167,14 @@ class TraceModel:
         t_in, sent = seen if seen is not None else (None, None)
         prev = self._last_out.get(header.session)
         t_prev = prev[2] if prev is not None and prev[0] == header.epoch and prev[1] == header.step - 1 else None
-        self._last_out[header.session] = (header.epoch, header.step, t)
+        ring = sent is not None and sent.ring > 0 and t_prev is not None and prev is not None and prev[3] == sent.chain
+        self._last_out[header.session] = (header.epoch, header.step, t, header.chain)
         self.step_count += 1
         tokens_in = sent.shape[-1] if sent is not None and sent.shape else 0
         self.steps.append(StepTrace(
             session=header.session, request=header.request, step=header.step, epoch=header.epoch,
             start_pos=sent.start_pos if sent is not None else header.start_pos, tokens_in=tokens_in,
-            t_in=t_in, t_out=t, t_prev_out=t_prev, hops=header.hops, token=token))
+            t_in=t_in, t_out=t, t_prev_out=t_prev, hops=header.hops, token=token, ring=ring))
 
     # --- figures out --------------------------------------------------------------------
 

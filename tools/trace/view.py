@@ -31,8 +31,8 @@ def render(model: TraceModel, now: float | None = None, *, steps: int = 12) -> s
              + f"  steps seen {model.step_count}", ""]
     lines += model.epochs()[-5:] or ["(no plan seen yet)"]
     lines += ["", *node_table(model.node_stats(now), model.window_s), "",
-              ("latest steps, ms: head turnaround | head>first transfer | node[pieces] q(ueue) c(ompute) | >transfer"
-               " ... = time since the previous token")]
+              ("latest steps, ms: head turnaround | head>first transfer (the ring: tail lead | tail>first) |"
+               " node[pieces] q(ueue) c(ompute) | >transfer ... = time since the previous token")]
     lines += [t.describe() for t in model.timings(last=steps)] or ["(no step seen yet)"]
     errors = list(model.errors)[-3:]
     if errors:
