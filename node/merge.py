@@ -2,7 +2,7 @@
 
 Each layer piece is its own graph, and each ONNX Runtime call costs about 0.13 ms of
 binding, dispatch and planning before any arithmetic; for a small model that is a fifth of
-a decode step (SmolLM2-135M int4, 30 layers: 20.6 ms per step per layer, 16.8 merged). A
+a decode step (SmolLM2-135M int4, 30 layers: 20.6 ms per step at one call per layer, 16.8 merged). A
 node therefore merges the layers it runs back to back into one graph when it loads a
 segment. Layer ``i``'s names get the prefix ``l{i}_``; what all layers take alike (the
 rotary tables, ``seqlens_k``, ``total_sequence_length``) is one input, hidden states flow
