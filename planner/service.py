@@ -76,6 +76,7 @@ class PlannerService:
         self._joined: dict[str, float] = {}
         self._scale: dict[str, float] = {}  # measured / profiled compute, per measured node
         self._calibration: dict[str, float] = {}  # each node's scale when first measured: how far its probe was off
+        self._first: dict[str, float] = {}  # the scale each node's first measurement implied, until confirmed
         self._drift: dict[str, int] = {}  # consecutive drifting reports
         self._measured: dict[str, float] = {}  # stage compute ms (EWMA) per node
         self._changed_at: float | None = None
@@ -154,12 +155,15 @@ class PlannerService:
                 return
             ratio = timing.ms_ewma / predicted
             drifting = ratio > self.settings.drift_ratio or ratio < 1 / self.settings.drift_ratio
+            self._first.setdefault(report.node, self._scale_of(report.node) * ratio)
             if not drifting and report.node not in self._calibration:  # first measured, as predicted
                 self._scale[report.node] = self._calibration[report.node] = self._scale_of(report.node)
             self._drift[report.node] = self._drift.get(report.node, 0) + 1 if drifting else 0
             if self._drift[report.node] >= self.settings.drift_reports:
                 self._scale[report.node] = self._scale_of(report.node) * ratio
-                self._calibration.setdefault(report.node, self._scale[report.node])
+                # The probe's error is what the first measurement showed: a node slowed before
+                # its drift was confirmed (3 reports) is slower, and its probe no more wrong.
+                self._calibration.setdefault(report.node, self._first[report.node])
                 self._drift[report.node] = 0
                 self._drift_due = True
                 log.info("node drifted", node=report.node, measured_over_predicted=round(ratio, 2))

@@ -96,6 +96,18 @@ def test_a_slowdown_after_the_first_measurement_is_not_taken_for_probe_error(ser
     assert service._scale_of("c") == pytest.approx(1.0)
 
 
+def test_a_slowdown_before_a_first_drift_is_confirmed_is_not_taken_for_probe_error(service: PlannerService) -> None:
+    """A probe that overstates every node (one layer pays a whole call; a merged segment pays it
+    once): b is first measured at 0.42x, then slowed 4x before its drift was confirmed. The idle
+    node c must be assumed off like b's probe was (0.42x), not like b's slowed state (1.7x): the
+    replanning test kept a slowed node's work because the idle one looked that slow."""
+    base = predicted(service, "b")
+    report(service, "b", 0.42 * base, reports=1)  # first measured: the probe was 2.4x off
+    report(service, "b", 1.68 * base, reports=3)  # then 4x slower, confirmed by three reports
+    assert service._scale_of("b") == pytest.approx(1.68)
+    assert service._scale_of("c") == pytest.approx(0.42)
+
+
 def test_a_throughput_plan_is_compared_by_its_period_not_its_latency() -> None:
     """`Plan.predicted_ms_per_token` is the single-stream latency whatever the objective;
     the replan decision compares the pipeline periods of the current and proposed plans."""
