@@ -42,11 +42,14 @@ def cluster(artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loc
 
 
 def api(cluster: LocalCluster, key: str) -> openai.OpenAI:
+    """Use it in a `with`: a client left open leaks its pooled socket until the garbage
+    collector finds it, during some later test (which then fails on the ResourceWarning)."""
     return openai.OpenAI(base_url=f"{cluster.http}/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def complete(cluster: LocalCluster, key: str) -> str:
-    answer = api(cluster, key).completions.create(model="any", prompt=PROMPT, max_tokens=8, temperature=0)
+    with api(cluster, key) as client:
+        answer = client.completions.create(model="any", prompt=PROMPT, max_tokens=8, temperature=0)
     return answer.choices[0].text
 
 
@@ -62,7 +65,8 @@ def get(url: str, key: str | None = None) -> tuple[int, dict]:
 def test_a_users_key_is_answered_and_a_wrong_or_missing_key_is_401(cluster, reference, artifacts) -> None:
     alice = api_key("alice", PASSWORDS["alice"])
     expected = reference(artifacts["llama"], PROMPT, 8)
-    answer = api(cluster, alice).completions.create(model="any", prompt=PROMPT, max_tokens=8, temperature=0)
+    with api(cluster, alice) as client:
+        answer = client.completions.create(model="any", prompt=PROMPT, max_tokens=8, temperature=0)
     assert answer.usage.completion_tokens == len(expected)
     for wrong in (api_key("alice", "guess"), api_key("mallory", "x"), "sk-not-ours", "lmq-!!!"):
         with pytest.raises(openai.AuthenticationError) as refused:
