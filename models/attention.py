@@ -82,7 +82,7 @@ class GroupQueryAttention(torch.autograd.Function):
                        cos_cache, sin_cache, num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
                        do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
         # The exporter cannot infer a contrib op's shapes: the outputs' are declared here.
-        outputs[0].setType(qkv.type().with_sizes([1, None, num_heads * head_dim]))
-        outputs[1].setType(past_key.type().with_sizes([1, kv_heads, None, head_dim]))
-        outputs[2].setType(past_value.type().with_sizes([1, kv_heads, None, head_dim]))
+        outputs[0].setType(qkv.type().with_sizes([None, None, num_heads * head_dim]))
+        outputs[1].setType(past_key.type().with_sizes([None, kv_heads, None, head_dim]))
+        outputs[2].setType(past_value.type().with_sizes([None, kv_heads, None, head_dim]))
         return outputs

@@ -49,19 +49,20 @@ INT4_BLOCK = 32  # weights per scale along K, as in llama.cpp's Q4_0/Q4_1
 MAX_PIECE_BYTES = 2**31 - 1  # protobuf limit of one self-contained .onnx file
 # (input names, output names, dynamic axes) per piece kind.
 IO: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, dict[int, str]]]] = {
-    "embed": (("input_ids",), ("hidden",), {"input_ids": {1: "seq"}, "hidden": {1: "seq"}}),
+    "embed": (("input_ids",), ("hidden",), {"input_ids": {0: "batch", 1: "seq"}, "hidden": {0: "batch", 1: "seq"}}),
     "layer": (("hidden", "position_ids", "past_key", "past_value"), ("hidden_out", "present_key", "present_value"),
               {"hidden": {1: "seq"}, "position_ids": {1: "seq"}, "past_key": {2: "past"},
                "past_value": {2: "past"}, "hidden_out": {1: "seq"}, "present_key": {2: "total"},
                "present_value": {2: "total"}}),
-    "head": (("hidden",), ("logits",), {"hidden": {1: "seq"}}),
+    "head": (("hidden",), ("logits",), {"hidden": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}),
     # Rotary families: the cache is a buffer of `capacity` positions that the layer writes in place.
     "layer_in_place": (
         ("hidden", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"),
         ("hidden_out", "present_key", "present_value"),
-        {"hidden": {1: "seq"}, "past_key": {2: "capacity"}, "past_value": {2: "capacity"}, "hidden_out": {1: "seq"},
-         "present_key": {2: "capacity"}, "present_value": {2: "capacity"}, "cos_cache": {0: "positions"},
-         "sin_cache": {0: "positions"}}),
+        {"hidden": {0: "batch", 1: "seq"}, "past_key": {0: "batch", 2: "capacity"},
+         "past_value": {0: "batch", 2: "capacity"}, "seqlens_k": {0: "batch"}, "hidden_out": {0: "batch", 1: "seq"},
+         "present_key": {0: "batch", 2: "capacity"}, "present_value": {0: "batch", 2: "capacity"},
+         "cos_cache": {0: "positions"}, "sin_cache": {0: "positions"}}),
 }
 
 # Called before each piece: (index, total, piece name).
@@ -179,18 +180,19 @@ def _export_piece(module: nn.Module, kind: str, cfg: ModelConfig, path: Path, op
 
 
 def _dummy_inputs(kind: str, cfg: ModelConfig, module: nn.Module) -> tuple[torch.Tensor, ...]:
-    # Distinct sizes (seq 5, past 3) so that no dynamic dim is traced as a constant.
+    # Distinct sizes (batch 2, seq 5, past 3) so that no dynamic dim is traced as a constant.
     dtype = next(module.parameters()).dtype
-    hidden = torch.zeros(1, 5, cfg.hidden_size, dtype=dtype)
+    hidden = torch.zeros(2, 5, cfg.hidden_size, dtype=dtype)
     if kind == "embed":
-        return (torch.arange(5)[None] % cfg.vocab_size,)
+        return (torch.arange(10).view(2, 5) % cfg.vocab_size,)
     if kind == "head":
         return (hidden,)
     if isinstance(module, InPlaceLayer):  # 3 cached + 5 new positions in a buffer of 16, rotary for 32
-        buffer = torch.zeros(1, cfg.num_kv_heads, 16, cfg.head_dim, dtype=dtype)
+        buffer = torch.zeros(2, cfg.num_kv_heads, 16, cfg.head_dim, dtype=dtype)
         angles = torch.arange(32)[:, None].float() * rope_inv_freq(cfg)  # (32, D/2)
-        return (hidden, buffer, buffer.clone(), torch.tensor([7], dtype=torch.int32), torch.tensor(8, dtype=torch.int32),
-                angles.cos().to(dtype), angles.sin().to(dtype))
+        return (hidden, buffer, buffer.clone(), torch.tensor([7, 7], dtype=torch.int32),
+                torch.tensor(8, dtype=torch.int32), angles.cos().to(dtype), angles.sin().to(dtype))
+    hidden = hidden[:1]  # a concatenated cache runs one session per call
     past = torch.zeros(1, cfg.num_kv_heads, 3, cfg.head_dim, dtype=dtype)
     return hidden, torch.arange(3, 8)[None], past, past.clone()
 
@@ -212,15 +214,18 @@ def _quantize(source: Path, target: Path) -> None:
 def _quantize_int4(source: Path, target: Path, kind: str) -> None:
     """A layer's MatMuls with a constant weight -> ONNX Runtime's block-wise `MatMulNBits`
     (INT4_BLOCK values along K, a zero point per block: asymmetric rounds closer), accuracy
-    level 4 so that the CPU computes in int8. The embedding and the head (vocab x hidden)
-    are quantized as `--quantize int8` does them: 4 bits there cost agreement for half a
-    millisecond per token, and per-channel int8 is as good as an 8-bit MatMulNBits, as fast,
-    smaller and older (any onnxruntime a node has). llama.cpp's Q4 files keep them 8-bit too."""
-    if kind != "layer":
+    level 4 so that the CPU computes in int8, quantizing activations per row and block. The
+    head (vocab x hidden) gets 8 bits the same way: 4 bits there cost agreement for half a
+    millisecond per token, and `--quantize int8`'s dynamic quantization scales a batch's
+    activations together, so a session's logits would depend on the others in its batch.
+    The embedding (a lookup, no activation quantized) is quantized as `--quantize int8`
+    does it. llama.cpp's Q4 files keep embedding and head 8-bit too."""
+    if kind == "embed":
         _quantize(source, target)
         return
     try:
-        quantizer = _nbits_quantizer()(onnx.load(str(source)), bits=4, block_size=INT4_BLOCK, is_symmetric=False,
+        bits = 4 if kind == "layer" else 8
+        quantizer = _nbits_quantizer()(onnx.load(str(source)), bits=bits, block_size=INT4_BLOCK, is_symmetric=False,
                                        accuracy_level=4, op_types_to_quantize=("MatMul",))
         quantizer.process()
         onnx.save(quantizer.model.model, str(target))
@@ -271,4 +276,13 @@ def _manifest(model_dir: ModelDir, options: ExportOptions, max_context: int, pie
         tokenizer_file=tokenizer.name, tokenizer_sha256=file_sha256(tokenizer),
         eos_token_ids=model_dir.eos_token_ids, bos_token_id=model_dir.bos_token_id, pieces=pieces,
         rope_inv_freq=tuple(rope_inv_freq(cfg).tolist()) if any(p.inputs[-1].name == "sin_cache" for p in pieces) else (),
+        batch_rows=_batch_rows(pieces, options),
     )
+
+
+def _batch_rows(pieces: tuple[PieceSpec, ...], options: ExportOptions) -> bool:
+    """Pieces that take a batch of sessions and compute each row as alone: in-place layers
+    (a concatenated cache is one session's), and no activation quantized per tensor
+    (`--quantize int8`'s dynamic quantization scales a whole batch by its largest value)."""
+    layers = [p for p in pieces if p.kind == "layer"]
+    return all(p.inputs[-1].name == "sin_cache" for p in layers) and options.quantize != "int8"

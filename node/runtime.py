@@ -92,6 +92,16 @@ class MergedLayers:
 Loaded = LoadedPiece | MergedLayers
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """The pool rows a step runs: slots lo..hi-1, the step's sessions at rows ``index`` of
+    that span, and every row's seqlens_k (the position it writes)."""
+    lo: int
+    hi: int
+    index: np.ndarray
+    seqlens: np.ndarray
+
+
 class SegmentRuntime:
     """Pieces `first..last` (inclusive) of `manifest`, loaded from `artifact_dir`."""
 
@@ -150,24 +160,82 @@ class SegmentRuntime:
     def drop(self, session: str) -> None:
         self.cache.drop(session)
 
+    @functools.cached_property
+    def batches(self) -> bool:
+        """Decode steps of several sessions run as one call (`run_batch`): the export's pieces
+        compute each row of a batch as alone, and every layer here writes its cache in place."""
+        return self.manifest.batch_rows and all(
+            isinstance(u, MergedLayers) or u.in_place or u.spec.kind != "layer" for u in self._units)
+
     def run(self, session: str, inputs: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """ids (1, T) int64 or hidden (1, T, H) -> hidden (1, T, H) or logits (1, V) float32."""
         x: np.ndarray | ort.OrtValue = self._check_inputs(inputs)
         pos = self._check_positions(session, positions, x.shape[1])
+        total = int(pos[0, -1]) + 1
         try:
+            rows = self._reserve((session,), np.array([total]))
             for unit in self._units:
-                x = self._run_unit(unit, session, x, pos)
+                x = self._run_unit(unit, (session,), rows, x, pos)
         except ORT_ERRORS as exc:
             self.cache.drop(session)
             raise InferenceError(f"session {session}: ONNX Runtime failed: {str(exc).splitlines()[0]}") from exc
         return _array(x)
 
-    def _run_unit(self, piece: Loaded, session: str, x: np.ndarray | ort.OrtValue,
+    def run_batch(self, sessions: tuple[str, ...], inputs: np.ndarray) -> np.ndarray:
+        """One decode step of each of ``sessions`` (distinct, each at the position its cache
+        holds) as one call per unit: ids (B, 1) int64 or hidden (B, 1, H) -> hidden (B, 1, H)
+        or logits (B, V) float32, row b that of ``sessions[b]``, equal to `run` of each.
+
+        The cache gives every session a row of its pools; a batch runs the rows from the
+        lowest of its sessions' to the highest, those of other sessions with dummy inputs
+        (their outputs dropped, their caches unchanged). Needs ``batches``."""
+        if not self.batches:
+            raise RuntimeInputError("this segment cannot batch: its export computes a batch's rows together "
+                                    "(--quantize int8) or its layers concatenate their cache")
+        if len(set(sessions)) != len(sessions) or not sessions:
+            raise RuntimeInputError(f"a batch needs distinct sessions, got {list(sessions)}")
+        x = self._check_inputs(inputs, rows=len(sessions))
+        if x.shape[1] != 1:
+            raise RuntimeInputError(f"a batch is of decode steps, one position each; got {x.shape[1]}")
+        held = np.array([self.context_length(s) for s in sessions], np.int64)
+        if held.max() + 1 > self.manifest.max_context:
+            raise ContextOverflowError(f"position {int(held.max())} is past max_context {self.manifest.max_context}")
+        try:
+            rows = self._reserve(sessions, held + 1)
+            span = np.zeros((rows.hi - rows.lo, *x.shape[1:]), x.dtype)  # rows of other sessions: dummies
+            span[rows.index] = x
+            out: np.ndarray | ort.OrtValue = span
+            for unit in self._units:
+                out = self._run_unit(unit, sessions, rows, out, held[:, None])
+        except ORT_ERRORS as exc:
+            for session in sessions:
+                self.cache.drop(session)
+            raise InferenceError(f"a batch of {len(sessions)} sessions: ONNX Runtime failed: "
+                                 f"{str(exc).splitlines()[0]}") from exc
+        return _array(out)[rows.index]
+
+    def _reserve(self, sessions: tuple[str, ...], totals: np.ndarray) -> _Rows:
+        """Room for ``totals`` positions of each session in every in-place layer, reserved
+        at once before any unit runs (a unit's reservation may move other sessions' rows)."""
+        layers = [s.index - 1 for u in self._units for s in _specs(u) if isinstance(u, MergedLayers) or u.in_place]
+        if not layers:
+            return _Rows(lo=0, hi=len(sessions), index=np.arange(len(sessions)), seqlens=totals - 1)
+        m = self.manifest
+        self.cache.reserve_rows(sessions, layers, tuple(int(t) for t in totals), (1, m.num_kv_heads, 1, m.head_dim),
+                                self._act_dtype, most=m.max_context)
+        slots = np.array([self.cache.slot(s) for s in sessions])
+        lo, _, held = self.cache.rows(sessions, layers[0])
+        seqlens = held.copy()  # other rows: their next position, written and discarded
+        seqlens[slots - lo] = totals - 1
+        return _Rows(lo=lo, hi=lo + len(held), index=slots - lo, seqlens=seqlens)
+
+    def _run_unit(self, piece: Loaded, sessions: tuple[str, ...], rows: _Rows, x: np.ndarray | ort.OrtValue,
                   pos: np.ndarray) -> np.ndarray | ort.OrtValue:
         if isinstance(piece, MergedLayers):
-            return self._run_in_place(piece.session, piece.specs, session, x, int(pos[0, -1]) + 1, merged=True)
+            return self._run_in_place(piece.session, piece.specs, sessions, rows, x, merged=True)
         if piece.in_place:  # hidden states stay in ONNX Runtime from one in-place layer to the next
-            return self._run_in_place(piece.session, (piece.spec,), session, x, int(pos[0, -1]) + 1, merged=False)
+            return self._run_in_place(piece.session, (piece.spec,), sessions, rows, x, merged=False)
+        session = sessions[0]  # the concatenated layout runs one session a call
         x = _array(x)
         kind = piece.spec.kind
         if kind == "embed":
@@ -181,15 +249,15 @@ class SegmentRuntime:
         self.cache.put(session, layer, key, value)  # (1, kv, P+T, D)
         return hidden  # (1, T, H)
 
-    def _run_in_place(self, ort_session: ort.InferenceSession, specs: tuple[PieceSpec, ...], session: str,
-                      x: np.ndarray | ort.OrtValue, total: int, *, merged: bool) -> ort.OrtValue:
-        """Past and present bound to the same buffers: ONNX Runtime writes the new positions
-        into them and reads the cache where it lies (no copy of the cache per step). One
-        binding per piece or merged run, kept: binding costs more than a small layer's
-        arithmetic. Every layer's buffers are reserved before the run and advanced after it."""
-        m = self.manifest
-        buffers = [(s.index - 1, *self.cache.reserve(session, s.index - 1, total, (1, m.num_kv_heads, 1, m.head_dim),
-                                                     self._act_dtype, most=m.max_context)) for s in specs]
+    def _run_in_place(self, ort_session: ort.InferenceSession, specs: tuple[PieceSpec, ...],
+                      sessions: tuple[str, ...], rows: _Rows, x: np.ndarray | ort.OrtValue, *,
+                      merged: bool) -> ort.OrtValue:
+        """Past and present bound to the same buffers, the rows ``rows`` of each layer's pool:
+        ONNX Runtime writes the new positions into them and reads the cache where it lies
+        (no copy of the cache per step). One binding per piece or merged run, kept: binding
+        costs more than a small layer's arithmetic. The sessions' layers are advanced after."""
+        buffers = [(s.index - 1, *self.cache.rows(sessions, s.index - 1)[1]) for s in specs]
+        total = int(rows.seqlens.max()) + 1
         cos, sin = self._rotary_tables(total)
         binding = self._bindings.get(specs[0].index)
         if binding is None:
@@ -199,7 +267,7 @@ class SegmentRuntime:
             binding.bind_ortvalue_input("hidden", x)
         else:
             binding.bind_cpu_input("hidden", x)
-        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("seqlens_k", rows.seqlens.astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         binding.bind_cpu_input("cos_cache", cos)
         binding.bind_cpu_input("sin_cache", sin)
@@ -210,7 +278,8 @@ class SegmentRuntime:
                 binding.bind_output(name(present), "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
         ort_session.run_with_iobinding(binding)
         for layer, _, _ in buffers:
-            self.cache.advance(session, layer, total)
+            for session, seqlen in zip(sessions, rows.seqlens[rows.index]):
+                self.cache.advance(session, layer, int(seqlen) + 1)
         out = binding.get_outputs()[0]  # (1, T, H); a reference of its own
         binding.clear_binding_inputs()  # else every layer's activations stay alive until its next run
         binding.clear_binding_outputs()
@@ -229,18 +298,18 @@ class SegmentRuntime:
         m = self.manifest
         return np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=self._act_dtype)  # (1, kv, 0, D)
 
-    def _check_inputs(self, inputs: np.ndarray) -> np.ndarray:
+    def _check_inputs(self, inputs: np.ndarray, rows: int = 1) -> np.ndarray:
         if self.takes_ids:
-            if inputs.ndim != 2 or inputs.shape[0] != 1 or inputs.shape[1] < 1:
-                raise RuntimeInputError(f"token ids must have shape (1, T>=1), got {inputs.shape}")
+            if inputs.ndim != 2 or inputs.shape[0] != rows or inputs.shape[1] < 1:
+                raise RuntimeInputError(f"token ids must have shape ({rows}, T>=1), got {inputs.shape}")
             if inputs.dtype.kind not in "iu":
                 raise RuntimeInputError(f"token ids must be integers, got {inputs.dtype}")
             if inputs.size and (inputs.min() < 0 or inputs.max() >= self.manifest.vocab_size):
                 raise RuntimeInputError(f"token id out of range 0..{self.manifest.vocab_size - 1}")
             return np.ascontiguousarray(inputs, dtype=np.int64)
         hidden = self.manifest.hidden_size
-        if inputs.ndim != 3 or inputs.shape[0] != 1 or inputs.shape[1] < 1 or inputs.shape[2] != hidden:
-            raise RuntimeInputError(f"hidden states must have shape (1, T>=1, {hidden}), got {inputs.shape}")
+        if inputs.ndim != 3 or inputs.shape[0] != rows or inputs.shape[1] < 1 or inputs.shape[2] != hidden:
+            raise RuntimeInputError(f"hidden states must have shape ({rows}, T>=1, {hidden}), got {inputs.shape}")
         if inputs.dtype != self._act_dtype:
             raise RuntimeInputError(f"hidden states must be {self.manifest.act_dtype}, got {inputs.dtype}")
         return np.ascontiguousarray(inputs)

@@ -89,7 +89,8 @@ def assignments(plan: Plan, manifest_sha256: str, nodes: Sequence[str] = ()) -> 
         segments.setdefault(stage.node, []).append(Segment(first=stage.first, last=stage.last, next_piece=next_piece))
     last = plan.stages[-1].last if plan.stages else 0
     return {name: Assignment(node=name, epoch=plan.epoch, manifest_sha256=manifest_sha256, segments=tuple(segs),
-                             prefetch=_boundaries(segs, last)) for name, segs in segments.items()}
+                             prefetch=_boundaries(segs, last), stages=len(plan.stages))
+            for name, segs in segments.items()}
 
 
 def _boundaries(segments: list[Segment], last: int) -> tuple[int, ...]:

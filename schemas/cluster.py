@@ -30,6 +30,10 @@ class Profile(Struct):
     rtt_ms: float = spec(ge=0)
     uplink_mbps: float = spec(gt=0)
     downlink_mbps: float = spec(gt=0)
+    batch_cost: tuple[float, ...] = spec(
+        gt=0, max_len=16, default=(),
+        doc="time of a decode step of 2, 4, 8, ... sessions run as one batch over that of one (row k: 2**(k+1) "
+            "sessions); empty: the node runs one session at a time")
 
 
 @struct
@@ -57,6 +61,15 @@ class PieceTiming(Struct):
 
 
 @struct
+class BatchTiming(Struct):
+    """Decode steps of ``rows`` sessions run as one call on a segment (its first piece)."""
+    piece: int = spec(ge=0)
+    rows: int = spec(ge=2)
+    ms_ewma: float = spec(ge=0)
+    runs: int = spec(ge=0)
+
+
+@struct
 class Telemetry(Message):
     """Published about once a second on `nodes/{node}/telemetry` (not retained)."""
 
@@ -68,6 +81,7 @@ class Telemetry(Message):
     epoch: int = spec(ge=0)
     profile: Profile | None = None
     pieces: tuple[PieceTiming, ...] = spec(max_len=10_000, default=())
+    batches: tuple[BatchTiming, ...] = spec(max_len=10_000, default=(), doc="steps run in batches, by size")
     queue_depth: int = spec(ge=0, default=0)
     sessions: int = spec(ge=0, default=0)
     kv_bytes: int = spec(ge=0, default=0)
@@ -106,6 +120,7 @@ class Assignment(Message):
     manifest_sha256: str = spec(max_len=64)
     segments: tuple[Segment, ...] = spec(max_len=1024)
     prefetch: tuple[int, ...] = spec(ge=0, max_len=10_000, default=(), doc="pieces to pre-load, not run")
+    stages: int = spec(ge=0, default=0, doc="stages of the epoch's plan (a node's batches: sessions / stages)")
 
 
 @struct

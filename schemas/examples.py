@@ -5,6 +5,7 @@ from __future__ import annotations
 from linguamq.schemas.blobs import BlobChunk, BlobRequest
 from linguamq.schemas.cluster import (
     Assignment,
+    BatchTiming,
     ClockPing,
     ClockPong,
     LeftOut,
@@ -49,8 +50,9 @@ EXAMPLES: dict[type[Message], Message] = {m.__class__: m for m in (
                threads=4, mem_budget_mb=2048.0, epoch=3),
     Telemetry(node="phone-1", ts=1_700_000_001.0, seq=17, epoch=3,
               profile=Profile(ms_per_gflop_decode=12.5, ms_per_gflop_prefill=4.0, mem_budget_mb=2048.0,
-                              rtt_ms=3.2, uplink_mbps=80.0, downlink_mbps=120.0),
-              pieces=(PieceTiming(piece=1, ms_ewma=2.5, runs=100),), queue_depth=1, sessions=2,
+                              rtt_ms=3.2, uplink_mbps=80.0, downlink_mbps=120.0, batch_cost=(1.1, 1.3, 1.9)),
+              pieces=(PieceTiming(piece=1, ms_ewma=2.5, runs=100),),
+              batches=(BatchTiming(piece=1, rows=2, ms_ewma=2.8, runs=40),), queue_depth=1, sessions=2,
               kv_bytes=1 << 20, free_mem_mb=900.0, rss_mb=300.0, battery_pct=81.0, thermal_c=38.5),
     Assignment(node="phone-1", epoch=3, manifest_sha256=SHA,
                segments=(Segment(first=0, last=1, next_piece=2),), prefetch=(2,)),

@@ -81,6 +81,10 @@ class ModelManifest(Message):
     rope_inv_freq: tuple[float, ...] = spec(
         default=(), gt=0, max_len=4096,
         doc="rotary inverse frequencies (head_dim/2, scaling applied) of layers that take cos_cache/sin_cache")
+    batch_rows: bool = spec(
+        default=False,
+        doc="every piece takes a batch of sessions, one row each, and computes each row as it would alone "
+            "(no activation quantized per tensor): a node may run several sessions' decode steps as one call")
 
     def __post_init__(self) -> None:
         Struct.__post_init__(self)

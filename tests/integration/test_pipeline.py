@@ -7,7 +7,9 @@ must produce the very same tokens.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,13 +45,13 @@ class Running:
 
 
 def start(art: Path, workdir: Path, cluster: str, broker_url: str | None = None,
-          hub_args: tuple[str, ...] = ()) -> Iterator[Running]:
+          hub_args: tuple[str, ...] = (), nodes: list[NodeSpec] = NODES) -> Iterator[Running]:
     # The even split puts every node to work: these tests are about the pipeline, not the plan.
     # Prompts go in chunks of 2 tokens: most of them are several chunks, which must change nothing.
-    with LocalCluster(artifacts=art, nodes=NODES, workdir=workdir, cluster=cluster, broker_url=broker_url,
+    with LocalCluster(artifacts=art, nodes=nodes, workdir=workdir, cluster=cluster, broker_url=broker_url,
                       objective="even", hub_args=("--prefill-chunk", "2", *hub_args)) as c:
         with MqttClient(url=c.url, client_id=f"test-{cluster}") as client:
-            c.wait_ready(client, nodes=len(NODES), timeout=90)
+            c.wait_ready(client, nodes=len(nodes), timeout=90)
             yield Running(c, client, art)
 
 
@@ -67,12 +69,52 @@ def test_greedy_generation_equals_run_local(running: Running, reference) -> None
         assert result.stop_reason in ("max_tokens", "eos")
 
 
-def test_eight_concurrent_requests_each_equal_their_run_local(running: Running, reference) -> None:
-    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        results = list(pool.map(lambda p: running.generate(p, max_tokens=16), PROMPTS))
-    for prompt, result in zip(PROMPTS, results):
+CONCURRENT = [*PROMPTS, *(f"{p}, again" for p in PROMPTS)]  # 16 requests
+
+
+class Batches:
+    """The largest batch each node reported running (its telemetry), while open."""
+
+    def __init__(self, run: Running) -> None:
+        self.largest: dict[str, int] = {}
+        self._client, self._filter = run.client, topics.NODE_TELEMETRY.filter(run.cluster.cluster)
+
+    def __enter__(self) -> Batches:
+        self._client.subscribe(topics.NODE_TELEMETRY, self._filter, self._on_telemetry, wait=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.unsubscribe(self._filter)
+
+    def _on_telemetry(self, _topic: str, report, _retained: bool) -> None:
+        self.largest[report.node] = max([self.largest.get(report.node, 1), *(b.rows for b in report.batches)])
+
+
+def sixteen_concurrent(run: Running, reference) -> dict[str, int]:
+    """16 concurrent requests, each equal to its run-local; the largest batch per node."""
+    with Batches(run) as batches, concurrent.futures.ThreadPoolExecutor(len(CONCURRENT)) as pool:
+        results = list(pool.map(lambda p: run.generate(p, max_tokens=16), CONCURRENT))
+        time.sleep(1.5)  # a telemetry report after the last batch
+    for prompt, result in zip(CONCURRENT, results):
         assert result.error is None, result.error
-        assert result.tokens == reference(running.art, prompt, 16), prompt
+        assert result.tokens == reference(run.art, prompt, 16), prompt
+    return batches.largest
+
+
+def test_sixteen_concurrent_requests_each_equal_their_run_local(running: Running, reference) -> None:
+    largest = sixteen_concurrent(running, reference)
+    if running.manifest.batch_rows:  # rotary families batch; bloom's concatenated cache runs one at a time
+        assert max(largest.values()) >= 2, largest
+    else:
+        assert set(largest.values()) == {1}, largest
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # bloom runs one session a call either way (test above)
+def test_sixteen_concurrent_requests_with_batching_off_equal_their_run_local(family, artifacts, reference,
+                                                                             tmp_path) -> None:
+    nodes = [dataclasses.replace(n, args=("--max-batch", "1")) for n in NODES]
+    for run in start(artifacts[family], tmp_path, f"t-{family}-nobatch", nodes=nodes):
+        assert set(sixteen_concurrent(run, reference).values()) == {1}
 
 
 def steps_in_order(run: Running, prompt: str, max_tokens: int) -> tuple[GenerateResult, list[tuple[str, int]]]:

@@ -102,6 +102,7 @@ def start(model: Path, workdir: Path, cluster: str, share: float) -> Iterator[tu
         yield c, client
 
 
+@pytest.mark.serial  # timings measured under other tests' load drift at random (failed in the parallel phase)
 def test_a_node_slowed_mid_run_gets_fewer_pieces_and_no_request_is_lost(model, reference, tmp_path) -> None:
     # Each node holds ~55% of the model: two of the three are needed, one is idle.
     with start(model, tmp_path, "t-slowed", share=0.55) as (cluster, client):

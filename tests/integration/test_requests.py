@@ -78,9 +78,12 @@ class Sessions:
             self._held.clear()
 
     def wait_all_free(self, names: set[str]) -> dict[str, int]:
-        """Wait until every one of ``names`` reported after the mark; returns what they hold."""
+        """Wait until every one of ``names`` reported holding no session after the mark (or
+        WAIT passed); returns what they last reported. A report may lag its node's work: the
+        head publishes the result before the end, and a node whose queue still holds steps
+        sent ahead by the ring reports them until it reaches the end."""
         with self._changed:
-            self._changed.wait_for(lambda: names <= self._held.keys(), WAIT)
+            self._changed.wait_for(lambda: all(self._held.get(name) == 0 for name in names), WAIT)
             return dict(self._held)
 
     def close(self) -> None:

@@ -70,20 +70,25 @@ def test_files_sizes_hashes_and_tensors(family: str, exported: dict[str, tuple[P
         assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
     layer = {t.name: t for t in m.pieces[1].inputs + m.pieces[1].outputs}
     kv = m.num_kv_heads
-    assert layer["hidden"].shape == (1, "seq", H)
-    if family == "bloom":  # ALiBi: the cache grows by concatenation
+    # Embedding and head take a batch of sessions, one row each.
+    assert [t.shape for t in m.pieces[0].inputs] == [("batch", "seq")]
+    assert [t.shape for t in m.pieces[-1].inputs] == [("batch", "seq", H)]
+    if family == "bloom":  # ALiBi: the cache grows by concatenation, one session per call
+        assert layer["hidden"].shape == (1, "seq", H)
         assert layer["position_ids"].shape == (1, "seq") and layer["position_ids"].dtype == "int64"
         assert layer["past_key"].shape == (1, kv, "past", D)
         assert layer["present_value"].shape == (1, kv, "total", D)
-        assert m.rope_inv_freq == ()
-    else:  # a buffer written in place by ONNX Runtime's GroupQueryAttention, rotary inside it
-        assert layer["past_key"].shape == layer["present_key"].shape == (1, kv, "capacity", D)
+        assert m.rope_inv_freq == () and not m.batch_rows
+    else:  # a buffer written in place by ONNX Runtime's GroupQueryAttention, rotary inside it; rows of a batch
+        assert layer["hidden"].shape == ("batch", "seq", H) and m.batch_rows
+        assert layer["past_key"].shape == layer["present_key"].shape == ("batch", kv, "capacity", D)
+        assert layer["seqlens_k"].shape == ("batch",)
         assert layer["seqlens_k"].dtype == layer["total_sequence_length"].dtype == "int32"
         assert layer["cos_cache"].shape == ("positions", D // 2)
         assert len(m.rope_inv_freq) == D // 2
         ops = {node.op_type for node in onnx.load(str(art / m.pieces[1].file)).graph.node}
         assert "GroupQueryAttention" in ops and not ops & {"Sin", "Cos", "Softmax"}
-    assert {t.name: t.shape for t in m.pieces[-1].outputs} == {"logits": (1, V)}
+    assert {t.name: t.shape for t in m.pieces[-1].outputs} == {"logits": ("batch", V)}
 
 
 def test_int4_layers_are_4_bit_blocks_that_a_node_runs(exported: dict[str, tuple[Path, ModelManifest]]) -> None:
@@ -98,7 +103,10 @@ def test_int4_layers_are_4_bit_blocks_that_a_node_runs(exported: dict[str, tuple
         if piece.kind == "layer":  # qkv, o, gate+up, down: 4 bits in blocks of 32, int8 compute
             assert [(a["bits"], a["block_size"], a["accuracy_level"]) for a in nbits] == [(4, 32, 4)] * 4
             assert piece.bytes < full.bytes / 3
-        else:  # embedding and head (vocab x hidden) stay 8-bit, as --quantize int8 has them
+        elif piece.kind == "head":  # 8 bits in blocks of 32, activations quantized per row: a batch's rows exact
+            assert [(a["bits"], a["block_size"], a["accuracy_level"], a["K"], a["N"]) for a in nbits] == \
+                [(8, 32, 4, H, V)]
+        else:  # the embedding (a lookup) stays 8-bit, as --quantize int8 has it
             matrices = [sorted(i.dims) for i in graph.initializer if len(i.dims) == 2]
             eight_bit = [i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for i in graph.initializer
                          if len(i.dims) == 2]
@@ -136,3 +144,17 @@ def test_a_head_size_grouped_query_attention_cannot_rotate_exports_a_concatenati
     rt = SegmentRuntime(manifest=m, artifact_dir=tmp_path / "art", first=0, last=len(m.pieces) - 1)
     rt.run("s", np.array([[5, 6, 7]]), np.arange(3)[None])
     assert rt.run("s", np.array([[8]]), np.array([[3]])).shape == (1, 300)
+
+
+def test_an_int8_export_says_its_batch_rows_are_not_independent(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Dynamic int8 quantizes a MatMul's whole input with one scale: a row's result depends
+    on the other rows of its batch. The manifest says so, and nodes run its sessions one a call."""
+    m = export_model(tiny_dirs["llama"], tmp_path / "art", ExportOptions(quantize="int8"))
+    assert not m.batch_rows
+    import onnxruntime as ort
+    head = ort.InferenceSession(str(tmp_path / "art" / m.pieces[-1].file))
+    scales = np.array([1, 40], np.float32)[:, None, None]
+    rows = np.random.default_rng(0).standard_normal((2, 1, H)).astype(np.float32) * scales
+    batch = head.run(None, {"hidden": rows})[0]
+    alone = head.run(None, {"hidden": rows[:1]})[0]
+    assert not np.array_equal(batch[0], alone[0])  # the second row changed the first row's logits

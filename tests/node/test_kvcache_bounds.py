@@ -64,11 +64,11 @@ def test_in_place_buffers_grow_by_doubling_keep_what_they_hold_and_count_their_c
     assert key.shape == (1, 2, FIRST_CAPACITY, 8) and cache.length("a", 0) == 0
     key[:, :, :10] = 7.0
     cache.advance("a", 0, 10)
-    assert cache.reserve("a", 0, 11, ONE, np.float32, most=4096)[0] is key  # room left: the same buffer, no copy
+    assert cache.reserve("a", 0, 11, ONE, np.float32, most=4096)[0].ctypes.data == key.ctypes.data  # room left: no copy
     grown, _ = cache.reserve("a", 0, FIRST_CAPACITY + 1, ONE, np.float32, most=4096)
     assert grown.shape[2] == 2 * FIRST_CAPACITY and (grown[:, :, :10] == 7.0).all()
     assert cache.nbytes() == 2 * grown.nbytes and cache.length("a", 0) == 10
-    assert cache.reserve("b", 0, 3, ONE, np.float32, most=40)[0].shape[2] == 40  # never past max_context
+    assert KVCache().reserve("b", 0, 3, ONE, np.float32, most=40)[0].shape[2] == 40  # never past max_context
 
 
 def test_in_place_truncate_moves_the_end_back_without_copying() -> None:
@@ -77,7 +77,7 @@ def test_in_place_truncate_moves_the_end_back_without_copying() -> None:
     cache.advance("a", 0, 12)
     before = cache.nbytes()
     cache.truncate("a", 5)
-    assert cache.length("a", 0) == 5 and cache.get("a", 0)[0] is key and cache.nbytes() == before
+    assert cache.length("a", 0) == 5 and cache.get("a", 0)[0].ctypes.data == key.ctypes.data and cache.nbytes() == before
     cache.truncate("a", 0)
     assert "a" not in cache and cache.nbytes() == 0
 
@@ -104,3 +104,36 @@ def test_a_session_under_the_bound_is_never_refused_for_the_room_its_buffers_gre
             cache.reserve("a", layer, length, ONE, np.float32, most=4096)
             cache.advance("a", layer, length)
     assert "a" in cache and cache.length("a", 29) == 299 and cache.nbytes("a") <= cache.max_bytes
+
+
+def test_in_place_sessions_are_rows_of_one_pool_kept_dense_and_freed_with_the_last() -> None:
+    cache = KVCache()
+    for i, session in enumerate("abcd"):
+        key, _ = cache.reserve(session, 0, 5, ONE, np.float32, most=4096)
+        key[0, :, :5] = i  # each session's own positions
+        cache.advance(session, 0, 5)
+    assert [cache.slot(s) for s in "abcd"] == [0, 1, 2, 3]
+    lo, (key, _), held = cache.rows(("b", "d"), 0)  # a batch spans the rows between its sessions
+    assert (lo, key.shape[0], list(held)) == (1, 3, [5, 5, 5])
+    cache.drop("a")  # the session in the last row takes the free one, its positions with it
+    assert cache.slot("d") == 0 and (cache.get("d", 0)[0][0, :, :5] == 3).all()
+    assert (cache.get("b", 0)[0][0, :, :5] == 1).all() and (cache.get("c", 0)[0][0, :, :5] == 2).all()
+    pool = cache.nbytes()
+    cache.drop("b")
+    cache.drop("c")  # one row of four used: the pools shrink to two rows
+    assert cache.nbytes() == pool // 2 and (cache.get("d", 0)[0][0, :, :5] == 3).all()
+    cache.drop("d")
+    assert cache.nbytes() == 0 and cache.sessions() == ()
+
+
+def test_a_pool_past_the_bound_evicts_the_least_recent_sessions_not_the_batch() -> None:
+    per_row = 2 * 2 * 8 * 4 * FIRST_CAPACITY  # one row of one layer: key + value, 256 positions
+    cache = KVCache(max_bytes=4 * per_row)
+    for session in "abcd":
+        cache.reserve(session, 0, 5, ONE, np.float32, most=4096)
+    cache.reserve_rows(("a", "e"), (0,), (6, 5), ONE, np.float32, most=4096)  # a fifth row would need 8
+    assert set(cache.sessions()) == {"a", "c", "d", "e"} and cache.evicted == 1  # b, the least recent
+    assert cache.nbytes() <= cache.max_bytes
+    with pytest.raises(KVCacheFull, match="a batch of 2 sessions needs"):
+        cache.reserve_rows(("a", "e"), (0,), (600, 5), ONE, np.float32, most=4096)  # 2 x 600 > 4 x 256
+    assert "a" in cache and "e" in cache  # a batch that does not fit keeps its sessions: they run one by one

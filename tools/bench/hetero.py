@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(c): the device throttled (default: the fastest, which the plan gives the most work)")
     parser.add_argument("--window", type=float, default=30.0, metavar="S", help="(c): seconds measured after it")
     parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run (default a,b,c,d)")
+    parser.add_argument("--max-batch", type=int, default=8, metavar="N",
+                        help="the nodes' --max-batch (default 8; 1: batching off, for comparison)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +90,8 @@ def say(*parts: object) -> None:
 
 def node_specs(args: argparse.Namespace, manifest: ModelManifest, sessions: int = 1) -> list[NodeSpec]:
     budget = cost.share_mb(manifest, args.mem_share, sessions)
-    return [NodeSpec(f"d{i + 1}", slowdown=float(x), threads=args.threads, mem_budget_mb=budget)
+    return [NodeSpec(f"d{i + 1}", slowdown=float(x), threads=args.threads, mem_budget_mb=budget,
+                     args=("--max-batch", str(args.max_batch)))
             for i, x in enumerate(args.slowdowns.split(","))]
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from linguamq.client import generate_remote, new_request_id
 from linguamq.node.runtime import RuntimeSettings
 from linguamq.schemas.cluster import Plan
+from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import GenerateRequest
 from linguamq.tools.local import generate_local, open_local
 from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
@@ -68,7 +69,8 @@ def model_from_args(args: argparse.Namespace) -> Path:
 def bench_model(workdir: Path, *, layers: int, hidden: int, heads: int, vocab: int) -> Path:
     """Artifacts of a tiny llama of these dimensions, built once under ``workdir``."""
     root = workdir / f"llama-L{layers}-H{hidden}-A{heads}-V{vocab}"
-    if not (root / "art" / "manifest.json").exists():
+    manifest = root / "art" / "manifest.json"
+    if not manifest.exists() or not ModelManifest.from_json(manifest.read_bytes()).batch_rows:  # none, or pre-batching
         from linguamq.models.export import ExportOptions, export_model  # torch: only when building
         from linguamq.models.tiny import TinySpec, make_tiny
         print(f"building the model in {root} (once) ...", file=sys.stderr, flush=True)

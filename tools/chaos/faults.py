@@ -181,7 +181,7 @@ class KillCounts:
 
 
 def node_kill(ctx: ChaosContext) -> Outcome[KillCounts]:
-    n, max_tokens = (20, 48) if ctx.full else (6, 32)
+    n, max_tokens = (20, 48) if ctx.full else (16, 24)
     nodes = [NodeSpec(f"n{i}", slowdown=3.0) for i in (1, 2, 3)]
     with cluster_of(ctx, "c-kill", nodes) as cluster, MqttClient(url=cluster.url, client_id="chaos-kill") as client:
         plan = cluster.wait_ready(client, nodes=3, timeout=120)

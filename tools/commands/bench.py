@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "local": "run-local fp32/int8/int4 vs transformers vs llama.cpp: TTFT, decode, prefill, peak RSS (SmolLM2, ~100M)",
     "transport": "one MQTT hop of an activation envelope (8 KiB, 1 MiB): embedded broker vs mosquitto",
     "pipeline": "decode ms/token of local node processes vs run-local (~100M model)",
+    "batch": "a decode step of 1, 2, 4, 8 sessions as one call: ms and ratio to one step (SmolLM2 int4, ~100M)",
     "planner": "placement MILP solve time: 34 pieces x 8 devices, 130 x 16 (both objectives)",
     "hetero": "4 emulated devices (~100M model): planned vs even split, pipelining, rebalancing, prediction",
     "failover": "kill -9 of a middle stage node: time to the interrupted request's next token (~100M model)",

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-merge", action="store_true",
                         help="run each layer as its own graph; by default a segment's layers are merged into "
                              "one graph (faster; needs the onnx package and disk for a copy of the segment)")
+    parser.add_argument("--max-batch", type=int, default=8, metavar="N",
+                        help="run decode steps of up to N sessions waiting here as one call (default 8; "
+                             "1 = one at a time). Exports with --quantize int8 always run one at a time")
     add_connection_arguments(parser)  # a node-role user whose name is the node's --name
 
 
@@ -52,12 +55,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--slowdown must be >= 1, got {args.slowdown}")
         if min(args.mem_budget, args.threads, args.kv_max_mb, args.kv_ttl, args.max_sessions) < 0:
             raise ValueError("--mem-budget, --threads, --kv-max-mb, --kv-ttl and --max-sessions must be >= 0")
+        if args.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
         if not args.max_envelope_mb > 0:
             raise ValueError(f"--max-envelope-mb must be > 0, got {args.max_envelope_mb}")
         settings = NodeSettings(name=args.name, cluster=args.cluster, cache_dir=args.cache, threads=args.threads,
                                 slowdown=args.slowdown, mem_budget_mb=args.mem_budget, spin=not args.no_spin,
                                 kv_max_mb=args.kv_max_mb, kv_ttl_s=args.kv_ttl, max_sessions=args.max_sessions,
-                                max_envelope_mb=args.max_envelope_mb, merge_layers=not args.no_merge)
+                                max_envelope_mb=args.max_envelope_mb, merge_layers=not args.no_merge,
+                                max_batch=args.max_batch)
         client = MqttClient(url=args.broker, client_id=f"node-{args.name}",
                             will=status_will(args.cluster, args.name), **login).start()
     except (TopicError, MqttError, ValueError) as exc:
