@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import queue
@@ -35,9 +36,9 @@ from linguamq import topics
 from linguamq.node import merge, system
 from linguamq.node.blobs import BlobCache, BlobError
 from linguamq.node.clock import ClockResponder
-from linguamq.node.errors import NodeError
+from linguamq.node.errors import NodeError, RuntimeInputError
 from linguamq.node.kvcache import KVCache, KVCacheFull
-from linguamq.node.profile import make_profile, probe_compute, probe_link, probe_runtime, work_clock
+from linguamq.node.profile import make_profile, probe_batch, probe_compute, probe_link, probe_runtime, work_clock
 from linguamq.node.runtime import MERGED_DIR, RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
 from linguamq.schemas import envelope
@@ -61,6 +62,7 @@ log = structlog.get_logger()
 MAX_TRACKED_STEPS = 65536  # (session, stage) pairs whose last step is remembered, least recent dropped
 LATE_ENDS_MAX = 4096  # end envelopes kept while the work queue is full (ends are tiny; any node may send them)
 ENDED = 2**63  # the step an `end` records: above every real step of its chain
+ACTIVE_S = 2.0  # a session that ran a step here this recently is in flight (the batch cap)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,6 +134,7 @@ class NodeDaemon:
         self.epoch = 0
         self._stages: dict[int, _Stage] = {}  # first piece -> stage
         self._plan_stages = 0  # stages of the epoch's plan (0: not told)
+        self._active: collections.OrderedDict[str, float] = collections.OrderedDict()  # session -> last step here
         self.profile: Profile | None = None  # measured when the manifest arrives
         self.slowdown = settings.slowdown  # changeable at run time (NodeControl)
         self._state: NodeState = "online"
@@ -351,12 +354,13 @@ class NodeDaemon:
         assert manifest is not None
         try:
             model_dir = self._materialize([p for p in manifest.pieces if p.kind == "layer"][:1])
-            compute = probe_compute(probe_runtime(manifest, model_dir, self._runtime_settings()), self.slowdown,
-                                    clock=self._work_clock)
+            probe = probe_runtime(manifest, model_dir, self._runtime_settings())
+            compute = probe_compute(probe, self.slowdown, clock=self._work_clock)
+            batch_cost = probe_batch(probe, clock=self._work_clock) if self.settings.max_batch > 1 else ()
             link = probe_link(self._client, self._cluster, self.name)
         except (BlobError, NodeError, OSError, MqttError) as exc:
             return self._report("internal", f"cannot profile this node: {exc}")
-        self.profile = make_profile(compute, link, self._budget_mb())
+        self.profile = make_profile(compute, link, self._budget_mb(), batch_cost)
         self._log.info("profiled", ms_per_gflop=round(compute[0], 2), rtt_ms=round(link[0], 2),
                        mbps=round(link[1]), mem_budget_mb=round(self.profile.mem_budget_mb))
         self._publish_status(self._state)
@@ -452,7 +456,16 @@ class NodeDaemon:
         2.4x with batches of whatever waited)."""
         if not self._plan_stages:
             return self.settings.max_batch
-        return max(1, min(self.settings.max_batch, -(-len(self._kv.sessions()) // self._plan_stages)))
+        return max(1, min(self.settings.max_batch, -(-self._active_sessions() // self._plan_stages)))
+
+    def _active_sessions(self) -> int:
+        """Sessions that ran a step here within ACTIVE_S: in a ring every session passes every
+        stage, so any stage's count is the cluster's (those held in the KV cache would leave
+        out a stage without layers, and count sessions idle until their TTL)."""
+        cutoff = time.monotonic() - ACTIVE_S
+        while self._active and next(iter(self._active.values())) < cutoff:
+            self._active.popitem(last=False)
+        return len(self._active)
 
     def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, an unexpected exception reported, not raised: one bad envelope must
@@ -492,6 +505,8 @@ class NodeDaemon:
             return None
         if not self._align_cache(stage, header, topic):
             return None
+        self._active[header.session] = time.monotonic()
+        self._active.move_to_end(header.session)
         return _Step(topic=topic, header=header, array=array, t_recv=t_recv, stage=stage)
 
     def _compute(self, steps: list[_Step]) -> None:
@@ -503,12 +518,18 @@ class NodeDaemon:
         t_start, work_start = time.time(), self._work_clock()
         if len(steps) > 1:
             try:
+                if len({(s.array.shape, s.array.dtype) for s in steps}) > 1:
+                    raise RuntimeInputError("envelopes of different shapes or types")
                 out = stage.runtime.run_batch(tuple(s.header.session for s in steps),
-                                              np.concatenate([s.array for s in steps]))
+                                              np.concatenate([s.array for s in steps]),
+                                              np.array([s.header.start_pos for s in steps]))
             except NodeError as exc:
+                # Each alone, admitted again: a cache the batch dropped (ONNX Runtime failed)
+                # or evicted (no room for all) asks for a re-prefill; the step at fault is refused.
                 self._log.info("batch run one by one", rows=len(steps), error=str(exc))
                 for step in steps:
-                    self._compute([step])
+                    if self._align_cache(step.stage, step.header, step.topic):
+                        self._compute([step])
                 return
             outs = [out[i:i + 1] for i in range(len(steps))]
         else:
@@ -528,9 +549,10 @@ class NodeDaemon:
         # step, which the neighbours on a shared machine do not stretch (timed by the wall
         # clock, a step's time swung 3x under load, and the planner replanned every few s).
         self._record(stage, compute_s * max(self.slowdown, 1.0) * 1e3, rows=len(steps))
-        for step, out in zip(steps, outs):
+        for step, out in zip(steps, outs):  # one row failing to go out loses no other row
             count = step.array.shape[1] if step.array.ndim >= 2 else 0
-            self._send(stage, step.header, out, count, t_recv=step.t_recv, t_start=t_start)
+            self._guarded(functools.partial(self._send, t_recv=step.t_recv, t_start=t_start),
+                          stage, step.header, out, count)
 
     def _over_session_cap(self, stage: _Stage, header: ActHeader) -> bool:
         """A session new to this node's KV cache while it already holds ``max_sessions``."""
@@ -669,7 +691,10 @@ class NodeDaemon:
             was = self._batches.get(key)
             self._batches[key] = BatchTiming(piece=key[0], rows=rows, runs=(was.runs if was else 0) + 1,
                                              ms_ewma=ms if was is None else 0.8 * was.ms_ewma + 0.2 * ms)
-            return
+            if self.profile is None or not self.profile.batch_cost:
+                return
+            ms /= self.profile.batch_factor(rows)  # as one step, by the profile's batch cost: under load
+            # most steps run in batches, and an EWMA of the few alone lags and swings
         old = self._timings.get(stage.segment.first)
         ewma = ms if old is None else 0.8 * old.ms_ewma + 0.2 * ms
         self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=ewma,

@@ -106,9 +106,9 @@ class KVCache:
         span: a row run beside others writes its next position, which it does not hold yet).
         None of ``sessions`` is evicted for the others' room."""
         row = ((shape[1], shape[3]), np.dtype(dtype))
-        if self._row is not None and self._row != row:
+        if self._slots and self._row != row:
             raise ValueError(f"in-place KV of shape {row} beside pools of {self._row}")
-        self._row = row
+        self._row = row  # kept when the pools empty: eviction below counts bytes by it
         layers = tuple(layers)
         needed = max(max(positions), 1 + max((self._held(s) for s in self._slots), default=0))
         new = [s for s in sessions if s not in self._slots]
@@ -119,18 +119,7 @@ class KVCache:
         nslots = max(self._nslots, _pow2(slots))
         n_layers = len(set(self._pools) | set(layers))
         if self.max_bytes and self._pool_bytes(n_layers, nslots, capacity) + self._concat_total > self.max_bytes:
-            capacity = max(needed, self._capacity)  # near the cap: what is needed, no room ahead
-            self._evict_to_fit(n_layers, slots, capacity, keep=sessions)
-            slots = len(self._slots) + len([s for s in sessions if s not in self._slots])
-            nslots = _pow2(slots)
-            total = self._pool_bytes(n_layers, nslots, capacity) + self._concat_total
-            if total > self.max_bytes:
-                need = self._pool_bytes(n_layers, len(sessions), max(positions))
-                if len(sessions) > 1:  # a batch: its sessions may still fit one at a time
-                    raise KVCacheFull(f"a batch of {len(sessions)} sessions needs {need / 2**20:.2f} MiB of KV "
-                                      f"cache, more than the cap of {self.max_bytes / 2**20:.2f} MiB (--kv-max-mb)")
-                self.drop(sessions[0])  # some layers may have advanced: the session's cache is unusable
-                raise self._full(sessions[0], need)
+            nslots, capacity = self._fit(sessions, n_layers, max(positions), target=capacity)
         if (nslots, capacity) != (self._nslots, self._capacity):
             self._reallocate(nslots, capacity)
         for layer in layers:
@@ -186,14 +175,31 @@ class KVCache:
             self._pools[layer] = new  # type: ignore[assignment]
         self._nslots, self._capacity = nslots, capacity
 
-    def _evict_to_fit(self, layers: int, slots: int, capacity: int, *, keep: Sequence[str]) -> None:
-        while self._pool_bytes(layers, _pow2(slots), capacity) + self._concat_total > self.max_bytes:
-            victim = next((s for s in self._used if s not in keep), None)
+    def _fit(self, sessions: Sequence[str], layers: int, positions: int, *, target: int) -> tuple[int, int]:
+        """(rows, capacity) under ``max_bytes`` near the cap: exactly the rows in use, and as
+        many positions as the cap leaves (up to ``target``), at least what the sessions hold
+        and ``positions``; the least recently used sessions but ``sessions`` are evicted
+        until that fits. Nothing fits: KVCacheFull (a lone session is dropped, a batch's are
+        kept: they may fit one at a time)."""
+        new = [s for s in sessions if s not in self._slots]
+        while True:
+            slots = len(self._slots) + len(new)
+            needed = max(positions, 1 + max((self._held(s) for s in self._slots), default=0))
+            per_position = self._pool_bytes(layers, slots, 1)
+            capacity = max(needed, min(target, (self.max_bytes - self._concat_total) // max(per_position, 1)))
+            if self._pool_bytes(layers, slots, capacity) + self._concat_total <= self.max_bytes:
+                return slots, capacity
+            victim = next((s for s in self._used if s not in sessions), None)
             if victim is None:
-                return
-            slots -= victim in self._slots
+                break
             self.drop(victim)
             self.evicted += 1
+        need = self._pool_bytes(layers, len(sessions), positions)
+        if len(sessions) > 1:  # a batch: its sessions may still fit one at a time
+            raise KVCacheFull(f"a batch of {len(sessions)} sessions needs {need / 2**20:.2f} MiB of KV cache, more "
+                              f"than the cap of {self.max_bytes / 2**20:.2f} MiB (--kv-max-mb)")
+        self.drop(sessions[0])  # some layers may have advanced: the session's cache is unusable
+        raise self._full(sessions[0], need)
 
     # --- every layout ---------------------------------------------------------------------
 
@@ -249,9 +255,13 @@ class KVCache:
         if not self._slots:
             self._pools.clear()
             self._nslots = self._capacity = 0
-            self._row = None
-        elif len(self._slots) <= self._nslots // 4:
-            self._reallocate(self._nslots // 2, self._capacity)
+            return
+        # Shrink what a quarter fills: rows to half, positions to twice the longest session's.
+        nslots = self._nslots // 2 if len(self._slots) <= self._nslots // 4 else self._nslots
+        longest = 1 + max(self._held(s) for s in self._slots)
+        capacity = max(2 * longest, FIRST_CAPACITY) if longest <= self._capacity // 4 else self._capacity
+        if (nslots, capacity) != (self._nslots, self._capacity):
+            self._reallocate(nslots, min(capacity, self._capacity))
 
     def expire(self) -> list[str]:
         """Drop the sessions idle for longer than ``ttl_s``; returns them."""

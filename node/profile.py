@@ -65,6 +65,43 @@ def probe_compute(runtime: SegmentRuntime, slowdown: float, repeats: int = 5,
     return decode / decode_gflop, prefill / prefill_gflop
 
 
+BATCH_ROWS = (2, 4, 8)  # the batch sizes a profile's batch_cost measures
+
+
+def probe_batch(runtime: SegmentRuntime, rows: tuple[int, ...] = BATCH_ROWS, repeats: int = 5,
+                clock: Callable[[], float] = time.perf_counter) -> tuple[float, ...]:
+    """A decode step of each of ``rows`` sessions run as one batch on ``runtime``'s layer
+    piece, over one session's step (medians, at PREFILL_TOKENS cached positions); () when
+    the runtime cannot batch. One layer alone: a merged segment's and the head's ratios
+    differ somewhat (SmolLM2 int4, 4 rows: layers 1.7x, head 1.4x)."""
+    if not runtime.batches:
+        return ()
+    hidden = runtime.manifest.hidden_size
+    dtype = np.float16 if runtime.manifest.act_dtype == "float16" else np.float32
+    sessions = tuple(f"probe-{i}" for i in range(max(rows)))
+    for session in sessions:
+        runtime.run(session, np.zeros((1, PREFILL_TOKENS, hidden), dtype), np.arange(PREFILL_TOKENS)[None])
+
+    def once(n: int) -> float:
+        x = np.zeros((n, 1, hidden), dtype=dtype)
+        for session in sessions[:n]:
+            runtime.cache.truncate(session, PREFILL_TOKENS)  # every step at the same position
+        started = clock()
+        if n == 1:
+            runtime.run(sessions[0], x, np.array([[PREFILL_TOKENS]]))
+        else:
+            runtime.run_batch(sessions[:n], x, np.full(n, PREFILL_TOKENS))
+        return clock() - started
+
+    try:
+        once(max(rows))  # warm-up
+        one = statistics.median(once(1) for _ in range(repeats))
+        return tuple(round(max(statistics.median(once(n) for _ in range(repeats)) / one, 1.0), 3) for n in rows)
+    finally:
+        for session in sessions:
+            runtime.drop(session)
+
+
 def probe_runtime(manifest, artifact_dir, settings) -> SegmentRuntime:
     """A throwaway runtime of the model's first layer piece, with its own cache."""
     first_layer = next(p.index for p in manifest.pieces if p.kind == "layer")
@@ -111,9 +148,10 @@ def _loop_timer(client: MqttClient, name: str, arrived: threading.Event,
     return loop
 
 
-def make_profile(compute: tuple[float, float], link: tuple[float, float], mem_budget_mb: float) -> Profile:
+def make_profile(compute: tuple[float, float], link: tuple[float, float], mem_budget_mb: float,
+                 batch_cost: tuple[float, ...] = ()) -> Profile:
     decode, prefill = compute
     rtt_ms, mbps = link
     return Profile(ms_per_gflop_decode=max(decode, 1e-6), ms_per_gflop_prefill=max(prefill, 1e-6),
                    mem_budget_mb=mem_budget_mb, rtt_ms=rtt_ms, uplink_mbps=max(mbps, 1e-3),
-                   downlink_mbps=max(mbps, 1e-3))
+                   downlink_mbps=max(mbps, 1e-3), batch_cost=batch_cost)

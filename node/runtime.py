@@ -42,7 +42,8 @@ IN_PLACE_IO = (("hidden", "past_key", "past_value", "seqlens_k", "total_sequence
                ("hidden_out", "present_key", "present_value"))
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 MERGED_DIR = "merged"  # beside the pieces: their layers merged into one graph (node/merge.py)
-ORT_ERRORS = (Fail, InvalidArgument, RuntimeException)
+# ONNX Runtime's exceptions; `run_with_iobinding` raises a plain RuntimeError ("Error in execution").
+ORT_ERRORS = (Fail, InvalidArgument, RuntimeException, RuntimeError)
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -181,10 +182,11 @@ class SegmentRuntime:
             raise InferenceError(f"session {session}: ONNX Runtime failed: {str(exc).splitlines()[0]}") from exc
         return _array(x)
 
-    def run_batch(self, sessions: tuple[str, ...], inputs: np.ndarray) -> np.ndarray:
+    def run_batch(self, sessions: tuple[str, ...], inputs: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One decode step of each of ``sessions`` (distinct, each at the position its cache
-        holds) as one call per unit: ids (B, 1) int64 or hidden (B, 1, H) -> hidden (B, 1, H)
-        or logits (B, V) float32, row b that of ``sessions[b]``, equal to `run` of each.
+        holds: ``positions``, (B,)) as one call per unit: ids (B, 1) int64 or hidden (B, 1, H)
+        -> hidden (B, 1, H) or logits (B, V) float32, row b that of ``sessions[b]``, equal to
+        `run` of each.
 
         The cache gives every session a row of its pools; a batch runs the rows from the
         lowest of its sessions' to the highest, those of other sessions with dummy inputs
@@ -198,6 +200,10 @@ class SegmentRuntime:
         if x.shape[1] != 1:
             raise RuntimeInputError(f"a batch is of decode steps, one position each; got {x.shape[1]}")
         held = np.array([self.context_length(s) for s in sessions], np.int64)
+        wanted = np.asarray(positions).reshape(-1)
+        if wanted.shape != held.shape or (self._layers and np.any(wanted != held)):
+            raise RuntimeInputError(f"positions {wanted.tolist()} do not follow the sessions' caches "
+                                    f"({held.tolist()})")
         if held.max() + 1 > self.manifest.max_context:
             raise ContextOverflowError(f"position {int(held.max())} is past max_context {self.manifest.max_context}")
         try:
@@ -287,9 +293,10 @@ class SegmentRuntime:
 
     def _rotary_tables(self, positions: int) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin of position x rope_inv_freq, (rows >= positions, D/2), as the exporter's
-        torch computes them (float32 angles); grown by doubling up to max_context."""
+        torch computes them (float32 angles); grown by doubling up to max_context + 1 (a batch's dummy
+        row of a session holding max_context positions writes one past them)."""
         if self._rotary[0].shape[0] < positions:
-            rows = min(max(positions, 2 * self._rotary[0].shape[0], FIRST_CAPACITY), self.manifest.max_context)
+            rows = min(max(positions, 2 * self._rotary[0].shape[0], FIRST_CAPACITY), self.manifest.max_context + 1)
             angles = np.arange(rows, dtype=np.float32)[:, None] * np.asarray(self.manifest.rope_inv_freq, np.float32)
             self._rotary = (np.cos(angles).astype(self._act_dtype), np.sin(angles).astype(self._act_dtype))
         return self._rotary

@@ -23,6 +23,9 @@ Objectives (``objective_value``), over the stages of a plan:
 - ``throughput``: the pipeline period ``max(max(stage_ms), sum(stage_ms) / max_sessions)``:
   with ``max_sessions`` sessions in flight each stage handles one token at a time, and
   each session has one token in flight; tokens/s over all sessions = 1000 / period.
+  Nodes that batch (their profile's ``batch_cost``) run more sessions than stages as groups
+  of ``sessions / stages``, one batch a step (``pipelined_ms``): the period that plans for
+  several sessions report. Placement still minimises the period one token at a time.
 
 Memory of a stage (``need_mb``)::
 
@@ -169,6 +172,18 @@ def objective_value(objective: Objective, stage_times: Sequence[float], max_sess
     if objective == "latency":
         return total
     return max(max(stage_times), total / max_sessions)
+
+
+def pipelined_ms(stage_times: Sequence[float], profiles: Sequence[Profile], sessions: int) -> float:
+    """ms per token of ``sessions`` in flight on stages of ``stage_times`` run by nodes of
+    ``profiles``: groups of ``sessions / stages`` (a node batches at most that many), each
+    group one batch per stage; the period is one group's trip or the busiest stage serving
+    every group, whichever is longer, over the sessions. One session a call (no
+    batch_cost), this is the throughput objective's period."""
+    groups = max(1, min(sessions, len(stage_times)))
+    rows = sessions / groups
+    batch = [t * p.batch_factor(rows) for t, p in zip(stage_times, profiles)]
+    return max(sum(batch), groups * max(batch)) / sessions
 
 
 # --- tables for the solvers ----------------------------------------------------------

@@ -13,7 +13,8 @@ from linguamq.schemas.cluster import Plan
 def summary(problem: Problem, plan: Plan) -> dict[str, Any]:
     """What the table shows, as one JSON object (the Plan itself under "plan")."""
     times = [s.predicted_ms for s in plan.stages]
-    period = cost.objective_value("throughput", times, problem.settings.max_sessions)
+    profiles = [next(d.profile for d in problem.devices if d.name == s.node) for s in plan.stages]
+    period = cost.pipelined_ms(times, profiles, problem.settings.max_sessions)
     return {
         "objective": plan.objective,
         "ms_per_token": plan.predicted_ms_per_token,

@@ -493,7 +493,7 @@ def make_plan(problem: Problem, objective: Objective, path: Path_, *, epoch: int
 def reason(problem: Problem, objective: Objective, path: Path_, times: list[float], worst: int,
            optimal: bool, gap: float) -> str:
     sessions = problem.settings.max_sessions
-    period = cost.objective_value("throughput", times, sessions)
+    period = cost.pipelined_ms(times, [problem.devices[u].profile for u, _, _ in path], sessions)
     u, a, b = path[worst]
     how = "optimal" if optimal else f"time limit reached, gap {gap:.2%}"
     return (f"{objective}: {len(path)} of {len(problem.devices)} nodes, {sum(times):.2f} ms/token single stream, "

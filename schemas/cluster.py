@@ -35,6 +35,19 @@ class Profile(Struct):
         doc="time of a decode step of 2, 4, 8, ... sessions run as one batch over that of one (row k: 2**(k+1) "
             "sessions); empty: the node runs one session at a time")
 
+    def batch_factor(self, rows: float) -> float:
+        """Time of a decode step of ``rows`` sessions as one batch over that of one:
+        ``batch_cost`` between its points (linear), its last slope beyond them; ``rows``
+        without it (one session a call)."""
+        if rows <= 1:
+            return 1.0
+        if not self.batch_cost:
+            return rows
+        xs = [1.0, *(2.0 ** (k + 1) for k in range(len(self.batch_cost)))]
+        ys = [1.0, *self.batch_cost]
+        k = next((i for i in range(1, len(xs)) if rows <= xs[i]), len(xs) - 1)
+        return ys[k - 1] + (rows - xs[k - 1]) * (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1])
+
 
 @struct
 class NodeStatus(Message):

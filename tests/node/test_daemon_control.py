@@ -416,3 +416,68 @@ def test_a_failed_step_ahead_still_sends_the_token(roomy: Cluster) -> None:
     finally:
         client.publish = publish  # type: ignore[method-assign]
     assert [h.step for h, _ in wire.outs("f")] == [0]  # the head has its token; its retry sends step 1
+
+
+PROMPTS = {"a": [3, 4, 5], "b": [6, 7, 8, 9], "c": [10, 11], "x": list(range(1, 41))}  # x: max_context
+
+
+class Held:
+    """The node's worker held before it takes the envelopes queued behind its first one."""
+
+    def __init__(self, node: NodeDaemon, behind: int) -> None:
+        self.node, self.behind, self.gate, self.take_more = node, behind, threading.Event(), node._more_acts
+
+    def __enter__(self) -> Held:
+        self.node._more_acts = lambda: (self.gate.wait(WAIT), self.take_more())[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wait_until(lambda: self.node._work.qsize() == self.behind)
+        self.gate.set()
+
+
+def test_steps_waiting_together_run_as_one_batch_each_as_alone_and_a_stale_one_drops_out(roomy: Cluster) -> None:
+    wire, node = Wire(roomy), roomy.node
+    for session in ("a", "b", "c", "a1", "b1", "c1"):  # twins: the same steps one by one
+        wire.send(session, step=0, start=0, ids=PROMPTS[session[0]], sampling=SAMPLED)
+        wire.wait_out(session, 0)
+    first = {s: wire.outs(s)[0][1] for s in ("a", "b", "c")}
+    stale = ActHeader.for_tensor(np.array([[first["b"]]]), session="b", request="b", step=1, epoch=0, piece=0,
+                                 start_pos=len(PROMPTS["b"]), sampling=SAMPLED)
+    with Held(node, behind=2):
+        wire.send("a", step=1, start=3, ids=[first["a"]], sampling=SAMPLED)
+        roomy.hub.publish(topics.ACT, topics.ACT.build(CLUSTER, piece=0),
+                          envelope.encode(stale, np.array([[first["b"]]])), wait=WAIT)
+        wire.send("c", step=1, start=2, ids=[first["c"]], sampling=SAMPLED)
+    wire.wait_out("a", 1)
+    wire.wait_out("c", 1)
+    node._more_acts = Held(node, 0).take_more
+    assert [(b.rows, b.runs) for b in node._batches.values()] == [(2, 1)]  # a and c: one call (b's row a dummy)
+    wait_until(lambda: any(r.code == "stale_epoch" and r.ref == "b" for r in wire.reports))
+    assert not [h for h, _ in wire.outs("b") if h.step == 1]  # b dropped out alone ...
+    wire.send("b", step=1, start=4, ids=[first["b"]], sampling=SAMPLED)  # ... its cache untouched
+    for session, start in (("a", 3), ("b", 4), ("c", 2)):
+        twin = f"{session}1"
+        wire.send(twin, step=1, start=start, ids=[first[session]], sampling=SAMPLED)
+        wire.wait_out(session, 1)
+        wire.wait_out(twin, 1)
+        assert [t for h, t in wire.outs(session) if h.step == 1] == [t for h, t in wire.outs(twin) if h.step == 1]
+
+
+def test_a_batch_with_a_step_at_fault_runs_the_others_one_by_one(roomy: Cluster) -> None:
+    wire, node = Wire(roomy), roomy.node
+    for session in ("a", "a1", "x"):
+        wire.send(session, step=0, start=0, ids=PROMPTS[session[0]], sampling=SAMPLED)
+        wire.wait_out(session, 0)
+    first = {s: wire.outs(s)[0][1] for s in ("a", "x")}
+    with Held(node, behind=1):
+        wire.send("x", step=1, start=40, ids=[first["x"]], sampling=SAMPLED)  # past max_context (40)
+        wire.send("a", step=1, start=3, ids=[first["a"]], sampling=SAMPLED)
+    wire.send("a1", step=1, start=3, ids=[first["a"]], sampling=SAMPLED)
+    wire.wait_out("a", 1)
+    wire.wait_out("a1", 1)
+    node._more_acts = Held(node, 0).take_more
+    assert [t for h, t in wire.outs("a") if h.step == 1] == [t for h, t in wire.outs("a1") if h.step == 1]
+    wait_until(lambda: any(r.code == "bad_request" and r.ref == "x" and "max_context" in r.message
+                           for r in wire.reports))
+    assert not node._batches  # the batch did not run: each alone

@@ -87,7 +87,7 @@ def test_in_place_growth_stops_at_the_byte_bound() -> None:
     cache = KVCache(max_bytes=300 * per_position)
     cache.reserve("a", 0, 10, ONE, np.float32, most=4096)  # FIRST_CAPACITY positions
     grown, _ = cache.reserve("a", 0, FIRST_CAPACITY + 1, ONE, np.float32, most=4096)
-    assert grown.shape[2] == FIRST_CAPACITY + 1  # doubling would pass the cap: just what is needed
+    assert grown.shape[2] == 300  # doubling would pass the cap: as far as the cap goes
     with pytest.raises(KVCacheFull, match="session a needs"):
         cache.reserve("a", 0, 301, ONE, np.float32, most=4096)
     assert "a" not in cache
@@ -126,14 +126,33 @@ def test_in_place_sessions_are_rows_of_one_pool_kept_dense_and_freed_with_the_la
     assert cache.nbytes() == 0 and cache.sessions() == ()
 
 
-def test_a_pool_past_the_bound_evicts_the_least_recent_sessions_not_the_batch() -> None:
+def test_a_pool_near_the_bound_gives_rows_what_is_left_then_evicts_the_least_recent_not_the_batch() -> None:
     per_row = 2 * 2 * 8 * 4 * FIRST_CAPACITY  # one row of one layer: key + value, 256 positions
     cache = KVCache(max_bytes=4 * per_row)
     for session in "abcd":
         cache.reserve(session, 0, 5, ONE, np.float32, most=4096)
-    cache.reserve_rows(("a", "e"), (0,), (6, 5), ONE, np.float32, most=4096)  # a fifth row would need 8
-    assert set(cache.sessions()) == {"a", "c", "d", "e"} and cache.evicted == 1  # b, the least recent
-    assert cache.nbytes() <= cache.max_bytes
+        cache.advance(session, 0, 5)
+    cache.reserve("e", 0, 5, ONE, np.float32, most=4096)  # a fifth row: shorter rows, nobody evicted
+    assert set(cache.sessions()) == set("abcde") and cache.evicted == 0 and cache.nbytes() <= cache.max_bytes
+    assert cache.get("e", 0)[0].shape[2] == 4 * FIRST_CAPACITY // 5  # all the positions the cap leaves
+    cache.reserve_rows(("a", "e"), (0,), (300, 5), ONE, np.float32, most=4096)  # 5 x 300 do not fit: 3 rows do
+    assert set(cache.sessions()) == {"a", "d", "e"} and cache.evicted == 2  # b and c, the least recent
+    assert cache.nbytes() <= cache.max_bytes and cache.length("d", 0) == 5
     with pytest.raises(KVCacheFull, match="a batch of 2 sessions needs"):
         cache.reserve_rows(("a", "e"), (0,), (600, 5), ONE, np.float32, most=4096)  # 2 x 600 > 4 x 256
     assert "a" in cache and "e" in cache  # a batch that does not fit keeps its sessions: they run one by one
+    assert cache.nbytes() <= cache.max_bytes
+
+
+def test_pools_shrink_back_when_the_long_session_ends() -> None:
+    cache = KVCache()
+    cache.reserve("short", 0, 5, ONE, np.float32, most=4096)
+    cache.advance("short", 0, 5)
+    cache.reserve("long", 0, 1500, ONE, np.float32, most=4096)
+    cache.advance("long", 0, 1500)
+    grown = cache.nbytes()
+    cache.drop("long")
+    assert cache.nbytes() < grown / 4 and cache.length("short", 0) == 5  # not every row at 1500 positions
+    cache.drop("short")
+    cache.reserve("x", 0, 5, ONE, np.float32, most=4096)
+    assert cache.nbytes() == 2 * 2 * 8 * 4 * FIRST_CAPACITY  # pools of one row, freed and made again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from linguamq.node.profile import probe_compute, probe_runtime, work_clock
+from linguamq.node.profile import probe_batch, probe_compute, probe_runtime, work_clock
 from linguamq.node.runtime import RuntimeSettings
 from linguamq.schemas.manifest import ModelManifest
 
@@ -65,3 +66,13 @@ def test_link_probe_measures_hops_that_start_from_idle() -> None:
         elapsed = time.perf_counter() - started
     assert elapsed >= 5 * IDLE_BEFORE_HOP_S
     assert 0 < rtt_ms < 1000 and 0 < mbps <= MAX_MBPS
+
+
+def test_the_probe_measures_what_a_batch_costs_over_one_step(artifacts: Art) -> None:
+    path, manifest = artifacts
+    runtime = probe_runtime(manifest, path, RuntimeSettings(intra_op_threads=1))
+    cost = probe_batch(runtime, repeats=3)
+    assert len(cost) == 3 and all(1.0 <= c < 8.0 for c in cost)
+    assert runtime.cache.sessions() == ()  # its sessions are gone
+    unbatched = probe_runtime(dataclasses.replace(manifest, batch_rows=False), path, RuntimeSettings(intra_op_threads=1))
+    assert probe_batch(unbatched) == ()

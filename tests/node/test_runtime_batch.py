@@ -26,6 +26,10 @@ def runtime(art, first: int = 0, last: int | None = None, manifest=None) -> Segm
                           settings=RuntimeSettings(intra_op_threads=1))
 
 
+def held(rt: SegmentRuntime, sessions: tuple[str, ...]) -> np.ndarray:
+    return np.array([rt.context_length(s) for s in sessions])
+
+
 def positions(start: int, n: int) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.int64)[None]
 
@@ -59,7 +63,7 @@ def test_batches_of_any_sessions_give_each_the_logits_it_gets_alone(artifacts) -
     # all four, two with a row between them (c's row runs as a dummy), out of row order, one
     for batch in (("a", "b", "c", "d"), ("a", "c"), ("d", "b", "a"), ("c",), ("a", "b", "c", "d"), ("b", "d")):
         ids = np.array([[int(last[s].argmax())] for s in batch])
-        out = rt.run_batch(batch, ids)
+        out = rt.run_batch(batch, ids, held(rt, batch))
         assert out.shape == (len(batch), 320)
         for row, session in enumerate(batch):
             expected = alone.step(session, ids[row:row + 1])
@@ -81,7 +85,7 @@ def test_a_session_ended_or_recomputed_between_batches_leaves_the_others_exact(a
     for _ in range(3):
         batch = ("b", "c", "d")
         ids = np.array([[int(last[s].argmax())] for s in batch])
-        out = rt.run_batch(batch, ids)
+        out = rt.run_batch(batch, ids, held(rt, batch))
         for row, session in enumerate(batch):
             np.testing.assert_allclose(out[row], alone.step(session, ids[row:row + 1])[0], rtol=0, atol=1e-5)
             last[session] = out[row:row + 1]
@@ -95,9 +99,9 @@ def test_split_segments_batch_hidden_states_as_well(artifacts) -> None:
         alone.step(session, IDS[:, i:i + n])
     batch = ("d", "a", "b")
     ids = np.array([[int(last[s].argmax())] for s in batch])
-    hidden = front.run_batch(batch, ids)
+    hidden = front.run_batch(batch, ids, held(front, batch))
     assert hidden.shape == (3, 1, 64)
-    out = back.run_batch(batch, hidden)
+    out = back.run_batch(batch, hidden, held(back, batch))
     for row, session in enumerate(batch):
         np.testing.assert_allclose(out[row], alone.step(session, ids[row:row + 1])[0], rtol=0, atol=1e-5)
 
@@ -107,10 +111,16 @@ def test_a_batch_is_refused_clearly_where_rows_would_not_be_exact(artifacts) -> 
     rt = runtime(artifacts, manifest=dataclasses.replace(manifest, batch_rows=False))  # e.g. --quantize int8
     assert not rt.batches
     with pytest.raises(RuntimeInputError, match="cannot batch"):
-        rt.run_batch(("a",), np.array([[1]]))
+        rt.run_batch(("a",), np.array([[1]]), np.array([0]))
     rt = runtime(artifacts)
     rt.run("a", IDS[:, :3], positions(0, 3))
     with pytest.raises(RuntimeInputError, match="distinct sessions"):
-        rt.run_batch(("a", "a"), np.array([[1], [2]]))
+        rt.run_batch(("a", "a"), np.array([[1], [2]]), np.array([3, 3]))
     with pytest.raises(RuntimeInputError, match=r"shape \(2, T>=1\)"):
-        rt.run_batch(("a", "b"), np.array([[1]]))
+        rt.run_batch(("a", "b"), np.array([[1]]), np.array([3, 0]))
+    rt.run("b", IDS[:, :2], positions(0, 2))
+    with pytest.raises(RuntimeInputError, match="do not follow the sessions' caches"):  # b holds 2, not 0
+        rt.run_batch(("a", "b"), np.array([[1], [2]]), np.array([3, 0]))
+    rt.drop("b")  # a session evicted meanwhile: its step would run at position 0
+    with pytest.raises(RuntimeInputError, match="do not follow"):
+        rt.run_batch(("a", "b"), np.array([[1], [2]]), np.array([3, 2]))

@@ -75,3 +75,30 @@ def test_the_solver_tables_hold_the_same_numbers_and_mark_what_does_not_fit(prob
                 expected = cost.stage_ms(problem, device, a, b) if cost.fits(problem, device, a, b) else np.inf
                 assert table[u, a, b] == pytest.approx(expected, rel=1e-12)
     assert np.isinf(table[:, 2, 1]).all()  # last before first
+
+
+def _profile(batch_cost: tuple[float, ...] = ()):
+    from linguamq.schemas.cluster import Profile
+    return Profile(ms_per_gflop_decode=1.0, ms_per_gflop_prefill=1.0, mem_budget_mb=0.0, rtt_ms=0.0,
+                   uplink_mbps=1.0, downlink_mbps=1.0, batch_cost=batch_cost)
+
+
+def test_a_batch_costs_what_the_profile_measured_and_n_steps_without_it() -> None:
+    measured = _profile((1.1, 1.3, 1.9))  # 2, 4 and 8 rows
+    assert [measured.batch_factor(r) for r in (1, 2, 3, 4, 8)] == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.9])
+    assert measured.batch_factor(16) == pytest.approx(1.9 + 8 * 0.6 / 4)  # the last slope beyond
+    assert [_profile().batch_factor(r) for r in (1, 2, 8)] == [1.0, 2.0, 8.0]  # one session a call
+
+
+def test_sessions_pipelined_in_batches_are_predicted_per_group_and_as_before_without_batches() -> None:
+    times = [10.0, 20.0, 5.0]
+    rng = np.random.default_rng(2)
+    for _ in range(50):  # without batching, the throughput objective's period
+        t, k = list(rng.uniform(1, 30, 3)), int(rng.integers(1, 12))
+        assert cost.pipelined_ms(t, [_profile()] * 3, k) == pytest.approx(cost.objective_value("throughput", t, k))
+    # 8 sessions on 3 stages that batch: groups of 8/3, each stage runs a batch per group
+    batching = [_profile((1.1, 1.3, 1.9))] * 3
+    f = 1.1 + (8 / 3 - 2) / 2 * 0.2  # between the 2- and 4-row points
+    assert cost.pipelined_ms(times, batching, 8) == pytest.approx(max(35 * f, 3 * 20 * f) / 8)
+    assert cost.pipelined_ms(times, batching, 8) < cost.objective_value("throughput", times, 8)
+    assert cost.pipelined_ms(times, batching, 3) == cost.objective_value("throughput", times, 3)  # one each

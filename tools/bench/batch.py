@@ -88,7 +88,7 @@ def measure(art: Path, sizes: list[int], *, context: int, threads: int, reps: in
             if b == 1:
                 runtime.run(sessions[b][0], ids, np.array([[held]], np.int64))
             else:
-                runtime.run_batch(sessions[b], ids)
+                runtime.run_batch(sessions[b], ids, np.array([runtime.context_length(s) for s in sessions[b]]))
             times[b].append((time.perf_counter() - started) * 1e3)
     one = statistics.median(times[sizes[0]])
     curve = [{"rows": b, "ms": statistics.median(times[b]), "over_one": statistics.median(times[b]) / one,
