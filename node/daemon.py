@@ -134,6 +134,7 @@ class NodeDaemon:
         self.epoch = 0
         self._stages: dict[int, _Stage] = {}  # first piece -> stage
         self._plan_stages = 0  # stages of the epoch's plan (0: not told)
+        self._new: set[str] = set()  # sessions new to the KV cache, admitted, not run yet (--max-sessions)
         self._active: collections.OrderedDict[str, float] = collections.OrderedDict()  # session -> last step here
         self.profile: Profile | None = None  # measured when the manifest arrives
         self.slowdown = settings.slowdown  # changeable at run time (NodeControl)
@@ -504,6 +505,7 @@ class NodeDaemon:
                          f"session {header.session} refused", topic=topic, ref=header.session)
             return None
         if not self._align_cache(stage, header, topic):
+            self._new.discard(header.session)
             return None
         self._active[header.session] = time.monotonic()
         self._active.move_to_end(header.session)
@@ -515,6 +517,7 @@ class NodeDaemon:
         (a row past max_context, no room for its KV) runs its steps one by one, so that only
         the step at fault is refused."""
         stage = steps[0].stage
+        self._new.difference_update(s.header.session for s in steps)  # in the cache from here on, or refused
         t_start, work_start = time.time(), self._work_clock()
         if len(steps) > 1:
             try:
@@ -555,10 +558,15 @@ class NodeDaemon:
                           stage, step.header, out, count)
 
     def _over_session_cap(self, stage: _Stage, header: ActHeader) -> bool:
-        """A session new to this node's KV cache while it already holds ``max_sessions``."""
+        """A session new to this node's KV cache while it already holds ``max_sessions``,
+        counting the new sessions admitted to a batch that has not run yet."""
         cap = self.settings.max_sessions
-        return bool(cap) and stage.runtime.holds_kv and header.session not in self._kv and \
-            len(self._kv.sessions()) >= cap
+        if not cap or not stage.runtime.holds_kv or header.session in self._kv or header.session in self._new:
+            return False
+        if len(self._kv.sessions()) + len(self._new) >= cap:
+            return True
+        self._new.add(header.session)
+        return False
 
     def _is_duplicate(self, stage: _Stage, header: ActHeader) -> bool:
         """Idempotent steps, one chain: envelopes are ordered by (chain, step), and one older

@@ -79,7 +79,8 @@ def roomy(artifacts: tuple[Path, ModelManifest], tmp_path: Path) -> Iterator[Clu
     yield from _cluster(artifacts, tmp_path, queue_size=NodeSettings(name="n1").queue_size)
 
 
-def _cluster(artifacts: tuple[Path, ModelManifest], tmp_path: Path, *, queue_size: int) -> Iterator[Cluster]:
+def _cluster(artifacts: tuple[Path, ModelManifest], tmp_path: Path, *, queue_size: int,
+             max_sessions: int = 0) -> Iterator[Cluster]:
     art, manifest = artifacts
     manifest_json = manifest.to_json()
     with BrokerThread() as broker, MqttClient(url=broker.url, client_id="hub") as hub, \
@@ -88,7 +89,8 @@ def _cluster(artifacts: tuple[Path, ModelManifest], tmp_path: Path, *, queue_siz
                    reporter="hub").start()
         hub.publish(topics.MODEL, topics.MODEL.build(CLUSTER), manifest_json, wait=WAIT)
         node = NodeDaemon(client=client, settings=NodeSettings(name="n1", cluster=CLUSTER, cache_dir=tmp_path,
-                                                               threads=1, spin=False, queue_size=queue_size))
+                                                               threads=1, spin=False, queue_size=queue_size,
+                                                               max_sessions=max_sessions))
         running = Cluster(hub, node, manifest, hashlib.sha256(manifest_json).hexdigest())
         running.assign(epoch=1)
         node.start()
@@ -481,3 +483,22 @@ def test_a_batch_with_a_step_at_fault_runs_the_others_one_by_one(roomy: Cluster)
     wait_until(lambda: any(r.code == "bad_request" and r.ref == "x" and "max_context" in r.message
                            for r in wire.reports))
     assert not node._batches  # the batch did not run: each alone
+
+
+@pytest.fixture
+def capped(artifacts: tuple[Path, ModelManifest], tmp_path: Path) -> Iterator[Cluster]:
+    """Node n1 with --max-sessions 2, ready on epoch 1."""
+    yield from _cluster(artifacts, tmp_path, queue_size=NodeSettings(name="n1").queue_size, max_sessions=2)
+
+
+def test_new_sessions_waiting_in_one_batch_count_against_max_sessions(capped: Cluster) -> None:
+    wire, node = Wire(capped), capped.node
+    wire.send("a", step=0, start=0, ids=[3], sampling=SAMPLED)
+    wire.wait_out("a", 0)
+    with Held(node, behind=2):  # three one-token prompts: decode-shaped, batched together
+        for session in ("b", "c", "d"):
+            wire.send(session, step=0, start=0, ids=[5], sampling=SAMPLED)
+    wire.wait_out("b", 0)
+    node._more_acts = Held(node, 0).take_more
+    wait_until(lambda: {r.ref for r in wire.reports if r.code == "overloaded"} == {"c", "d"})
+    assert set(node._kv.sessions()) == {"a", "b"} and not wire.outs("c") and not wire.outs("d")

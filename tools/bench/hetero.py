@@ -46,6 +46,7 @@ from linguamq.tools.testing.followers import PlanLog
 from linguamq.topics.client import MqttClient
 
 PARTS = ("a", "b", "c", "d")
+PIPELINED_TARGETS = {4: 2.65, 8: 4.0}  # (b): N streams vs 1 (issue 16); the paper's best is 2.65x at 4
 TARGETS = {"planned_over_even": 1.6, "pipelined_over_single": 2.65, "rebalanced_over_static": 1.3,
            "prediction_error": 0.15}
 
@@ -248,7 +249,7 @@ def measure(args: argparse.Namespace, art: Path, parts: set[str]) -> dict[str, A
         "devices": [{"name": n.name, "slowdown": n.slowdown, "mem_budget_mb": round(n.mem_budget_mb, 1)}
                     for n in nodes],
         "mem_share": args.mem_share, "threads": args.threads, "new_tokens": args.new_tokens, "reps": args.reps,
-        "targets": TARGETS}
+        "targets": TARGETS | {"pipelined_over_single": PIPELINED_TARGETS.get(args.streams, 2.65)}}
     if parts & {"a", "d"}:
         planned = single_stream(args, art, "a-planned", nodes, "latency")
         report["planned"] = planned
@@ -292,7 +293,7 @@ def table(r: dict[str, Any]) -> str:
         b = r["pipelined"]
         lines.append(f"  (b) throughput plan {' '.join(b['stages'])}: 1 stream {b['single_tokens_per_s']:.1f} "
                      f"tokens/s, {b['plan_sessions']} streams {b['multi_tokens_per_s']:.1f} tokens/s = "
-                     f"{b['pipelined_over_single']:.2f}x (target >= {TARGETS['pipelined_over_single']})"
+                     f"{b['pipelined_over_single']:.2f}x (target >= {r['targets']['pipelined_over_single']})"
                      + (f"; {b['cpus']} CPUs {b['cpu_busy_multi']:.0%} busy with {b['plan_sessions']} streams"
                         if b.get("cpu_busy_multi") is not None else ""))
     if "throttle" in r:
