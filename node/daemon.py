@@ -449,7 +449,7 @@ class NodeDaemon:
         flush()
 
     def _batch_cap(self) -> int:
-        """Rows of a batch: ``max_batch``, and no more than the sessions held here over the
+        """Rows of a batch: ``max_batch``, and no more than the sessions in flight over the
         plan's stages. A batch's sessions leave together and arrive together at every later
         stage: batched whatever waits, all sessions end in one convoy that keeps one stage
         busy at a time. Groups of sessions / stages keep every stage busy, each with a batch
@@ -463,10 +463,13 @@ class NodeDaemon:
         """Sessions that ran a step here within ACTIVE_S: in a ring every session passes every
         stage, so any stage's count is the cluster's (those held in the KV cache would leave
         out a stage without layers, and count sessions idle until their TTL)."""
+        self._forget_inactive()
+        return len(self._active)
+
+    def _forget_inactive(self) -> None:
         cutoff = time.monotonic() - ACTIVE_S
         while self._active and next(iter(self._active.values())) < cutoff:
             self._active.popitem(last=False)
-        return len(self._active)
 
     def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, an unexpected exception reported, not raised: one bad envelope must
@@ -509,6 +512,7 @@ class NodeDaemon:
             return None
         self._active[header.session] = time.monotonic()
         self._active.move_to_end(header.session)
+        self._forget_inactive()  # bounded whether or not anything batches
         return _Step(topic=topic, header=header, array=array, t_recv=t_recv, stage=stage)
 
     def _compute(self, steps: list[_Step]) -> None:
