@@ -110,6 +110,11 @@ class _Step:
     stage: _Stage
 
 
+def _ewma(old: float | None, ms: float) -> float:
+    """A step's time into a running average (None: the first)."""
+    return ms if old is None else 0.8 * old + 0.2 * ms
+
+
 def _is_decode_step(header: ActHeader, array: np.ndarray) -> bool:
     """One position of one session: what a batch is made of."""
     return not header.end and not header.more and array.ndim >= 2 and array.shape[:2] == (1, 1)
@@ -695,21 +700,20 @@ class NodeDaemon:
             time.sleep(compute_s * (self.slowdown - 1.0))
 
     def _record(self, stage: _Stage, ms: float, rows: int = 1) -> None:
-        # One EWMA per segment, reported under its first piece: of steps run alone, the
-        # unit the planner's cost model predicts; batches by size beside it.
+        # One EWMA per segment, reported under its first piece, of one step's time (the unit
+        # the planner's cost model predicts); batches by size beside it.
         self._busy_ms += ms
         if rows > 1:
             key = (stage.segment.first, rows)
             was = self._batches.get(key)
             self._batches[key] = BatchTiming(piece=key[0], rows=rows, runs=(was.runs if was else 0) + 1,
-                                             ms_ewma=ms if was is None else 0.8 * was.ms_ewma + 0.2 * ms)
+                                             ms_ewma=_ewma(was.ms_ewma if was else None, ms))
             if self.profile is None or not self.profile.batch_cost:
                 return
             ms /= self.profile.batch_factor(rows)  # as one step, by the profile's batch cost: under load
             # most steps run in batches, and an EWMA of the few alone lags and swings
         old = self._timings.get(stage.segment.first)
-        ewma = ms if old is None else 0.8 * old.ms_ewma + 0.2 * ms
-        self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=ewma,
+        self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=_ewma(old.ms_ewma if old else None, ms),
                                                          runs=(old.runs if old else 0) + 1)
 
     # --- status and telemetry -----------------------------------------------------------
