@@ -20,12 +20,13 @@ tail, which samples). The head that sends the input and reads the token is on th
 
 Objectives (``objective_value``), over the stages of a plan:
 - ``latency``: ``sum(stage_ms)``, the single-stream ms per token.
-- ``throughput``: the pipeline period ``max(max(stage_ms), sum(stage_ms) / max_sessions)``:
-  with ``max_sessions`` sessions in flight each stage handles one token at a time, and
-  each session has one token in flight; tokens/s over all sessions = 1000 / period.
-  Nodes that batch (their profile's ``batch_cost``) run more sessions than stages as groups
-  of ``sessions / stages``, one batch a step (``pipelined_ms``): the period that plans for
-  several sessions report. Placement still minimises the period one token at a time.
+- ``throughput``: the pipeline period per token of ``max_sessions`` sessions in flight,
+  each with one token in flight (``pipelined_ms``); tokens/s over all sessions = 1000 /
+  period. Nodes that run one session a call: ``max(max(stage_ms), sum(stage_ms) / max_sessions)``.
+  Nodes that batch (their profile's ``batch_cost``, measured) run the sessions of a plan of
+  k stages as ``min(k, sessions)`` groups, one batch per group a step, each stage's time
+  times its batch factor: ``max(sum(batch_ms), groups * max(batch_ms)) / sessions``. Not
+  linear in the stage count, so the MILP solves once per count (milp.py).
 
 Memory of a stage (``need_mb``)::
 
@@ -167,22 +168,30 @@ def fits(problem: Problem, device: Device, first: int, last: int) -> bool:
 
 # --- per plan --------------------------------------------------------------------------
 
-def objective_value(objective: Objective, stage_times: Sequence[float], max_sessions: int) -> float:
-    total = sum(stage_times)
+def objective_value(objective: Objective, stage_times: Sequence[float], max_sessions: int,
+                    profiles: Sequence[Profile] | None) -> float:
+    """``latency``: ms per token of one session; ``throughput``: ``pipelined_ms`` of
+    ``max_sessions`` sessions on nodes of ``profiles`` (None: nodes that run one session a call)."""
     if objective == "latency":
-        return total
-    return max(max(stage_times), total / max_sessions)
+        return sum(stage_times)
+    return pipelined_ms(stage_times, profiles if profiles is not None else [None] * len(stage_times), max_sessions)
 
 
-def pipelined_ms(stage_times: Sequence[float], profiles: Sequence[Profile], sessions: int) -> float:
+def batch_shape(sessions: int, stages: int) -> tuple[int, float]:
+    """(groups, rows): ``sessions`` in flight on ``stages`` stages move as ``groups`` groups
+    of ``rows`` sessions each (a node batches at most ``ceil(sessions / stages)``)."""
+    groups = max(1, min(sessions, stages))
+    return groups, sessions / groups
+
+
+def pipelined_ms(stage_times: Sequence[float], profiles: Sequence[Profile | None], sessions: int) -> float:
     """ms per token of ``sessions`` in flight on stages of ``stage_times`` run by nodes of
-    ``profiles``: groups of ``sessions / stages`` (a node batches at most that many), each
-    group one batch per stage; the period is one group's trip or the busiest stage serving
-    every group, whichever is longer, over the sessions. One session a call (no
-    batch_cost), this is the throughput objective's period."""
-    groups = max(1, min(sessions, len(stage_times)))
-    rows = sessions / groups
-    batch = [t * p.batch_factor(rows) for t, p in zip(stage_times, profiles)]
+    ``profiles`` (None: one session a call): each group (``batch_shape``) is one batch per
+    stage; the period is one group's trip or the busiest stage serving every group,
+    whichever is longer, over the sessions. One session a call (no batch_cost), this is
+    ``max(max(stage_times), sum(stage_times) / sessions)``."""
+    groups, rows = batch_shape(sessions, len(stage_times))
+    batch = [t * (p.batch_factor(rows) if p is not None else max(rows, 1.0)) for t, p in zip(stage_times, profiles)]
     return max(sum(batch), groups * max(batch)) / sessions
 
 

@@ -39,7 +39,8 @@ def optimum(problem: Problem, objective: Objective) -> Optimum | None:
     def extend(first: int, path: Path_, times: tuple[float, ...]) -> None:
         if first == n:
             plans[0] += 1
-            value = cost.objective_value(objective, times, problem.settings.max_sessions)
+            value = cost.objective_value(objective, times, problem.settings.max_sessions,
+                                         [problem.devices[u].profile for u, _, _ in path])
             if best[0] is None or value < best[0].value:
                 best[0] = Optimum(value=value, path=path, plans=0)
             return

@@ -11,10 +11,18 @@ capacity is their count, which removes their symmetry from the search.
     sum_{arcs leaving boundary 0} y = 1
     sum_{arcs into boundary j} y = sum_{arcs leaving boundary j} y     j = 1..P-1
     sum_{a,b} y[c,a,b] <= count[c]                                      every class c
-    L = sum stage_ms[c,a,b] * y[c,a,b]
-    latency:    min L
-    throughput: min T,  T >= sum_{arcs leaving boundary a} stage_ms * y   every boundary a
-                        T * max_sessions >= L
+    latency:    min sum stage_ms[c,a,b] * y[c,a,b]
+    throughput: min T,  T >= sum trip[c,a,b] * y[c,a,b]
+                        T >= groups * sum_{arcs leaving boundary a} trip * y   every boundary a
+
+The throughput period (cost.pipelined_ms) depends on the number of stages k once nodes
+batch: the sessions move as ``groups = min(k, sessions)`` groups, each stage's time grows
+by its node's batch factor for ``sessions / groups`` rows, and ``trip`` is that time over
+the sessions. So a throughput solve is one MILP per ``Shape``: exactly k stages for each
+k < sessions (trip scaled for sessions / k rows), and one for k >= sessions (one row each).
+Nodes that run one session a call make the stage count irrelevant (``max(max stage,
+sum / sessions)`` for every k): one MILP, no count row. Each shape's best plan bounds the
+next (a cutoff row); the answer is the best over the shapes.
 
 A path from boundary 0 to P is a plan: which nodes take part, in which order, which
 contiguous pieces each holds (embed first, head last, by construction). Memory is
@@ -74,7 +82,19 @@ class Arc:
     cls: int  # device class
     first: int
     last: int
-    ms: float  # stage_ms
+    ms: float  # its shape's trip (stage_ms for latency)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One MILP: plans of ``least..most`` stages (most None: any) valued ``sum(trip)``
+    (latency) or ``max(sum(trip), groups * max(trip))`` (throughput) over their stages;
+    ``trip[u, a, b]`` is device u on pieces a..b (inf where they do not fit)."""
+
+    trip: np.ndarray  # (devices, pieces, pieces)
+    groups: int = 1
+    least: int = 1
+    most: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +112,8 @@ def stage_times(problem: Problem, path: Path_) -> list[float]:
 
 
 def path_value(problem: Problem, path: Path_, objective: Objective) -> float:
-    return cost.objective_value(objective, stage_times(problem, path), problem.settings.max_sessions)
+    return cost.objective_value(objective, stage_times(problem, path), problem.settings.max_sessions,
+                                [problem.devices[u].profile for u, _, _ in path])
 
 
 def solve(problem: Problem, objective: Objective = "latency", *, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
@@ -101,61 +122,84 @@ def solve(problem: Problem, objective: Objective = "latency", *, time_limit_s: f
 
     ``warm_start``: first find a good plan by local search; it bounds the MILP (arcs that
     cannot beat it are left out) and stands in if glpsol finds nothing better in time.
-    Without it the plan is the MILP's alone (the exhaustive check uses that)."""
+    Without it the plan is the MILPs' alone (the exhaustive check uses that)."""
     started = time.perf_counter()
+    deadline = started + time_limit_s
     check_memory(problem)
     table = cost.stage_table(problem)
-    guess = heuristic(problem, table, objective, budget_s=HEURISTIC_SHARE * time_limit_s) if warm_start else None
+    best = heuristic(problem, table, objective, budget_s=HEURISTIC_SHARE * time_limit_s) if warm_start else None
     classes = device_classes(problem.devices)
-    result = solve_milp(problem, objective, table, classes, guess, deadline=started + time_limit_s)
-    path, optimal = choose(problem, objective, result, guess, classes)
-    gap = 0.0 if optimal else relative_gap(problem, objective, path, table, result.bound)
-    plan = make_plan(problem, objective, path, epoch=epoch, optimal=optimal, gap=gap,
+    todo = shapes(problem, table, objective)
+    proven, bounds = True, []
+    for i, shape in enumerate(todo):
+        share = (deadline - time.perf_counter()) / (len(todo) - i)  # the time left, shared by the shapes left
+        result = solve_milp(problem, objective, shape, classes, best, deadline=time.perf_counter() + share)
+        best, settled = choose(problem, objective, result, best, classes)
+        proven = proven and settled
+        if not settled:
+            bounds.append(max(relaxed_bound(shape, objective), -np.inf if result.bound is None else result.bound))
+    if best is None:
+        if proven:
+            raise PlannerInfeasible(packing_message(problem))
+        raise SolverFailed("glpsol found no plan within the time limit (none is known to exist either)")
+    value = path_value(problem, best, objective)
+    gap = 0.0 if proven else max(0.0, (value - min(bounds)) / max(value, 1e-12))
+    plan = make_plan(problem, objective, best, epoch=epoch, optimal=proven, gap=gap,
                      solve_s=time.perf_counter() - started)
-    log.info("plan solved", objective=objective, optimal=optimal, gap=round(gap, 6), solve_s=round(plan.solve_s, 3),
-             ms_per_token=round(plan.predicted_ms_per_token, 3),
+    log.info("plan solved", objective=objective, optimal=proven, gap=round(gap, 6), solve_s=round(plan.solve_s, 3),
+             ms_per_token=round(plan.predicted_ms_per_token, 3), milps=len(todo),
              stages=[f"{s.node}:{s.first}-{s.last}" for s in plan.stages])
     return plan
 
 
-def solve_milp(problem: Problem, objective: Objective, table: np.ndarray, classes: list[list[int]],
-               guess: Path_ | None, *, deadline: float) -> MilpResult:
+def shapes(problem: Problem, table: np.ndarray, objective: Objective) -> list[Shape]:
+    """The MILPs a solve runs (see the module's docstring)."""
     sessions = problem.settings.max_sessions
-    if guess is None:
-        cutoff, keep = None, np.isfinite(table)
+    if objective == "latency":
+        return [Shape(trip=table)]
+    profiles = [d.profile for d in problem.devices]
+    if sessions == 1 or not any(p.batch_cost for p in profiles):
+        return [Shape(trip=table / sessions, groups=sessions)]
+    most = min(len(problem.devices), len(problem.pieces))
+    out = []
+    for k in range(1, min(sessions, most + 1)):
+        groups, rows = cost.batch_shape(sessions, k)
+        factor = np.array([p.batch_factor(rows) for p in profiles])[:, None, None]
+        out.append(Shape(trip=table * factor / sessions, groups=groups, least=k, most=k))
+    if sessions <= most:
+        out.append(Shape(trip=table / sessions, groups=sessions, least=sessions))
+    return out
+
+
+def solve_milp(problem: Problem, objective: Objective, shape: Shape, classes: list[list[int]],
+               best: Path_ | None, *, deadline: float) -> MilpResult:
+    """The best plan of ``shape`` that beats ``best`` (when given)."""
+    if best is None:
+        cutoff, keep = None, np.isfinite(shape.trip)
     else:
-        cutoff = path_value(problem, guess, objective) * (1 + CUTOFF_SLACK) + CUTOFF_SLACK
-        keep = useful(table, objective, sessions, cutoff)
-    arcs = arcs_of(table, classes, keep)
-    if guess is not None and time.perf_counter() + MILP_FIXED_S + MILP_S_PER_ARC * len(arcs) > deadline:
-        log.info("no time left for the MILP: the warm start is the plan", arcs=len(arcs))
+        cutoff = path_value(problem, best, objective) * (1 + CUTOFF_SLACK) + CUTOFF_SLACK
+        keep = useful(shape, objective, cutoff)
+    arcs = arcs_of(shape.trip, classes, keep)
+    last = len(problem.pieces) - 1
+    if not any(a.first == 0 for a in arcs) or not any(a.last == last for a in arcs):  # no path: none can beat it
+        return MilpResult(arcs=(), optimal=False, infeasible=True, bound=None)
+    if best is not None and time.perf_counter() + MILP_FIXED_S + MILP_S_PER_ARC * len(arcs) > deadline:
+        log.info("no time left for a MILP: the best plan so far stands", arcs=len(arcs))
         return MilpResult(arcs=(), optimal=False, infeasible=False, bound=None)
-    return run_milp(arcs, len(problem.pieces), [len(c) for c in classes], objective,
-                    max_sessions=sessions, cutoff=cutoff, deadline=deadline)
+    return run_milp(arcs, len(problem.pieces), [len(c) for c in classes], objective, shape,
+                    cutoff=cutoff, deadline=deadline)
 
 
-def relative_gap(problem: Problem, objective: Objective, path: Path_, table: np.ndarray,
-                 milp_bound: float | None) -> float:
-    """(value - best bound) / value; the bound is glpsol's or the relaxation's, whichever is higher."""
-    value = path_value(problem, path, objective)
-    bound = relaxed_bound(table, objective, problem.settings.max_sessions)
-    if milp_bound is not None and np.isfinite(milp_bound):
-        bound = max(bound, milp_bound)
-    return max(0.0, (value - bound) / max(value, 1e-12))
-
-
-def choose(problem: Problem, objective: Objective, result: MilpResult, guess: Path_ | None,
-           classes: list[list[int]]) -> tuple[Path_, bool]:
-    """The MILP's path (class arcs mapped to device names), or the DP's where it is no worse."""
+def choose(problem: Problem, objective: Objective, result: MilpResult, best: Path_ | None,
+           classes: list[list[int]]) -> tuple[Path_ | None, bool]:
+    """The MILP's path (class arcs mapped to device names) where it beats ``best``, and
+    whether that settles its shape (solved to optimality, or proven to have nothing better)."""
+    settled = result.optimal or result.infeasible
     if result.arcs:
         path = to_devices(result.arcs, classes, len(problem.pieces))
-        if guess is None or path_value(problem, path, objective) <= path_value(problem, guess, objective):
-            return path, result.optimal
-    if guess is None:
-        if result.infeasible:
-            raise PlannerInfeasible(packing_message(problem))
-        raise SolverFailed("glpsol found no plan within the time limit (none is known to exist either)")
-    return guess, result.infeasible or result.optimal  # proven: nothing beats the cutoff at the guess
+        if best is None or path_value(problem, path, objective) <= path_value(problem, best, objective):
+            return path, settled
+    return best, settled
 
 
 def to_devices(arcs: Sequence[Arc], classes: list[list[int]], n_pieces: int) -> Path_:
@@ -188,13 +232,14 @@ def arcs_of(stage_table: np.ndarray, classes: list[list[int]], keep: np.ndarray)
     return arcs
 
 
-def useful(table: np.ndarray, objective: Objective, max_sessions: int, cutoff: float) -> np.ndarray:
+def useful(shape: Shape, objective: Objective, cutoff: float) -> np.ndarray:
     """Arcs that can be part of a plan no worse than ``cutoff``.
 
     A plan through arc (u, a, b) is at least as slow as the best way to cover pieces
     before a and after b when any node may be used many times (a relaxation); an arc
     whose relaxed best plan is already worse than the cutoff is left out of the MILP.
     """
+    table = shape.trip
     best = table.min(axis=0)  # (a, b): the fastest node for that segment, reuse allowed
     head_sum, tail_sum = _reach(best, np.add), _reach(best.T[::-1, ::-1], np.add)[::-1]
     total = head_sum[:-1, None] + table + tail_sum[None, 1:]
@@ -202,14 +247,14 @@ def useful(table: np.ndarray, objective: Objective, max_sessions: int, cutoff: f
         return total <= cutoff
     head_max, tail_max = _reach(best, np.maximum), _reach(best.T[::-1, ::-1], np.maximum)[::-1]
     period = np.maximum(np.maximum(head_max[:-1, None], table), tail_max[None, 1:])
-    return (period <= cutoff) & (total <= cutoff * max_sessions)
+    return (shape.groups * period <= cutoff) & (total <= cutoff)
 
 
-def relaxed_bound(table: np.ndarray, objective: Objective, max_sessions: int) -> float:
-    """No plan is faster than the best one when every node may take many stages."""
-    best = table.min(axis=0)
-    latency = float(_reach(best, np.add)[-1])
-    return latency if objective == "latency" else max(float(_reach(best, np.maximum)[-1]), latency / max_sessions)
+def relaxed_bound(shape: Shape, objective: Objective) -> float:
+    """No plan of ``shape`` is faster than the best one when every node may take many stages."""
+    best = shape.trip.min(axis=0)
+    total = float(_reach(best, np.add)[-1])
+    return total if objective == "latency" else max(shape.groups * float(_reach(best, np.maximum)[-1]), total)
 
 
 def _reach(best: np.ndarray, combine: np.ufunc) -> np.ndarray:
@@ -296,7 +341,7 @@ def _improve(problem: Problem, table: np.ndarray, objective: Objective, order: l
 # --- the Pyomo model -------------------------------------------------------------------
 
 def build_model(arcs: Sequence[Arc], n_pieces: int, capacity: Sequence[int], objective: Objective,
-                max_sessions: int, cutoff: float | None) -> Any:
+                shape: Shape, cutoff: float | None) -> Any:
     import pyomo.environ as pyo
 
     m = pyo.ConcreteModel(name="placement")
@@ -316,24 +361,30 @@ def build_model(arcs: Sequence[Arc], n_pieces: int, capacity: Sequence[int], obj
     for c, ks in per_class.items():
         if capacity[c] < len(ks):
             m.capacity.add(pyo.quicksum(m.y[k] for k in ks) <= capacity[c])
+    m.count = pyo.ConstraintList()
+    stages = pyo.quicksum(m.y[k] for k in range(len(arcs)))
+    if shape.least > 1:
+        m.count.add(stages >= shape.least)
+    if shape.most is not None:
+        m.count.add(stages <= shape.most)
     if objective == "latency":
         m.obj = pyo.Objective(expr=total)
     else:
         m.T = pyo.Var(domain=pyo.NonNegativeReals)
         m.obj = pyo.Objective(expr=m.T)
         m.period = pyo.ConstraintList()
-        m.period.add(m.T * max_sessions >= total)
+        m.period.add(m.T >= total)
         for ks in starts.values():  # at most one stage starts at a boundary
-            m.period.add(m.T >= pyo.quicksum(arcs[k].ms * m.y[k] for k in ks))
+            m.period.add(m.T >= shape.groups * pyo.quicksum(arcs[k].ms * m.y[k] for k in ks))
     if cutoff is not None:
         m.cutoff = pyo.Constraint(expr=m.obj.expr <= cutoff)
     return m
 
 
-def run_milp(arcs: Sequence[Arc], n_pieces: int, capacity: Sequence[int], objective: Objective, *,
-             max_sessions: int, cutoff: float | None, deadline: float) -> MilpResult:
+def run_milp(arcs: Sequence[Arc], n_pieces: int, capacity: Sequence[int], objective: Objective, shape: Shape, *,
+             cutoff: float | None, deadline: float) -> MilpResult:
     """Build the model, write it as a CPLEX LP file, solve it with glpsol by ``deadline``."""
-    model = build_model(arcs, n_pieces, capacity, objective, max_sessions, cutoff)
+    model = build_model(arcs, n_pieces, capacity, objective, shape, cutoff)
     with tempfile.TemporaryDirectory(prefix="linguamq-glpk-") as tmp:
         lp_file = Path(tmp) / "placement.lp"
         model.write(str(lp_file), io_options={"symbolic_solver_labels": True})

@@ -209,7 +209,8 @@ class PlannerService:
         """``plan``'s objective under the current (corrected) profiles."""
         problem = self._problem([s.node for s in plan.stages])
         times = [cost.stage_ms(problem, d, s.first, s.last) for d, s in zip(problem.devices, plan.stages)]
-        return cost.objective_value(self.settings.scored, times, self._costs.max_sessions)
+        return cost.objective_value(self.settings.scored, times, self._costs.max_sessions,
+                                    [d.profile for d in problem.devices])
 
     # --- replanning (own thread) -----------------------------------------------------
 
@@ -328,10 +329,8 @@ class PlannerService:
                 s.predicted_ms - self._predicted_compute(s), 0.0)) if s.node in self._measured else s
                 for s in plan.stages)
             times = [s.measured_ms for s in stages if s.measured_ms is not None]
-            if len(times) == len(stages):
-                measured = cost.objective_value(self.settings.scored, times, self._costs.max_sessions)
-            else:
-                measured = None
+            # one session's ms per token, as predicted_ms_per_token (not the objective's period)
+            measured = sum(times) if len(times) == len(stages) else None
             explained = dataclasses.replace(plan, stages=stages, measured_ms_per_token=measured)
             if explained == plan:
                 return

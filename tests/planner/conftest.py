@@ -41,7 +41,18 @@ def layers() -> Callable[..., tuple[PieceCost, ...]]:
     return _layers
 
 
-def _random_problem(rng: np.random.Generator, max_pieces: int = 12, max_devices: int = 5) -> Problem:
+def _batch_cost(rng: np.random.Generator) -> tuple[float, ...]:
+    """A measured-looking batch curve for 2, 4, 8 rows: rising, at most one step per row."""
+    costs, last = [], 1.0
+    for rows in (2, 4, 8):
+        last = float(rng.uniform(last, rows))
+        costs.append(last)
+    return tuple(costs)
+
+
+def _random_problem(rng: np.random.Generator, max_pieces: int = 12, max_devices: int = 5,
+                    batching: bool = False) -> Problem:
+    """``batching``: most nodes batch (a random measured curve each) and 2 to 8 sessions."""
     n, m = int(rng.integers(1, max_pieces + 1)), int(rng.integers(1, max_devices + 1))
     pieces = tuple(PieceCost(name=f"p{i}", bytes=int(rng.integers(1, 400)) * MB,
                              flops_per_token=int(rng.integers(0, 5_000_000_000)),
@@ -58,8 +69,10 @@ def _random_problem(rng: np.random.Generator, max_pieces: int = 12, max_devices:
             ms_per_gflop_decode=float(rng.uniform(1, 80)), ms_per_gflop_prefill=1.0,
             mem_budget_mb=0.0 if rng.random() < 0.05 else float(rng.uniform(300, 3000)),
             rtt_ms=0.0 if hub else float(rng.uniform(0.5, 40)), uplink_mbps=1e6 if hub else float(rng.uniform(5, 500)),
-            downlink_mbps=1e6 if hub else float(rng.uniform(5, 500))))
-    settings = CostSettings(max_context=int(rng.integers(16, 4096)), max_sessions=int(rng.integers(1, 5)),
+            downlink_mbps=1e6 if hub else float(rng.uniform(5, 500)),
+            batch_cost=_batch_cost(rng) if batching and rng.random() < 0.8 else ()))
+    sessions = int(rng.integers(2, 9)) if batching else int(rng.integers(1, 5))
+    settings = CostSettings(max_context=int(rng.integers(16, 4096)), max_sessions=sessions,
                             overhead_mb=float(rng.uniform(0, 200)))
     return Problem(pieces=pieces, devices=tuple(Device(name=f"n{u}", profile=p) for u, p in enumerate(profiles)),
                    settings=settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from linguamq.planner import cost
+from linguamq.planner import cost, explain
 from linguamq.planner.cost import CostSettings, Problem
 from linguamq.planner.errors import PlannerInfeasible, SolverUnavailable
 from linguamq.planner.milp import solve
@@ -23,7 +24,9 @@ LEAN = CostSettings(max_context=64, overhead_factor=1.0, overhead_mb=0.0)  # mem
 
 
 def value(problem: Problem, plan: Plan, objective: cost.Objective) -> float:
-    return cost.objective_value(objective, [s.predicted_ms for s in plan.stages], problem.settings.max_sessions)
+    by_name = {d.name: d.profile for d in problem.devices}
+    return cost.objective_value(objective, [s.predicted_ms for s in plan.stages], problem.settings.max_sessions,
+                                [by_name[s.node] for s in plan.stages])
 
 
 def single_device_best(problem: Problem, objective: cost.Objective) -> float:
@@ -84,6 +87,26 @@ def test_throughput_splits_the_work_that_latency_keeps_on_one_node(phone: Callab
     assert len(latency.stages) == 1  # a second node only adds a hop
     assert [(s.node, s.first, s.last) for s in throughput.stages] == [("a", 0, 3), ("b", 4, 7)]
     assert value(problem, throughput, "throughput") < 0.6 * value(problem, latency, "throughput")
+
+
+def test_nodes_that_batch_are_planned_by_what_a_batch_costs(phone: Callable, layers: Callable) -> None:
+    """4 sessions on two fast nodes that batch (a batch of 2 costs 1.05x one step) and a slow
+    one that does not: one session a call, the slow node takes a share; batching, the two
+    fast nodes run the sessions as two groups of two and the slow node would only slow them."""
+    def nodes(batch_cost: tuple[float, ...]) -> tuple[cost.Device, ...]:
+        fast = [phone(n, 5.0, 0, up=1e6, down=1e6, rtt=0.0) for n in ("a", "b")]  # 1 ms per layer
+        fast = [dataclasses.replace(d, profile=dataclasses.replace(d.profile, batch_cost=batch_cost)) for d in fast]
+        return (*fast, phone("c", 10.0, 0, up=1e6, down=1e6, rtt=0.0))  # 2 ms per layer, one session a call
+    settings = CostSettings(max_context=64, max_sessions=4, overhead_factor=1.0, overhead_mb=0.0)
+    one_a_call = solve(Problem(pieces=layers(12), devices=nodes(()), settings=settings), "throughput")
+    assert sorted((s.node, s.last - s.first + 1) for s in one_a_call.stages) == [("a", 5), ("b", 5), ("c", 2)]
+    problem = Problem(pieces=layers(12), devices=nodes((1.05, 1.1, 1.2)), settings=settings)
+    batched = solve(problem, "throughput")
+    assert [(s.node, s.first, s.last) for s in batched.stages] == [("a", 0, 5), ("b", 6, 11)]
+    assert batched.optimal and [lo.node for lo in batched.left_out] == ["c"]
+    # two groups of two sessions, each a 6 ms step x 1.05 per stage: 12.6 ms for 4 tokens
+    assert explain.summary(problem, batched)["pipelined_ms_per_token"] == pytest.approx(12.6 / 4, rel=1e-3)
+    assert value(problem, batched, "throughput") < value(problem, one_a_call, "throughput") * 0.8
 
 
 def test_identical_nodes_all_take_part_when_the_model_needs_them(phone: Callable, layers: Callable) -> None:
