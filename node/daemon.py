@@ -63,6 +63,10 @@ MAX_TRACKED_STEPS = 65536  # (session, stage) pairs whose last step is remembere
 LATE_ENDS_MAX = 4096  # end envelopes kept while the work queue is full (ends are tiny; any node may send them)
 ENDED = 2**63  # the step an `end` records: above every real step of its chain
 ACTIVE_S = 2.0  # a session that ran a step here this recently is in flight (the batch cap)
+# A batch's outputs leave one message per session, back to back: an idle next stage would take
+# the first alone. It waits this long at most for the steps a header says are right behind it.
+SIBLING_WAIT_S = 0.005
+_Act = tuple[str, ActHeader, np.ndarray, float]  # a queued envelope: topic, header, tensor, t_recv
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -266,23 +270,28 @@ class NodeDaemon:
             for control in self._take_control():  # before the activation: a new epoch stales it anyway
                 self._do(*control)
             if kind == "act" and self.settings.max_batch > 1:
-                self._run_acts([item, *self._more_acts()])
+                self._run_acts([item, *self._more_acts(item)])
             else:
                 self._do(kind, item)
             while self._late_ends and self._work.empty():  # after all that was queued before them
                 self._do(*self._late_ends.popleft())
 
-    def _more_acts(self) -> list[tuple[str, ActHeader, np.ndarray, float]]:
-        """Envelopes already queued, up to ``max_batch`` of them, taken to batch with the
-        first (wakes among them are dropped: the loop looks for control after these anyway)."""
-        acts: list[tuple[str, ActHeader, np.ndarray, float]] = []
+    def _more_acts(self, first: _Act) -> list[_Act]:
+        """Envelopes already queued, up to ``max_batch`` of them, taken to batch with ``first``
+        (wakes among them are dropped: the loop looks for control after these anyway). While
+        the last one taken says steps of its batch are right behind it (``behind``), they are
+        waited for, SIBLING_WAIT_S at most: a batch upstream stays a batch here."""
+        acts: list[_Act] = []
+        last, deadline = first[1], time.monotonic() + SIBLING_WAIT_S
         while len(acts) < self.settings.max_batch:
+            wait = deadline - time.monotonic() if last.behind and self._batch_cap() > 1 else 0.0
             try:
-                kind, item = self._work.get_nowait()
+                kind, item = self._work.get(timeout=wait) if wait > 0 else self._work.get_nowait()
             except queue.Empty:
                 break
             if kind == "act":
                 acts.append(item)
+                last = item[1]
         return acts
 
     def _take_control(self) -> list[tuple[str, Any]]:
@@ -423,7 +432,7 @@ class NodeDaemon:
         if step is not None:
             self._compute([step])
 
-    def _run_acts(self, items: list[tuple[str, ActHeader, np.ndarray, float]]) -> None:
+    def _run_acts(self, items: list[_Act]) -> None:
         """Envelopes taken from the queue together, in their order; decode steps of
         different sessions for one stage that batches wait and run as one call (at most
         ``max_batch``). Anything else (a prompt chunk, an end, a second step of a session
@@ -561,10 +570,10 @@ class NodeDaemon:
         # step, which the neighbours on a shared machine do not stretch (timed by the wall
         # clock, a step's time swung 3x under load, and the planner replanned every few s).
         self._record(stage, compute_s * max(self.slowdown, 1.0) * 1e3, rows=len(steps))
-        for step, out in zip(steps, outs):  # one row failing to go out loses no other row
+        for i, (step, out) in enumerate(zip(steps, outs)):  # one row failing to go out loses no other row
             count = step.array.shape[1] if step.array.ndim >= 2 else 0
-            self._guarded(functools.partial(self._send, t_recv=step.t_recv, t_start=t_start),
-                          stage, step.header, out, count)
+            send = functools.partial(self._send, t_recv=step.t_recv, t_start=t_start, behind=len(steps) - 1 - i)
+            self._guarded(send, stage, step.header, out, count)
 
     def _over_session_cap(self, stage: _Stage, header: ActHeader) -> bool:
         """A session new to this node's KV cache while it already holds ``max_sessions``,
@@ -623,11 +632,11 @@ class NodeDaemon:
         return False
 
     def _send(self, stage: _Stage, header: ActHeader, out: np.ndarray, steps: int, *, t_recv: float,
-              t_start: float) -> None:
+              t_start: float, behind: int = 0) -> None:
         """Pass the output on: to the next stage, or (the tail) the sampled token to the head.
         The tail's sampling is part of its stage's compute, and `send` is stamped once the
         output is ready, just before it is encoded and published (stamped before sampling,
-        the sampling was shown as transfer time)."""
+        the sampling was shown as transfer time). ``behind``: rows of its batch sent after it."""
         nxt = stage.segment.next_piece
         if nxt is None and header.more:
             return  # a prompt chunk with more to come: its cache is written, no token is due yet
@@ -636,7 +645,7 @@ class NodeDaemon:
         t_end = time.time()
         if nxt is None:  # the ring: the next step leaves before the token goes to the head
             try:
-                self._send_ahead(header, int(out[0, 0]), start_pos=header.start_pos + steps)
+                self._send_ahead(header, int(out[0, 0]), start_pos=header.start_pos + steps, behind=behind)
             except MqttError as exc:  # the token still goes out: the head's retry resumes the session
                 self._log.warning("next step not sent", session=header.session, step=header.step + 1, error=str(exc))
         hop = Hop(node=self.name, first=stage.segment.first, last=stage.segment.last, t_recv=t_recv,
@@ -646,7 +655,7 @@ class NodeDaemon:
             head = ActHeader.for_tensor(out, session=header.session, request=header.request, step=header.step,
                                         epoch=header.epoch, piece=nxt, start_pos=header.start_pos,
                                         sampling=header.sampling, hops=hops, more=header.more, chain=header.chain,
-                                        ring=header.ring)
+                                        ring=header.ring, behind=behind)
             name = topics.ACT.build(self._cluster, piece=nxt)
             return self._client.publish(topics.ACT, name, envelope.encode(head, out))
         assert self._manifest is not None  # a node runs pieces only once it holds the manifest
@@ -656,7 +665,7 @@ class NodeDaemon:
         name = topics.SESSION_OUT.build(self._cluster, session=header.session)
         self._client.publish(topics.SESSION_OUT, name, envelope.encode(head, out))
 
-    def _send_ahead(self, header: ActHeader, token: int, *, start_pos: int) -> None:
+    def _send_ahead(self, header: ActHeader, token: int, *, start_pos: int, behind: int = 0) -> None:
         """The ring: the tail sends the session's next step straight to the first stage, and
         the head, which only watches the tokens, is off the critical path. Not after EOS,
         nor past the request's steps (``header.ring``: its max_tokens; 0: the head sends each
@@ -679,7 +688,7 @@ class NodeDaemon:
         ids = np.array([[token]], dtype=np.int64)
         step = ActHeader.for_tensor(ids, session=header.session, request=header.request, step=nxt, epoch=header.epoch,
                                     piece=0, start_pos=start_pos, sampling=header.sampling, chain=header.chain,
-                                    ring=header.ring)
+                                    ring=header.ring, behind=behind)
         self._client.publish(topics.ACT, topics.ACT.build(self._cluster, piece=0), envelope.encode(step, ids))
 
     def _sample(self, header: ActHeader, logits: np.ndarray) -> np.ndarray:
@@ -708,13 +717,17 @@ class NodeDaemon:
             was = self._batches.get(key)
             self._batches[key] = BatchTiming(piece=key[0], rows=rows, runs=(was.runs if was else 0) + 1,
                                              ms_ewma=_ewma(was.ms_ewma if was else None, ms))
-            if self.profile is None or not self.profile.batch_cost:
-                return
-            ms /= self.profile.batch_factor(rows)  # as one step, by the profile's batch cost: under load
-            # most steps run in batches, and an EWMA of the few alone lags and swings
         old = self._timings.get(stage.segment.first)
-        self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=_ewma(old.ms_ewma if old else None, ms),
-                                                         runs=(old.runs if old else 0) + 1)
+        ewma = old.ms_ewma if old else None
+        if rows == 1:
+            ewma = _ewma(ewma, ms)
+        elif self.profile is not None and self.profile.batch_cost:
+            # as one step, by the profile's batch cost: under load most steps run in batches,
+            # and an EWMA of the few alone lags and swings
+            ewma = _ewma(ewma, ms / self.profile.batch_factor(rows))
+        if ewma is not None:  # runs: every call (a batch is one) once the segment has a time
+            self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=ewma,
+                                                             runs=(old.runs if old else 0) + 1)
 
     # --- status and telemetry -----------------------------------------------------------
 

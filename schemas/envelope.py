@@ -89,6 +89,9 @@ class ActHeader(Message):
     chain: int = spec(ge=0, default=0, doc="the head's (re-)prefill this step descends from; older chains are dropped")
     ring: int = spec(ge=0, default=0, doc="0: the head sends each step; n: the tail sends the next step itself "
                      "(to the first stage) while it is below n (max_tokens) and the token is not EOS")
+    behind: int = spec(ge=0, le=4096, default=0,
+                       doc="decode steps of the same batch published right after this one: the receiver "
+                           "may wait a moment for them to batch them again")
 
     def __post_init__(self) -> None:  # a new cross-field check here belongs in _build_acceptor too
         Struct.__post_init__(self)

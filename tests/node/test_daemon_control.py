@@ -430,7 +430,7 @@ class Held:
         self.node, self.behind, self.gate, self.take_more = node, behind, threading.Event(), node._more_acts
 
     def __enter__(self) -> Held:
-        self.node._more_acts = lambda: (self.gate.wait(WAIT), self.take_more())[1]
+        self.node._more_acts = lambda first: (self.gate.wait(WAIT), self.take_more(first))[1]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -483,6 +483,30 @@ def test_a_batch_with_a_step_at_fault_runs_the_others_one_by_one(roomy: Cluster)
     wait_until(lambda: any(r.code == "bad_request" and r.ref == "x" and "max_context" in r.message
                            for r in wire.reports))
     assert not node._batches  # the batch did not run: each alone
+
+
+@pytest.mark.parametrize("behind", [1, 0])
+def test_a_step_that_says_its_batch_follows_waits_for_it(roomy: Cluster, monkeypatch: pytest.MonkeyPatch,
+                                                         behind: int) -> None:
+    """A batch upstream sends its rows one message each; the first says how many follow, and
+    an idle stage waits for them (here up to 2 s: the second comes 0.3 s later) to run them as
+    one batch again. A step that says nothing follows runs at once, alone."""
+    monkeypatch.setattr(node_daemon, "SIBLING_WAIT_S", 2.0)
+    wire, node = Wire(roomy), roomy.node
+    for session in ("a", "c"):
+        wire.send(session, step=0, start=0, ids=PROMPTS[session], sampling=SAMPLED)
+        wire.wait_out(session, 0)
+    node._active.update({"a": time.monotonic(), "c": time.monotonic()})  # two sessions in flight: batches of 2
+    first = {s: wire.outs(s)[0][1] for s in ("a", "c")}
+    for session, start, rows_behind in (("a", 3, behind), ("c", 2, 0)):
+        array = np.array([[first[session]]], dtype=np.int64)
+        header = ActHeader.for_tensor(array, session=session, request=session, step=1, epoch=1, piece=0,
+                                      start_pos=start, chain=1, sampling=SAMPLED, behind=rows_behind)
+        roomy.hub.publish(topics.ACT, topics.ACT.build(CLUSTER, piece=0), envelope.encode(header, array), wait=WAIT)
+        time.sleep(0.3)
+    wire.wait_out("a", 1)
+    wire.wait_out("c", 1)
+    assert [(b.rows, b.runs) for b in node._batches.values()] == ([(2, 1)] if behind else [])
 
 
 @pytest.fixture
