@@ -536,9 +536,12 @@ def make_plan(problem: Problem, objective: Objective, path: Path_, *, epoch: int
     stages = tuple(Stage(node=problem.devices[u].name, first=a, last=b, predicted_ms=t)
                    for (u, a, b), t in zip(path, times))
     worst = max(range(len(path)), key=lambda k: times[k])
+    sessions = problem.settings.max_sessions
+    period = cost.pipelined_ms(times, [problem.devices[u].profile for u, _, _ in path], sessions)
     return Plan(epoch=epoch, objective=objective, stages=stages, predicted_ms_per_token=sum(times),
                 bottleneck=stages[worst].node, reason=reason(problem, objective, path, times, worst, optimal, gap),
-                left_out=left_out(problem, path, optimal), solve_s=solve_s, optimal=optimal, gap=gap)
+                left_out=left_out(problem, path, optimal), solve_s=solve_s, optimal=optimal, gap=gap,
+                sessions=sessions, predicted_tokens_per_s=1000 / max(period, 1e-9))
 
 
 def reason(problem: Problem, objective: Objective, path: Path_, times: list[float], worst: int,

@@ -168,6 +168,10 @@ class Plan(Message):
     solve_s: float = spec(ge=0, default=0.0)
     optimal: bool = True
     gap: float = spec(ge=0, default=0.0)
+    sessions: int = spec(ge=1, default=1, doc="sessions in flight the plan was made for")
+    predicted_tokens_per_s: float | None = spec(
+        ge=0, default=None, doc="all sessions together, pipelined and in batches where nodes batch "
+                                "(cost.pipelined_ms); None for an even split")
 
 
 @struct

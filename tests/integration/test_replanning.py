@@ -32,7 +32,7 @@ from linguamq.topics.client import MqttClient
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROMPTS = ["Hello world", "The quick brown fox", "MQTT carries tensors", "Once upon a time there was"]
-STEADY_S = 20.0  # ~6 drift windows (3 reports of 1 s each); the 60 s figure was verified when it landed (5f1311c)
+STEADY_S = 12.0  # 4 drift windows (3 reports of 1 s each); the 60 s figure was verified when it landed (5f1311c)
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,8 @@ def test_nodes_that_batch_are_planned_by_what_a_batch_costs(phone: Callable, lay
     assert batched.optimal and [lo.node for lo in batched.left_out] == ["c"]
     # two groups of two sessions, each a 6 ms step x 1.05 per stage: 12.6 ms for 4 tokens
     assert explain.summary(problem, batched)["pipelined_ms_per_token"] == pytest.approx(12.6 / 4, rel=1e-3)
+    assert batched.sessions == 4 and batched.predicted_tokens_per_s == pytest.approx(4000 / 12.6, rel=1e-3)
+    assert f"{4000 / 12.6:.1f} tokens/s with 4 sessions in flight" in batched.reason
     assert value(problem, batched, "throughput") < value(problem, one_a_call, "throughput") * 0.8
 
 

@@ -42,11 +42,12 @@ from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import GenerateRequest, GenerateResult
 from linguamq.tools.bench.pipeline import PROMPT, add_model_arguments, model_from_args
 from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
-from linguamq.tools.testing.followers import PlanLog
+from linguamq.tools.testing.followers import PlanLog, TelemetryLog, rows_per_call
 from linguamq.topics.client import MqttClient
 
 PARTS = ("a", "b", "c", "d")
 PIPELINED_TARGETS = {4: 2.65, 8: 4.0}  # (b): N streams vs 1 (issue 16); the paper's best is 2.65x at 4
+TELEMETRY_LAG_S = 1.5  # nodes report about once a second
 TARGETS = {"planned_over_even": 1.6, "pipelined_over_single": 2.65, "rebalanced_over_static": 1.3,
            "prediction_error": 0.15}
 
@@ -152,9 +153,12 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
     """One request, then --streams at once, on a throughput plan for --streams sessions."""
     nodes = node_specs(args, manifest, sessions=args.streams)
     with start(args, art, "b", nodes, "throughput", ("--plan-sessions", str(args.streams))) as cluster, \
-            MqttClient(url=cluster.url, client_id="bench-b") as client:
+            MqttClient(url=cluster.url, client_id="bench-b") as client, \
+            TelemetryLog(cluster.url, cluster.cluster) as telemetry:
         cluster.wait_ready(client, timeout=180)
         plan = warm_up(cluster, client, args.warmup, args.new_tokens)
+        time.sleep(TELEMETRY_LAG_S)
+        before = telemetry.totals()
         singles, multis, busy = [], [], []
         with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
             for _ in range(max(1, args.reps // 2 + 1)):
@@ -166,13 +170,18 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
                                         range(args.streams)))
                 multis.append(sum(len(r.tokens) for r in results) / (time.perf_counter() - started))
                 busy.append(busy_share(cpu, cpu_ticks()))
+        time.sleep(TELEMETRY_LAG_S)
+        calls = rows_per_call(before, telemetry.totals())
     single, multi = statistics.median(singles), statistics.median(multis)
     known = [b for b in busy if b is not None]
     cpu_busy = statistics.median(known) if len(known) == len(busy) else None
+    say("b: sessions' steps per call (single and multi phases): "
+        + " ".join(f"{n} {c['rows_per_call']:.2f}" for n, c in sorted(calls.items()) if c["calls"]))
     say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s"
         + (f", the machine's CPUs {cpu_busy:.0%} busy meanwhile" if cpu_busy is not None else ""))
     return {"objective": "throughput", "plan_sessions": args.streams, "epoch": plan.epoch, "stages": stages(plan),
             "predicted_ms_per_token": plan.predicted_ms_per_token, "single_tokens_per_s": single,
+            "predicted_multi_tokens_per_s": plan.predicted_tokens_per_s, "calls": calls,
             "multi_tokens_per_s": multi, "single_all": singles, "multi_all": multis,
             "pipelined_over_single": multi / single, "cpu_busy_multi": cpu_busy, "cpus": os.cpu_count()}
 
@@ -295,7 +304,9 @@ def table(r: dict[str, Any]) -> str:
                      f"tokens/s, {b['plan_sessions']} streams {b['multi_tokens_per_s']:.1f} tokens/s = "
                      f"{b['pipelined_over_single']:.2f}x (target >= {r['targets']['pipelined_over_single']})"
                      + (f"; {b['cpus']} CPUs {b['cpu_busy_multi']:.0%} busy with {b['plan_sessions']} streams"
-                        if b.get("cpu_busy_multi") is not None else ""))
+                        if b.get("cpu_busy_multi") is not None else "")
+                     + (f"; the plan predicted {b['predicted_multi_tokens_per_s']:.1f} tokens/s for them"
+                        if b.get("predicted_multi_tokens_per_s") is not None else ""))
     if "throttle" in r:
         t = r["throttle"]
         for key in ("rebalanced", "static"):

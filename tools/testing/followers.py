@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, Self
 
 from linguamq import topics
-from linguamq.schemas.cluster import Plan
+from linguamq.schemas.cluster import Plan, Telemetry
 from linguamq.topics.client import MqttClient
 
 
@@ -74,3 +74,42 @@ class PlanLog(Follower):
                 return found
             time.sleep(0.1)
         return None
+
+
+class TelemetryLog(Follower):
+    """Per node, the calls its segments ran and the decode steps it ran in batches, summed over
+    every telemetry report since the block started (a node's counts restart with a new
+    assignment; a count that went down is taken as such a restart)."""
+
+    def __init__(self, url: str, cluster: str) -> None:
+        super().__init__(url, f"telemetry-{cluster}", topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter(cluster))
+        self._last: dict[str, dict[tuple[int, int], int]] = {}  # node -> (piece, rows) -> runs (rows 1: all calls)
+        self._total: dict[str, dict[int, int]] = {}  # node -> rows -> runs (rows 1: all calls)
+
+    def _on(self, _topic: str, report: Telemetry, _retained: bool) -> None:
+        runs = {(t.piece, 1): t.runs for t in report.pieces} | {(b.piece, b.rows): b.runs for b in report.batches}
+        with self._lock:
+            last, total = self._last.get(report.node, {}), self._total.setdefault(report.node, {})
+            for key, count in runs.items():
+                was = last.get(key, 0)
+                total[key[1]] = total.get(key[1], 0) + (count - was if count >= was else count)
+            self._last[report.node] = runs
+
+    def totals(self) -> dict[str, dict[int, int]]:
+        with self._lock:
+            return {node: dict(t) for node, t in self._total.items()}
+
+
+def rows_per_call(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]]) -> dict[str, dict[str, float]]:
+    """Per node, between two ``TelemetryLog.totals``: the calls its segments ran, the session
+    steps in them, steps per call and the share of steps run in batches of 2 or more."""
+    out = {}
+    for node, now in after.items():
+        was = before.get(node, {})
+        delta = {rows: runs - was.get(rows, 0) for rows, runs in now.items()}
+        calls = delta.get(1, 0)
+        in_batches = sum(rows * runs for rows, runs in delta.items() if rows > 1)
+        steps = calls + sum((rows - 1) * runs for rows, runs in delta.items() if rows > 1)
+        out[node] = {"calls": calls, "steps": steps, "rows_per_call": steps / calls if calls else 0.0,
+                     "batched_share": in_batches / steps if steps else 0.0}
+    return out
