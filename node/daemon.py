@@ -66,6 +66,7 @@ ACTIVE_S = 2.0  # a session that ran a step here this recently is in flight (the
 # A batch's outputs leave one message per session, back to back: an idle next stage would take
 # the first alone. It waits this long at most for the steps a header says are right behind it.
 SIBLING_WAIT_S = 0.005
+MAX_BATCH = 1024  # rows of a batch at most (`--max-batch`); ActHeader.behind allows 4096
 _Act = tuple[str, ActHeader, np.ndarray, float]  # a queued envelope: topic, header, tensor, t_recv
 
 
@@ -282,9 +283,10 @@ class NodeDaemon:
         the last one taken says steps of its batch are right behind it (``behind``), they are
         waited for, SIBLING_WAIT_S at most: a batch upstream stays a batch here."""
         acts: list[_Act] = []
-        last, deadline = first[1], time.monotonic() + SIBLING_WAIT_S
+        last, deadline, cap = first[1], time.monotonic() + SIBLING_WAIT_S, self._batch_cap()
         while len(acts) < self.settings.max_batch:
-            wait = deadline - time.monotonic() if last.behind and self._batch_cap() > 1 else 0.0
+            more = last.behind and len(acts) + 1 < cap and not last.end and last.shape[:2] == (1, 1)  # a decode step
+            wait = deadline - time.monotonic() if more else 0.0
             try:
                 kind, item = self._work.get(timeout=wait) if wait > 0 else self._work.get_nowait()
             except queue.Empty:
@@ -570,9 +572,14 @@ class NodeDaemon:
         # step, which the neighbours on a shared machine do not stretch (timed by the wall
         # clock, a step's time swung 3x under load, and the planner replanned every few s).
         self._record(stage, compute_s * max(self.slowdown, 1.0) * 1e3, rows=len(steps))
+        # ``behind``: the rows after this one that go on to a next stage. At the tail, only the
+        # steps the ring sends ahead; the token-dependent ends (EOS, a silent head) are not known
+        # before sampling, and a receiver then waits SIBLING_WAIT_S for a step that never comes.
+        goes = [stage.segment.next_piece is not None or (0 < s.header.step + 1 < s.header.ring and not s.header.more)
+                for s in steps]
         for i, (step, out) in enumerate(zip(steps, outs)):  # one row failing to go out loses no other row
             count = step.array.shape[1] if step.array.ndim >= 2 else 0
-            send = functools.partial(self._send, t_recv=step.t_recv, t_start=t_start, behind=len(steps) - 1 - i)
+            send = functools.partial(self._send, t_recv=step.t_recv, t_start=t_start, behind=sum(goes[i + 1:]))
             self._guarded(send, stage, step.header, out, count)
 
     def _over_session_cap(self, stage: _Stage, header: ActHeader) -> bool:
@@ -717,17 +724,13 @@ class NodeDaemon:
             was = self._batches.get(key)
             self._batches[key] = BatchTiming(piece=key[0], rows=rows, runs=(was.runs if was else 0) + 1,
                                              ms_ewma=_ewma(was.ms_ewma if was else None, ms))
-        old = self._timings.get(stage.segment.first)
-        ewma = old.ms_ewma if old else None
-        if rows == 1:
-            ewma = _ewma(ewma, ms)
-        elif self.profile is not None and self.profile.batch_cost:
-            # as one step, by the profile's batch cost: under load most steps run in batches,
-            # and an EWMA of the few alone lags and swings
-            ewma = _ewma(ewma, ms / self.profile.batch_factor(rows))
-        if ewma is not None:  # runs: every call (a batch is one) once the segment has a time
-            self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=ewma,
-                                                             runs=(old.runs if old else 0) + 1)
+            if self.profile is None or not self.profile.batch_cost:
+                return
+            ms /= self.profile.batch_factor(rows)  # as one step, by the profile's batch cost: under load
+            # most steps run in batches, and an EWMA of the few alone lags and swings
+        old = self._timings.get(stage.segment.first)  # runs: the times in the EWMA (a batch is one)
+        self._timings[stage.segment.first] = PieceTiming(piece=stage.segment.first, ms_ewma=_ewma(old.ms_ewma if old else None, ms),
+                                                         runs=(old.runs if old else 0) + 1)
 
     # --- status and telemetry -----------------------------------------------------------
 

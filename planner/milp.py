@@ -103,6 +103,7 @@ class MilpResult:
     optimal: bool
     infeasible: bool  # proven: no path exists (under the cutoff, if any)
     bound: float | None  # glpsol's last best bound; None if it printed none
+    skipped: bool = False  # not run: building it would not have ended within its share of the time
 
 
 # --- solve -----------------------------------------------------------------------------
@@ -130,14 +131,23 @@ def solve(problem: Problem, objective: Objective = "latency", *, time_limit_s: f
     best = heuristic(problem, table, objective, budget_s=HEURISTIC_SHARE * time_limit_s) if warm_start else None
     classes = device_classes(problem.devices)
     todo = shapes(problem, table, objective)
-    proven, bounds = True, []
-    for i, shape in enumerate(todo):
-        share = (deadline - time.perf_counter()) / (len(todo) - i)  # the time left, shared by the shapes left
-        result = solve_milp(problem, objective, shape, classes, best, deadline=time.perf_counter() + share)
-        best, settled = choose(problem, objective, result, best, classes)
-        proven = proven and settled
-        if not settled:
-            bounds.append(max(relaxed_bound(shape, objective), -np.inf if result.bound is None else result.bound))
+    milps, proven, bounds = len(todo), True, []
+    # First each shape in its share of the time left; a shape that could not be built within
+    # its share is tried again after the others, with all the time then left.
+    for shares in (True, False):
+        skipped = []
+        for i, shape in enumerate(todo):
+            left = deadline - time.perf_counter()
+            result = solve_milp(problem, objective, shape, classes, best,
+                                deadline=time.perf_counter() + (left / (len(todo) - i) if shares else left))
+            if shares and result.skipped:
+                skipped.append(shape)
+                continue
+            best, settled = choose(problem, objective, result, best, classes)
+            proven = proven and settled
+            if not settled:
+                bounds.append(max(relaxed_bound(shape, objective), -np.inf if result.bound is None else result.bound))
+        todo = skipped
     if best is None:
         if proven:
             raise PlannerInfeasible(packing_message(problem))
@@ -147,7 +157,7 @@ def solve(problem: Problem, objective: Objective = "latency", *, time_limit_s: f
     plan = make_plan(problem, objective, best, epoch=epoch, optimal=proven, gap=gap,
                      solve_s=time.perf_counter() - started)
     log.info("plan solved", objective=objective, optimal=proven, gap=round(gap, 6), solve_s=round(plan.solve_s, 3),
-             ms_per_token=round(plan.predicted_ms_per_token, 3), milps=len(todo),
+             ms_per_token=round(plan.predicted_ms_per_token, 3), milps=milps,
              stages=[f"{s.node}:{s.first}-{s.last}" for s in plan.stages])
     return plan
 
@@ -185,7 +195,7 @@ def solve_milp(problem: Problem, objective: Objective, shape: Shape, classes: li
         return MilpResult(arcs=(), optimal=False, infeasible=True, bound=None)
     if best is not None and time.perf_counter() + MILP_FIXED_S + MILP_S_PER_ARC * len(arcs) > deadline:
         log.info("no time left for a MILP: the best plan so far stands", arcs=len(arcs))
-        return MilpResult(arcs=(), optimal=False, infeasible=False, bound=None)
+        return MilpResult(arcs=(), optimal=False, infeasible=False, bound=None, skipped=True)
     return run_milp(arcs, len(problem.pieces), [len(c) for c in classes], objective, shape,
                     cutoff=cutoff, deadline=deadline)
 

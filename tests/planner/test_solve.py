@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from linguamq.planner import cost, explain
+from linguamq.planner import cost, explain, milp
 from linguamq.planner.cost import CostSettings, Problem
 from linguamq.planner.errors import PlannerInfeasible, SolverUnavailable
 from linguamq.planner.milp import solve
@@ -109,6 +110,26 @@ def test_nodes_that_batch_are_planned_by_what_a_batch_costs(phone: Callable, lay
     assert batched.sessions == 4 and batched.predicted_tokens_per_s == pytest.approx(4000 / 12.6, rel=1e-3)
     assert f"{4000 / 12.6:.1f} tokens/s with 4 sessions in flight" in batched.reason
     assert value(problem, batched, "throughput") < value(problem, one_a_call, "throughput") * 0.8
+
+
+def test_a_stage_count_with_no_time_in_its_share_is_solved_with_the_time_left(
+        random_problem: Callable[..., Problem], monkeypatch: pytest.MonkeyPatch) -> None:
+    """7 batching nodes, 8 sessions: 7 MILPs. Each MILP is taken to cost 0.6 s to build, more
+    than its share of 3 s at first; the ones left out then get the time the others left."""
+    rng = np.random.default_rng(3)
+    best = None
+    while best is None:
+        drawn = random_problem(rng, max_pieces=24, max_devices=7, batching=True)
+        if len(drawn.pieces) < 20 or len(drawn.devices) < 7:
+            continue
+        problem = Problem(pieces=drawn.pieces, devices=drawn.devices,
+                          settings=dataclasses.replace(drawn.settings, max_sessions=8))
+        with contextlib.suppress(PlannerInfeasible):
+            best = solve(problem, "throughput", warm_start=False)
+    monkeypatch.setattr(milp, "MILP_FIXED_S", 0.6)
+    tight = solve(problem, "throughput", time_limit_s=3.0)  # warm-started: a plan to fall back on
+    assert best.optimal and tight.optimal and tight.gap == 0.0
+    assert value(problem, tight, "throughput") == pytest.approx(value(problem, best, "throughput"), rel=1e-9)
 
 
 def test_identical_nodes_all_take_part_when_the_model_needs_them(phone: Callable, layers: Callable) -> None:

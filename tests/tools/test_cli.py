@@ -148,3 +148,9 @@ def test_hub_refuses_broker_limits_it_cannot_apply(tmp_path: Path, capsys: Capsy
                                                    error: str) -> None:
     code, _, err = cli(capsys, "hub", "--artifacts", str(tmp_path), *flags)
     assert code == 2 and error in err
+
+
+@pytest.mark.parametrize("rows", ["0", "1025"])
+def test_node_refuses_a_batch_size_it_cannot_carry(capsys: Capsys, rows: str) -> None:
+    code, _, err = cli(capsys, "node", "--broker", "mqtt://127.0.0.1:1", "--name", "n1", "--max-batch", rows)
+    assert code == 2 and f"--max-batch must be between 1 and 1024, got {rows}" in err

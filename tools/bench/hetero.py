@@ -157,25 +157,26 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
             TelemetryLog(cluster.url, cluster.cluster) as telemetry:
         cluster.wait_ready(client, timeout=180)
         plan = warm_up(cluster, client, args.warmup, args.new_tokens)
-        time.sleep(TELEMETRY_LAG_S)
-        before = telemetry.totals()
-        singles, multis, busy = [], [], []
+        singles, multis, busy, spans = [], [], [], []
         with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
             for _ in range(max(1, args.reps // 2 + 1)):
                 started = time.perf_counter()
                 tokens = len(one(client, cluster.cluster, args.new_tokens).tokens)
                 singles.append(tokens / (time.perf_counter() - started))
+                time.sleep(TELEMETRY_LAG_S)  # the single stream's calls are counted before
+                before = telemetry.totals()
                 started, cpu = time.perf_counter(), cpu_ticks()
                 results = list(pool.map(lambda _i: one(client, cluster.cluster, args.new_tokens),
                                         range(args.streams)))
                 multis.append(sum(len(r.tokens) for r in results) / (time.perf_counter() - started))
                 busy.append(busy_share(cpu, cpu_ticks()))
-        time.sleep(TELEMETRY_LAG_S)
-        calls = rows_per_call(before, telemetry.totals())
+                time.sleep(TELEMETRY_LAG_S)
+                spans.append((before, telemetry.totals()))
+        calls = rows_per_call(spans)
     single, multi = statistics.median(singles), statistics.median(multis)
     known = [b for b in busy if b is not None]
     cpu_busy = statistics.median(known) if len(known) == len(busy) else None
-    say("b: sessions' steps per call (single and multi phases): "
+    say(f"b: sessions' steps per call with {args.streams} streams (prompts included): "
         + " ".join(f"{n} {c['rows_per_call']:.2f}" for n, c in sorted(calls.items()) if c["calls"]))
     say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s"
         + (f", the machine's CPUs {cpu_busy:.0%} busy meanwhile" if cpu_busy is not None else ""))

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from linguamq.node.daemon import NodeDaemon, NodeSettings, status_will
+from linguamq.node.daemon import MAX_BATCH, NodeDaemon, NodeSettings, status_will
 from linguamq.tools.args import add_connection_arguments, connection_kwargs
 from linguamq.tools.signals import tune_for_latency, wait_for_signal
 from linguamq.topics import TopicError, validate_id
@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--slowdown must be >= 1, got {args.slowdown}")
         if min(args.mem_budget, args.threads, args.kv_max_mb, args.kv_ttl, args.max_sessions) < 0:
             raise ValueError("--mem-budget, --threads, --kv-max-mb, --kv-ttl and --max-sessions must be >= 0")
-        if args.max_batch < 1:
-            raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+        if not 1 <= args.max_batch <= MAX_BATCH:
+            raise ValueError(f"--max-batch must be between 1 and {MAX_BATCH}, got {args.max_batch}")
         if not args.max_envelope_mb > 0:
             raise ValueError(f"--max-envelope-mb must be > 0, got {args.max_envelope_mb}")
         settings = NodeSettings(name=args.name, cluster=args.cluster, cache_dir=args.cache, threads=args.threads,

@@ -76,40 +76,48 @@ class PlanLog(Follower):
         return None
 
 
+Totals = dict[str, dict[int, int]]  # TelemetryLog.totals(): node -> rows -> runs (rows 1: all calls)
+
+
 class TelemetryLog(Follower):
     """Per node, the calls its segments ran and the decode steps it ran in batches, summed over
-    every telemetry report since the block started (a node's counts restart with a new
-    assignment; a count that went down is taken as such a restart)."""
+    every telemetry report since the block started (a node's counts restart with each
+    assignment it applies: a report of another epoch counts from zero)."""
 
     def __init__(self, url: str, cluster: str) -> None:
         super().__init__(url, f"telemetry-{cluster}", topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter(cluster))
-        self._last: dict[str, dict[tuple[int, int], int]] = {}  # node -> (piece, rows) -> runs (rows 1: all calls)
-        self._total: dict[str, dict[int, int]] = {}  # node -> rows -> runs (rows 1: all calls)
+        self._last: dict[str, tuple[int, dict[tuple[int, int], int]]] = {}  # node -> (epoch, (piece, rows) -> runs)
+        self._total: Totals = {}
 
     def _on(self, _topic: str, report: Telemetry, _retained: bool) -> None:
         runs = {(t.piece, 1): t.runs for t in report.pieces} | {(b.piece, b.rows): b.runs for b in report.batches}
         with self._lock:
-            last, total = self._last.get(report.node, {}), self._total.setdefault(report.node, {})
+            epoch, last = self._last.get(report.node, (report.epoch, {}))
+            total = self._total.setdefault(report.node, {})
             for key, count in runs.items():
-                was = last.get(key, 0)
-                total[key[1]] = total.get(key[1], 0) + (count - was if count >= was else count)
-            self._last[report.node] = runs
+                was = last.get(key, 0) if epoch == report.epoch else 0
+                total[key[1]] = total.get(key[1], 0) + count - was
+            self._last[report.node] = (report.epoch, runs)
 
-    def totals(self) -> dict[str, dict[int, int]]:
+    def totals(self) -> Totals:
         with self._lock:
             return {node: dict(t) for node, t in self._total.items()}
 
 
-def rows_per_call(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]]) -> dict[str, dict[str, float]]:
-    """Per node, between two ``TelemetryLog.totals``: the calls its segments ran, the session
-    steps in them, steps per call and the share of steps run in batches of 2 or more."""
+def rows_per_call(spans: list[tuple[Totals, Totals]]) -> dict[str, dict[str, float]]:
+    """Per node, over (before, after) pairs of ``TelemetryLog.totals``: the calls its segments
+    ran, the session steps in them, steps per call and the share of steps run in batches."""
+    delta: dict[str, dict[int, int]] = {}
+    for before, after in spans:
+        for node, now in after.items():
+            d = delta.setdefault(node, {})
+            for rows, runs in now.items():
+                d[rows] = d.get(rows, 0) + runs - before.get(node, {}).get(rows, 0)
     out = {}
-    for node, now in after.items():
-        was = before.get(node, {})
-        delta = {rows: runs - was.get(rows, 0) for rows, runs in now.items()}
-        calls = delta.get(1, 0)
-        in_batches = sum(rows * runs for rows, runs in delta.items() if rows > 1)
-        steps = calls + sum((rows - 1) * runs for rows, runs in delta.items() if rows > 1)
+    for node, d in delta.items():
+        calls = d.get(1, 0)
+        in_batches = sum(rows * runs for rows, runs in d.items() if rows > 1)
+        steps = calls + sum((rows - 1) * runs for rows, runs in d.items() if rows > 1)
         out[node] = {"calls": calls, "steps": steps, "rows_per_call": steps / calls if calls else 0.0,
                      "batched_share": in_batches / steps if steps else 0.0}
     return out
