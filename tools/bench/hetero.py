@@ -7,8 +7,10 @@ all and the model must be split. Parts (each on a fresh cluster, same node cache
 
 - (a) planned (``--objective latency``) vs LinguaLinked's even split, one stream:
   decode tokens/s and their ratio;
-- (b) a throughput plan (the planner told of 4 sessions in flight): 4 concurrent
-  requests vs 1, aggregate tokens/s (tokens over wall time, prefill included);
+- (b) a throughput plan (the planner told of ``--streams`` sessions in flight, 4 by
+  default): that many concurrent requests vs 1, aggregate tokens/s (tokens over wall
+  time, prefill included), the plan's own prediction for them, and each node's session
+  steps per call while they run (how well batches form);
 - (c) under load, the fastest device (the planned pipeline's busiest) throttled 3x
   (NodeControl) with rebalancing vs without (the same planner with
   ``--drift-ratio inf``): tokens/s from the throttle to the end of the window;

@@ -82,7 +82,9 @@ Totals = dict[str, dict[int, int]]  # TelemetryLog.totals(): node -> rows -> run
 class TelemetryLog(Follower):
     """Per node, the calls its segments ran and the decode steps it ran in batches, summed over
     every telemetry report since the block started (a node's counts restart with each
-    assignment it applies: a report of another epoch counts from zero)."""
+    assignment it applies: a report of another epoch counts from zero). A segment's ``runs``
+    counts its batches only on a node with a batch cost (every node that batches, once it has
+    measured itself)."""
 
     def __init__(self, url: str, cluster: str) -> None:
         super().__init__(url, f"telemetry-{cluster}", topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter(cluster))
