@@ -15,7 +15,8 @@ The snapshot, as the page reads it (times are Unix seconds; unknown values are n
                 "errors", "slowdown", "seen_s_ago"}, ...],           # sorted by name
      "plan": {"epoch", "objective", "stages": [{"node", "first", "last", "predicted_ms",
               "measured_ms"}], "predicted_ms_per_token", "measured_ms_per_token",
-              "bottleneck", "reason", "left_out": [{"node", "why"}]} | null,
+              "bottleneck", "reason", "left_out": [{"node", "why"}], "sessions",
+              "predicted_tokens_per_s", ...} | null,                 # the Plan message's fields
      "epochs": [{"epoch", "at", "reason", "nodes": [...], "predicted_ms_per_token"}, ...],  # newest first
      "requests": {"in_flight", "queued", "rejected"} | null,          # null: no hub telemetry yet
      "tokens_per_s": [[t, rate], ...]}                                # the last THROUGHPUT_WINDOW_S
