@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator
 from typing import ParamSpec, TypeVar
 
 import pytest
+import structlog
 
 pytest_plugins = ["pytester"]  # tests/topics/test_callback_errors.py runs pytest on tests that use the fixture
 
@@ -60,6 +61,20 @@ class CallbackErrors:
                 return False
         self.check()
         return True
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found() -> Generator[None, None, None]:
+    """Each test leaves structlog as it found it. ``structlog.testing.capture_logs`` leaves it
+    "configured" with the defaults, which print to stdout; a later ``linguamq.Client`` then keeps
+    that set-up (it routes to ``logging`` only when nothing is configured) and its log lines
+    landed in another test's captured stdout (test_chat parses run-local's JSON from it)."""
+    was, config = structlog.is_configured(), structlog.get_config()
+    yield
+    if was:
+        structlog.configure(**config)
+    else:
+        structlog.reset_defaults()
 
 
 @pytest.fixture
