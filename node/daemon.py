@@ -283,9 +283,9 @@ class NodeDaemon:
         the last one taken says steps of its batch are right behind it (``behind``), they are
         waited for, SIBLING_WAIT_S at most: a batch upstream stays a batch here."""
         acts: list[_Act] = []
-        last, deadline, cap = first[1], time.monotonic() + SIBLING_WAIT_S, self._batch_cap()
-        while len(acts) < self.settings.max_batch:
-            more = last.behind and len(acts) + 1 < cap and not last.end and last.shape[:2] == (1, 1)  # a decode step
+        last, deadline = first[1], time.monotonic() + SIBLING_WAIT_S
+        while len(acts) < self.settings.max_batch:  # the cap is looked up only when a step says more follow
+            more = last.behind and not last.end and last.shape[:2] == (1, 1) and len(acts) + 1 < self._batch_cap()
             wait = deadline - time.monotonic() if more else 0.0
             try:
                 kind, item = self._work.get(timeout=wait) if wait > 0 else self._work.get_nowait()

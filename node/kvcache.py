@@ -189,11 +189,8 @@ class KVCache:
             capacity = max(needed, min(target, (self.max_bytes - self._concat_total) // max(per_position, 1)))
             if self._pool_bytes(layers, slots, capacity) + self._concat_total <= self.max_bytes:
                 return slots, capacity
-            victim = next((s for s in self._used if s not in sessions), None)
-            if victim is None:
+            if not self._evict_one(keep=sessions):
                 break
-            self.drop(victim)
-            self.evicted += 1
         need = self._pool_bytes(layers, len(sessions), positions)
         if len(sessions) > 1:  # a batch: its sessions may still fit one at a time
             raise KVCacheFull(f"a batch of {len(sessions)} sessions needs {need / 2**20:.2f} MiB of KV cache, more "
@@ -293,12 +290,17 @@ class KVCache:
                            f"{self.max_bytes / 2**20:.2f} MiB (--kv-max-mb): shorten the prompt or max_tokens")
 
     def _evict_over_budget(self, *, keep: Sequence[str]) -> None:
-        while self.max_bytes and self.nbytes() > self.max_bytes:
-            victim = next((s for s in self._used if s not in keep), None)
-            if victim is None:
-                return
-            self.drop(victim)
-            self.evicted += 1
+        while self.max_bytes and self.nbytes() > self.max_bytes and self._evict_one(keep=keep):
+            pass
+
+    def _evict_one(self, *, keep: Sequence[str]) -> bool:
+        """Drop the least recently used session not in ``keep``; False when there is none."""
+        victim = next((s for s in self._used if s not in keep), None)
+        if victim is None:
+            return False
+        self.drop(victim)
+        self.evicted += 1
+        return True
 
 
 def _pow2(n: int) -> int:

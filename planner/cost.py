@@ -169,12 +169,12 @@ def fits(problem: Problem, device: Device, first: int, last: int) -> bool:
 # --- per plan --------------------------------------------------------------------------
 
 def objective_value(objective: Objective, stage_times: Sequence[float], max_sessions: int,
-                    profiles: Sequence[Profile] | None) -> float:
+                    profiles: Sequence[Profile]) -> float:
     """``latency``: ms per token of one session; ``throughput``: ``pipelined_ms`` of
-    ``max_sessions`` sessions on nodes of ``profiles`` (None: nodes that run one session a call)."""
+    ``max_sessions`` sessions on nodes of ``profiles``."""
     if objective == "latency":
         return sum(stage_times)
-    return pipelined_ms(stage_times, profiles if profiles is not None else [None] * len(stage_times), max_sessions)
+    return pipelined_ms(stage_times, profiles, max_sessions)
 
 
 def batch_shape(sessions: int, stages: int) -> tuple[int, float]:
@@ -184,14 +184,14 @@ def batch_shape(sessions: int, stages: int) -> tuple[int, float]:
     return groups, sessions / groups
 
 
-def pipelined_ms(stage_times: Sequence[float], profiles: Sequence[Profile | None], sessions: int) -> float:
+def pipelined_ms(stage_times: Sequence[float], profiles: Sequence[Profile], sessions: int) -> float:
     """ms per token of ``sessions`` in flight on stages of ``stage_times`` run by nodes of
-    ``profiles`` (None: one session a call): each group (``batch_shape``) is one batch per
-    stage; the period is one group's trip or the busiest stage serving every group,
-    whichever is longer, over the sessions. One session a call (no batch_cost), this is
+    ``profiles``: each group (``batch_shape``) is one batch per stage; the period is one
+    group's trip or the busiest stage serving every group, whichever is longer, over the
+    sessions. One session a call (no batch_cost), this is
     ``max(max(stage_times), sum(stage_times) / sessions)``."""
     groups, rows = batch_shape(sessions, len(stage_times))
-    batch = [t * (p.batch_factor(rows) if p is not None else max(rows, 1.0)) for t, p in zip(stage_times, profiles)]
+    batch = [t * p.batch_factor(rows) for t, p in zip(stage_times, profiles)]
     return max(sum(batch), groups * max(batch)) / sessions
 
 

@@ -549,15 +549,15 @@ def make_plan(problem: Problem, objective: Objective, path: Path_, *, epoch: int
     sessions = problem.settings.max_sessions
     period = cost.pipelined_ms(times, [problem.devices[u].profile for u, _, _ in path], sessions)
     return Plan(epoch=epoch, objective=objective, stages=stages, predicted_ms_per_token=sum(times),
-                bottleneck=stages[worst].node, reason=reason(problem, objective, path, times, worst, optimal, gap),
+                bottleneck=stages[worst].node, reason=reason(problem, objective, path, times, worst, period, optimal, gap),
                 left_out=left_out(problem, path, optimal), solve_s=solve_s, optimal=optimal, gap=gap,
                 sessions=sessions, predicted_tokens_per_s=1000 / max(period, 1e-9))
 
 
-def reason(problem: Problem, objective: Objective, path: Path_, times: list[float], worst: int,
+def reason(problem: Problem, objective: Objective, path: Path_, times: list[float], worst: int, period: float,
            optimal: bool, gap: float) -> str:
+    """Why this plan, in a line; ``period``: its ``cost.pipelined_ms`` for the sessions planned."""
     sessions = problem.settings.max_sessions
-    period = cost.pipelined_ms(times, [problem.devices[u].profile for u, _, _ in path], sessions)
     u, a, b = path[worst]
     how = "optimal" if optimal else f"time limit reached, gap {gap:.2%}"
     return (f"{objective}: {len(path)} of {len(problem.devices)} nodes, {sum(times):.2f} ms/token single stream, "

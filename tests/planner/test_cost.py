@@ -56,10 +56,10 @@ def test_memory_is_weights_with_overhead_plus_kv_for_every_session_plus_a_consta
 
 
 def test_latency_adds_the_stages_and_throughput_is_the_slowest_stage_or_the_sessions_limit() -> None:
-    assert cost.objective_value("latency", [10.0, 30.0, 20.0], max_sessions=4, profiles=None) == 60.0
-    assert cost.objective_value("throughput", [10.0, 30.0, 20.0], max_sessions=4, profiles=None) == 30.0  # slowest stage
-    assert cost.objective_value("throughput", [10.0, 30.0, 20.0], max_sessions=1, profiles=None) == 60.0  # one token in flight
-    assert cost.objective_value("throughput", [10.0, 30.0, 20.0], max_sessions=3, profiles=None) == 30.0
+    assert cost.objective_value("latency", [10.0, 30.0, 20.0], max_sessions=4, profiles=[_profile()] * 3) == 60.0
+    assert cost.objective_value("throughput", [10.0, 30.0, 20.0], max_sessions=4, profiles=[_profile()] * 3) == 30.0  # slowest stage
+    assert cost.objective_value("throughput", [10.0, 30.0, 20.0], max_sessions=1, profiles=[_profile()] * 3) == 60.0  # one token in flight
+    assert cost.objective_value("throughput", [10.0, 30.0, 20.0], max_sessions=3, profiles=[_profile()] * 3) == 30.0
 
 
 def test_context_sets_the_attention_cost_of_a_decode_step(problem: Problem) -> None:
