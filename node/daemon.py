@@ -379,7 +379,7 @@ class NodeDaemon:
             return self._report("internal", f"cannot profile this node: {exc}")
         self.profile = make_profile(compute, link, self._budget_mb(), batch_cost)
         self._log.info("profiled", ms_per_gflop=round(compute[0], 2), rtt_ms=round(link[0], 2),
-                       mbps=round(link[1]), mem_budget_mb=round(self.profile.mem_budget_mb))
+                       mbps=round(link[1]), mem_budget_mb=round(self.profile.mem_budget_mb), batch_cost=batch_cost)
         self._publish_status(self._state)
 
     def _new_cache(self) -> KVCache:
@@ -571,7 +571,8 @@ class NodeDaemon:
         # Timed as the profile was (``work_clock``): with one thread the CPU time of the
         # step, which the neighbours on a shared machine do not stretch (timed by the wall
         # clock, a step's time swung 3x under load, and the planner replanned every few s).
-        self._record(stage, compute_s * max(self.slowdown, 1.0) * 1e3, rows=len(steps))
+        self._record(stage, compute_s * max(self.slowdown, 1.0) * 1e3, rows=len(steps),
+                     decode=len(steps) > 1 or _is_decode_step(steps[0].header, steps[0].array))
         # ``behind``: the rows after this one that go on to a next stage. At the tail, only the
         # steps the ring sends ahead; the token-dependent ends (EOS, a silent head) are not known
         # before sampling, and a receiver then waits SIBLING_WAIT_S for a step that never comes.
@@ -715,10 +716,15 @@ class NodeDaemon:
         if self.slowdown > 1.0:
             time.sleep(compute_s * (self.slowdown - 1.0))
 
-    def _record(self, stage: _Stage, ms: float, rows: int = 1) -> None:
-        # One EWMA per segment, reported under its first piece, of one step's time (the unit
-        # the planner's cost model predicts); batches by size beside it.
+    def _record(self, stage: _Stage, ms: float, rows: int = 1, decode: bool = True) -> None:
+        # One EWMA per segment, reported under its first piece, of one decode step's time (the
+        # unit the planner's cost model predicts); batches by size beside it. A prompt's chunk
+        # counts as busy time only: in the EWMA, the prompts of streams starting together read
+        # as a node 1.5-1.9x slower, then the decode steps as one 0.6x faster, and the planner
+        # replanned (every session re-prefilled) every few seconds (`bench hetero` (b)).
         self._busy_ms += ms
+        if not decode:
+            return
         if rows > 1:
             key = (stage.segment.first, rows)
             was = self._batches.get(key)

@@ -68,7 +68,7 @@ def probe_compute(runtime: SegmentRuntime, slowdown: float, repeats: int = 5,
 BATCH_ROWS = (2, 4, 8)  # the batch sizes a profile's batch_cost measures
 
 
-def probe_batch(runtime: SegmentRuntime, rows: tuple[int, ...] = BATCH_ROWS, repeats: int = 5,
+def probe_batch(runtime: SegmentRuntime, rows: tuple[int, ...] = BATCH_ROWS, repeats: int = 7,
                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, ...]:
     """A decode step of each of ``rows`` sessions run as one batch on ``runtime``'s layer
     piece, over one session's step (medians, at PREFILL_TOKENS cached positions); () when
@@ -95,8 +95,12 @@ def probe_batch(runtime: SegmentRuntime, rows: tuple[int, ...] = BATCH_ROWS, rep
 
     try:
         once(max(rows))  # warm-up
-        one = statistics.median(once(1) for _ in range(repeats))
-        return tuple(round(max(statistics.median(once(n) for _ in range(repeats)) / one, 1.0), 3) for n in rows)
+        # Every size once a round, ratios to that round's single step, medians over rounds: timed
+        # size by size, a spell of contention (nodes starting together on one machine) fell on
+        # one size; two nodes of one model on one VM probed 4 rows at 1.43x and 2.04x one step.
+        rounds = [[once(n) for n in (1, *rows)] for _ in range(repeats)]
+        return tuple(round(max(statistics.median(r[k] / r[0] for r in rounds), 1.0), 3)
+                     for k in range(1, len(rows) + 1))
     finally:
         for session in sessions:
             runtime.drop(session)

@@ -509,6 +509,20 @@ def test_a_step_that_says_its_batch_follows_waits_for_it(roomy: Cluster, monkeyp
     assert [(b.rows, b.runs) for b in node._batches.values()] == ([(2, 1)] if behind else [])
 
 
+def test_a_prompt_counts_as_busy_time_not_as_a_decode_steps_time(roomy: Cluster) -> None:
+    """The telemetry's per-segment EWMA is what the planner compares with its decode-step
+    prediction: a prompt's many positions in it would read as a slower node (a drift, a replan)."""
+    wire, node = Wire(roomy), roomy.node
+    busy = node._busy_ms
+    wire.send("x", step=0, start=0, ids=PROMPTS["x"][:30], sampling=SAMPLED)
+    wire.wait_out("x", 0)
+    assert node._busy_ms > busy and not node._timings  # ran, and timed as no decode step
+    token = wire.outs("x")[0][1]
+    wire.send("x", step=1, start=30, ids=[token], sampling=SAMPLED)
+    wire.wait_out("x", 1)
+    assert [t.runs for t in node._timings.values()] == [1]
+
+
 @pytest.fixture
 def capped(artifacts: tuple[Path, ModelManifest], tmp_path: Path) -> Iterator[Cluster]:
     """Node n1 with --max-sessions 2, ready on epoch 1."""
