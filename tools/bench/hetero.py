@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import statistics
@@ -45,6 +46,7 @@ from linguamq.schemas.requests import GenerateRequest, GenerateResult
 from linguamq.tools.bench.pipeline import PROMPT, add_model_arguments, model_from_args
 from linguamq.tools.testing.cluster import LocalCluster, NodeSpec
 from linguamq.tools.testing.followers import PlanLog, TelemetryLog, rows_per_call
+from linguamq.tools.trace.tracer import record_during
 from linguamq.topics.client import MqttClient
 
 PARTS = ("a", "b", "c", "d")
@@ -70,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(c): the device throttled (default: the fastest, which the plan gives the most work)")
     parser.add_argument("--window", type=float, default=30.0, metavar="S", help="(c): seconds measured after it")
     parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run (default a,b,c,d)")
+    parser.add_argument("--trace", type=Path, metavar="FILE",
+                        help="(b): record a trace of the multi-stream phases to this JSONL file (`linguamq trace --from`)")
     parser.add_argument("--max-batch", type=int, default=8, metavar="N",
                         help="the nodes' --max-batch (default 8; 1: batching off, for comparison)")
 
@@ -159,34 +163,69 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
             TelemetryLog(cluster.url, cluster.cluster) as telemetry:
         cluster.wait_ready(client, timeout=180)
         plan = warm_up(cluster, client, args.warmup, args.new_tokens)
-        singles, multis, busy, spans = [], [], [], []
+        singles, multis, busy, spans, busy_spans = [], [], [], [], []
+        decode_singles, decode_multis = [], []  # decoding only (what a plan predicts): sum of 1000 / ms_per_token
         with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
             for _ in range(max(1, args.reps // 2 + 1)):
                 started = time.perf_counter()
-                tokens = len(one(client, cluster.cluster, args.new_tokens).tokens)
-                singles.append(tokens / (time.perf_counter() - started))
+                result = one(client, cluster.cluster, args.new_tokens)
+                singles.append(len(result.tokens) / (time.perf_counter() - started))
+                decode_singles.append(decode_rate([result]))
                 time.sleep(TELEMETRY_LAG_S)  # the single stream's calls are counted before
-                before = telemetry.totals()
-                started, cpu = time.perf_counter(), cpu_ticks()
-                results = list(pool.map(lambda _i: one(client, cluster.cluster, args.new_tokens),
-                                        range(args.streams)))
-                multis.append(sum(len(r.tokens) for r in results) / (time.perf_counter() - started))
-                busy.append(busy_share(cpu, cpu_ticks()))
+                before, busy_before = telemetry.totals(), telemetry.busy()
+                tracer = (record_during(cluster.url, cluster.cluster, args.trace, append=True, settle_s=0.5)
+                          if args.trace else contextlib.nullcontext())
+                with tracer:
+                    started, cpu = time.perf_counter(), cpu_ticks()
+                    results = list(pool.map(lambda _i: one(client, cluster.cluster, args.new_tokens),
+                                            range(args.streams)))
+                    wall, cpu_after = time.perf_counter() - started, cpu_ticks()
+                multis.append(sum(len(r.tokens) for r in results) / wall)
+                decode_multis.append(decode_rate(results))
+                busy.append(busy_share(cpu, cpu_after))
                 time.sleep(TELEMETRY_LAG_S)
                 spans.append((before, telemetry.totals()))
+                busy_spans.append((busy_before, telemetry.busy(), wall))
         calls = rows_per_call(spans)
+        for node, share in node_busy(busy_spans).items():
+            calls.setdefault(node, {})["busy_share"] = share
     single, multi = statistics.median(singles), statistics.median(multis)
+    decode_single, decode_multi = statistics.median(decode_singles), statistics.median(decode_multis)
     known = [b for b in busy if b is not None]
     cpu_busy = statistics.median(known) if len(known) == len(busy) else None
     say(f"b: sessions' steps per call with {args.streams} streams (prompts included): "
-        + " ".join(f"{n} {c['rows_per_call']:.2f}" for n, c in sorted(calls.items()) if c["calls"]))
+        + " ".join(f"{n} {c['rows_per_call']:.2f}" for n, c in sorted(calls.items()) if c.get("calls")))
+    say("b: each node's time running pieces over the streams' time: "
+        + " ".join(f"{n} {c['busy_share']:.0%}" for n, c in sorted(calls.items()) if "busy_share" in c))
     say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s"
         + (f", the machine's CPUs {cpu_busy:.0%} busy meanwhile" if cpu_busy is not None else ""))
+    say(f"b: decoding alone, 1 stream {decode_single:.1f} tokens/s (predicted {1000 / plan.predicted_ms_per_token:.1f}), "
+        f"{args.streams} streams {decode_multi:.1f} (predicted {plan.predicted_tokens_per_s or 0:.1f})")
     return {"objective": "throughput", "plan_sessions": args.streams, "epoch": plan.epoch, "stages": stages(plan),
             "predicted_ms_per_token": plan.predicted_ms_per_token, "single_tokens_per_s": single,
             "predicted_multi_tokens_per_s": plan.predicted_tokens_per_s, "calls": calls,
             "multi_tokens_per_s": multi, "single_all": singles, "multi_all": multis,
-            "pipelined_over_single": multi / single, "cpu_busy_multi": cpu_busy, "cpus": os.cpu_count()}
+            "pipelined_over_single": multi / single, "cpu_busy_multi": cpu_busy, "cpus": os.cpu_count(),
+            "decode_single_tokens_per_s": decode_single, "decode_multi_tokens_per_s": decode_multi}
+
+
+def decode_rate(results: list[GenerateResult]) -> float:
+    """Tokens/s of ``results`` decoding side by side: the sum of each one's decode rate (first
+    token to last). A plan predicts decoding: the prompts, which the stages run one after
+    another as the streams start, are left out. A stream that decodes some steps after others
+    ended runs those faster, so with streams ending apart this leans high."""
+    return sum(1000.0 / r.ms_per_token for r in results if r.ms_per_token > 0)
+
+
+def node_busy(spans: list[tuple[dict[str, float], dict[str, float], float]]) -> dict[str, float]:
+    """Per node, over (busy_ms before, busy_ms after, wall s) of the multi-stream phases: the
+    share of that time it spent running pieces (telemetry lags ~1 s, like the calls)."""
+    ms: dict[str, float] = {}
+    for before, after, _wall in spans:
+        for node, now in after.items():
+            ms[node] = ms.get(node, 0.0) + now - before.get(node, now)
+    total_s = sum(wall for _b, _a, wall in spans)
+    return {node: busy / (total_s * 1e3) for node, busy in ms.items()} if total_s else {}
 
 
 def cpu_ticks() -> tuple[int, int] | None:
@@ -310,6 +349,10 @@ def table(r: dict[str, Any]) -> str:
                         if b.get("cpu_busy_multi") is not None else "")
                      + (f"; the plan predicted {b['predicted_multi_tokens_per_s']:.1f} tokens/s for them"
                         if b.get("predicted_multi_tokens_per_s") is not None else ""))
+        if "decode_multi_tokens_per_s" in b:
+            lines.append(f"  (b) decoding alone (each stream's decode rate, summed): 1 stream "
+                         f"{b['decode_single_tokens_per_s']:.1f} tokens/s, {b['plan_sessions']} streams "
+                         f"{b['decode_multi_tokens_per_s']:.1f} tokens/s")
     if "throttle" in r:
         t = r["throttle"]
         for key in ("rebalanced", "static"):

@@ -90,6 +90,7 @@ class TelemetryLog(Follower):
         super().__init__(url, f"telemetry-{cluster}", topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.filter(cluster))
         self._last: dict[str, tuple[int, dict[tuple[int, int], int]]] = {}  # node -> (epoch, (piece, rows) -> runs)
         self._total: Totals = {}
+        self._busy: dict[str, float] = {}  # node -> busy_ms of its last report (since the node started)
 
     def _on(self, _topic: str, report: Telemetry, _retained: bool) -> None:
         runs = {(t.piece, 1): t.runs for t in report.pieces} | {(b.piece, b.rows): b.runs for b in report.batches}
@@ -100,10 +101,16 @@ class TelemetryLog(Follower):
                 was = last.get(key, 0) if epoch == report.epoch else 0
                 total[key[1]] = total.get(key[1], 0) + count - was
             self._last[report.node] = (report.epoch, runs)
+            self._busy[report.node] = report.busy_ms
 
     def totals(self) -> Totals:
         with self._lock:
             return {node: dict(t) for node, t in self._total.items()}
+
+    def busy(self) -> dict[str, float]:
+        """Per node, the ms it has spent running pieces since it started (emulated slowness included)."""
+        with self._lock:
+            return dict(self._busy)
 
 
 def rows_per_call(spans: list[tuple[Totals, Totals]]) -> dict[str, dict[str, float]]:
