@@ -719,9 +719,10 @@ class NodeDaemon:
     def _record(self, stage: _Stage, ms: float, rows: int = 1, decode: bool = True) -> None:
         # One EWMA per segment, reported under its first piece, of one decode step's time (the
         # unit the planner's cost model predicts); batches by size beside it. A prompt's chunk
-        # counts as busy time only: in the EWMA, the prompts of streams starting together read
-        # as a node 1.5-1.9x slower, then the decode steps as one 0.6x faster, and the planner
-        # replanned (every session re-prefilled) every few seconds (`bench hetero` (b)).
+        # of more than one position counts as busy time only: in the EWMA, the prompts of
+        # streams starting together read as a node 1.5-1.9x slower, then the decode steps as
+        # one 0.6x faster, and the planner replanned (every session re-prefilled) every few
+        # seconds (`bench hetero` (b)).
         self._busy_ms += ms
         if not decode:
             return

@@ -71,7 +71,8 @@ BATCH_ROWS = (2, 4, 8)  # the batch sizes a profile's batch_cost measures
 def probe_batch(runtime: SegmentRuntime, rows: tuple[int, ...] = BATCH_ROWS, repeats: int = 7,
                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, ...]:
     """A decode step of each of ``rows`` sessions run as one batch on ``runtime``'s layer
-    piece, over one session's step (medians, at PREFILL_TOKENS cached positions); () when
+    piece, over one session's step (medians over ``repeats`` rounds of each size's ratio to
+    that round's single step, at PREFILL_TOKENS cached positions); () when
     the runtime cannot batch. One layer alone: a merged segment's and the head's ratios
     differ somewhat (SmolLM2 int4, 4 rows: layers 1.7x, head 1.4x)."""
     if not runtime.batches:

@@ -6,8 +6,10 @@ import dataclasses
 import itertools
 import threading
 import time
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from linguamq.node.profile import probe_batch, probe_compute, probe_runtime, work_clock
@@ -77,3 +79,37 @@ def test_the_probe_measures_what_a_batch_costs_over_one_step(artifacts: Art) -> 
     assert runtime.cache.sessions() == ()  # its sessions are gone
     unbatched = probe_runtime(dataclasses.replace(manifest, batch_rows=False), path, RuntimeSettings(intra_op_threads=1))
     assert probe_batch(unbatched) == ()
+
+
+class _ContendedRuntime:
+    """A layer whose call of n rows takes ``cost[n]`` on a clock of its own, 3x as long for the
+    calls numbered in ``spell`` (neighbours starting up on the same machine)."""
+
+    batches = True
+
+    def __init__(self, cost: dict[int, float], spell: range) -> None:
+        self.manifest = types.SimpleNamespace(hidden_size=4, act_dtype="float32")
+        self.cache = types.SimpleNamespace(truncate=lambda session, length: None)
+        self.cost, self.spell, self.calls, self.now = cost, spell, 0, 0.0
+
+    def _call(self, rows: int) -> np.ndarray:
+        self.calls += 1
+        self.now += self.cost[rows] * (3.0 if self.calls in self.spell else 1.0)
+        return np.zeros((rows, 1, 4), np.float32)
+
+    def run(self, session: str, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self._call(1)
+
+    def run_batch(self, sessions: tuple[str, ...], x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self._call(len(sessions))
+
+    def drop(self, session: str) -> None:
+        pass
+
+
+def test_a_spell_of_contention_does_not_skew_one_batch_size() -> None:
+    """Four calls in a row slowed 3x: timed size by size they would all be 2-row calls, and the
+    probe would say 2 rows cost 3.75x one step; interleaved, the rounds they hit are outvoted."""
+    cost = {1: 1.0, 2: 1.25, 4: 1.5, 8: 2.0}
+    runtime = _ContendedRuntime(cost, spell=range(17, 21))  # 8 prefills + a warm-up, then the probe's calls
+    assert probe_batch(runtime, repeats=7, clock=lambda: runtime.now) == (1.25, 1.5, 2.0)  # type: ignore[arg-type]

@@ -9,8 +9,10 @@ all and the model must be split. Parts (each on a fresh cluster, same node cache
   decode tokens/s and their ratio;
 - (b) a throughput plan (the planner told of ``--streams`` sessions in flight, 4 by
   default): that many concurrent requests vs 1, aggregate tokens/s (tokens over wall
-  time, prefill included), the plan's own prediction for them, and each node's session
-  steps per call while they run (how well batches form);
+  time, prefill included), the plan's own prediction for them, each stream's decode rate
+  summed (what the plan predicts: prompts left out), each node's decode steps per call
+  while they run (how well batches form) and its busy share; ``--trace FILE`` records the
+  multi-stream phases (`linguamq trace --from FILE`);
 - (c) under load, the fastest device (the planned pipeline's busiest) throttled 3x
   (NodeControl) with rebalancing vs without (the same planner with
   ``--drift-ratio inf``): tokens/s from the throttle to the end of the window;
@@ -164,7 +166,9 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
         cluster.wait_ready(client, timeout=180)
         plan = warm_up(cluster, client, args.warmup, args.new_tokens)
         singles, multis, busy, spans, busy_spans = [], [], [], [], []
-        decode_singles, decode_multis = [], []  # decoding only (what a plan predicts): sum of 1000 / ms_per_token
+        decode_singles, decode_multis = [], []  # sum of each stream's 1000 / ms_per_token (decode_rate)
+        if args.trace:
+            args.trace.unlink(missing_ok=True)  # the phases append to it
         with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
             for _ in range(max(1, args.reps // 2 + 1)):
                 started = time.perf_counter()
@@ -193,14 +197,15 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
     decode_single, decode_multi = statistics.median(decode_singles), statistics.median(decode_multis)
     known = [b for b in busy if b is not None]
     cpu_busy = statistics.median(known) if len(known) == len(busy) else None
-    say(f"b: sessions' steps per call with {args.streams} streams (prompts included): "
+    say(f"b: sessions' decode steps per call with {args.streams} streams: "
         + " ".join(f"{n} {c['rows_per_call']:.2f}" for n, c in sorted(calls.items()) if c.get("calls")))
     say("b: each node's time running pieces over the streams' time: "
         + " ".join(f"{n} {c['busy_share']:.0%}" for n, c in sorted(calls.items()) if "busy_share" in c))
     say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s"
         + (f", the machine's CPUs {cpu_busy:.0%} busy meanwhile" if cpu_busy is not None else ""))
-    say(f"b: decoding alone, 1 stream {decode_single:.1f} tokens/s (predicted {1000 / plan.predicted_ms_per_token:.1f}), "
-        f"{args.streams} streams {decode_multi:.1f} (predicted {plan.predicted_tokens_per_s or 0:.1f})")
+    say(f"b: each stream's decode rate, summed (approx.): 1 stream {decode_single:.1f} tokens/s (predicted "
+        f"{tokens_per_s(plan.predicted_ms_per_token)}), {args.streams} streams {decode_multi:.1f} (predicted "
+        + (f"{plan.predicted_tokens_per_s:.1f})" if plan.predicted_tokens_per_s else "n/a)"))
     return {"objective": "throughput", "plan_sessions": args.streams, "epoch": plan.epoch, "stages": stages(plan),
             "predicted_ms_per_token": plan.predicted_ms_per_token, "single_tokens_per_s": single,
             "predicted_multi_tokens_per_s": plan.predicted_tokens_per_s, "calls": calls,
@@ -209,11 +214,16 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
             "decode_single_tokens_per_s": decode_single, "decode_multi_tokens_per_s": decode_multi}
 
 
+def tokens_per_s(ms_per_token: float) -> str:
+    return f"{1000 / ms_per_token:.1f}" if ms_per_token > 0 else "n/a"
+
+
 def decode_rate(results: list[GenerateResult]) -> float:
-    """Tokens/s of ``results`` decoding side by side: the sum of each one's decode rate (first
-    token to last). A plan predicts decoding: the prompts, which the stages run one after
-    another as the streams start, are left out. A stream that decodes some steps after others
-    ended runs those faster, so with streams ending apart this leans high."""
+    """About the tokens/s of ``results`` decoding side by side, which is what a plan predicts:
+    the sum of each one's decode rate (its first token to its last), so the time before a
+    stream's first token (its prompt, and the prompts before it) is left out. Approximate both
+    ways: a stream's window also holds other streams' prompts (low), and steps it decodes after
+    others ended run faster (high)."""
     return sum(1000.0 / r.ms_per_token for r in results if r.ms_per_token > 0)
 
 
@@ -350,7 +360,7 @@ def table(r: dict[str, Any]) -> str:
                      + (f"; the plan predicted {b['predicted_multi_tokens_per_s']:.1f} tokens/s for them"
                         if b.get("predicted_multi_tokens_per_s") is not None else ""))
         if "decode_multi_tokens_per_s" in b:
-            lines.append(f"  (b) decoding alone (each stream's decode rate, summed): 1 stream "
+            lines.append(f"  (b) each stream's decode rate, summed (approx.): 1 stream "
                          f"{b['decode_single_tokens_per_s']:.1f} tokens/s, {b['plan_sessions']} streams "
                          f"{b['decode_multi_tokens_per_s']:.1f} tokens/s")
     if "throttle" in r:

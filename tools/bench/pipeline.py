@@ -4,6 +4,8 @@ Same model, same thread count per process, alternating repetitions so noise on t
 shared machine hits both sides alike; medians and their ratio. The model (a ~100M
 llama made by `linguamq tiny`) is built once into --workdir and reused.
 
+``--broker mosquitto`` runs the cluster on a mosquitto the bench starts (with
+``set_tcp_nodelay``, tools/testing/mosquitto.py) instead of the hub's embedded broker.
 ``--trace FILE.jsonl`` records a trace (`linguamq trace`) during the distributed runs;
 ``--compare-trace`` measures what recording costs instead: distributed runs with and
 without a recording tracer, alternating, medians and their ratio.

@@ -109,7 +109,8 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {args.out / 'password_file'} and {args.out / 'acl_file'} ({len(users)} users). In mosquitto.conf:\n"
           f"  allow_anonymous false\n  password_file {args.out.resolve() / 'password_file'}\n"
           f"  acl_file {args.out.resolve() / 'acl_file'}\n"
-          "  set_tcp_nodelay true   # else mosquitto holds each small activation for a TCP ACK\n"
+          "  set_tcp_nodelay true\n"
+          "(without the last, mosquitto can hold a small message until the previous one is acknowledged.) "
           "The hub then connects with a hub-role user: linguamq hub --broker URL -u NAME (password in "
           "$LINGUAMQ_PASSWORD).")
     return 0

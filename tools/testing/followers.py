@@ -76,11 +76,12 @@ class PlanLog(Follower):
         return None
 
 
-Totals = dict[str, dict[int, int]]  # TelemetryLog.totals(): node -> rows -> runs (rows 1: all calls)
+Totals = dict[str, dict[int, int]]  # TelemetryLog.totals(): node -> rows -> runs (rows 1: all decode calls)
 
 
 class TelemetryLog(Follower):
-    """Per node, the calls its segments ran and the decode steps it ran in batches, summed over
+    """Per node, the decode calls its segments ran and the decode steps it ran in batches (a
+    prompt's chunks are not counted: telemetry times decode steps only), summed over
     every telemetry report since the block started (a node's counts restart with each
     assignment it applies: a report of another epoch counts from zero). A segment's ``runs``
     counts its batches only on a node with a batch cost (every node that batches, once it has
@@ -108,14 +109,15 @@ class TelemetryLog(Follower):
             return {node: dict(t) for node, t in self._total.items()}
 
     def busy(self) -> dict[str, float]:
-        """Per node, the ms it has spent running pieces since it started (emulated slowness included)."""
+        """Per node, the ms it has spent running pieces since it started: with one thread its
+        compute's CPU time times its slowdown (the emulated device's busy time, not the process's)."""
         with self._lock:
             return dict(self._busy)
 
 
 def rows_per_call(spans: list[tuple[Totals, Totals]]) -> dict[str, dict[str, float]]:
-    """Per node, over (before, after) pairs of ``TelemetryLog.totals``: the calls its segments
-    ran, the session steps in them, steps per call and the share of steps run in batches."""
+    """Per node, over (before, after) pairs of ``TelemetryLog.totals``: the decode calls its
+    segments ran, the session steps in them, steps per call and the share of steps run in batches."""
     delta: dict[str, dict[int, int]] = {}
     for before, after in spans:
         for node, now in after.items():
