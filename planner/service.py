@@ -10,7 +10,15 @@ A new epoch is published when
   (moving weights is not free; a steady cluster publishes no new epoch). A node not
   measured yet is assumed off by as much as the measured nodes' probes were when first
   measured (the median), so that correcting one node's probe does not make the others
-  look faster; a stage without FLOPs (the embedding alone) is never judged.
+  look faster; a stage without FLOPs (the embedding alone) is never judged. A node's
+  correction is learned on the segment it runs, and the model's error is not the same for
+  every segment: both plans are valued by what each (node, segment) pair measured when it
+  last ran, where that is slower than the corrected prediction and at most
+  ``segment_memory_s`` old (corrected on one segment, the other plan looked faster, then the
+  first again: `bench hetero` (b) alternated between two plans every 4-8 s). A node that
+  drifts on a segment it had run as predicted in that epoch changed speed: what its other
+  segments measured is scaled by the same ratio (a node recovered from a throttle takes its
+  old segment back at once).
 State changes of the same nodes (loading -> ready) never replan. Every few seconds the
 retained plan is re-published under the same epoch with measured figures beside the
 predicted ones, so `linguamq plan` and tracers can show how good the prediction is.
@@ -61,6 +69,7 @@ class PlannerSettings:
     hysteresis: float = 0.10
     explain_s: float = 5.0
     time_limit_s: float = 5.0
+    segment_memory_s: float = 60.0  # how long what a (node, segment) measured values a proposal
 
 
 class PlannerService:
@@ -79,6 +88,10 @@ class PlannerService:
         self._first: dict[str, float] = {}  # the scale each node's first measurement implied, until confirmed
         self._drift: dict[str, int] = {}  # consecutive drifting reports
         self._measured: dict[str, float] = {}  # stage compute ms (EWMA) per node
+        # (node, first, last) -> (compute ms EWMA, monotonic time): what each segment measured
+        # when it last ran, kept across epochs (see the module docstring)
+        self._segments: dict[tuple[str, int, int], tuple[float, float]] = {}
+        self._steady: set[str] = set()  # nodes measured as predicted in this epoch (see _rescale_segments)
         self._changed_at: float | None = None
         self._drift_due = False
         self._stop = threading.Event()
@@ -121,6 +134,7 @@ class PlannerService:
             before = self._members()
             if status.state == "offline":
                 self._joined.pop(node, None)
+                self._segments = {k: v for k, v in self._segments.items() if k[0] != node}
             else:
                 self._joined.setdefault(node, time.monotonic())
             self._status[node] = status
@@ -148,6 +162,7 @@ class PlannerService:
             if timing is None or timing.runs < 3:
                 return
             self._measured[report.node] = timing.ms_ewma
+            self._segments[(report.node, stage.first, stage.last)] = (timing.ms_ewma, time.monotonic())
             if self.settings.objective == "even":
                 return
             predicted = self._predicted_compute(stage)
@@ -159,7 +174,11 @@ class PlannerService:
             if not drifting and report.node not in self._calibration:  # first measured, as predicted
                 self._scale[report.node] = self._calibration[report.node] = self._scale_of(report.node)
             self._drift[report.node] = self._drift.get(report.node, 0) + 1 if drifting else 0
+            if not drifting:
+                self._steady.add(report.node)
             if self._drift[report.node] >= self.settings.drift_reports:
+                if report.node in self._steady:  # it changed speed on a segment it ran as predicted
+                    self._rescale_segments(report.node, (stage.first, stage.last), ratio)
                 self._scale[report.node] = self._scale_of(report.node) * ratio
                 # The probe's error is what the first measurement showed: a node slowed before
                 # its drift was confirmed (3 reports) is slower, and its probe no more wrong.
@@ -167,6 +186,15 @@ class PlannerService:
                 self._drift[report.node] = 0
                 self._drift_due = True
                 log.info("node drifted", node=report.node, measured_over_predicted=round(ratio, 2))
+
+    def _rescale_segments(self, node: str, current: tuple[int, int], ratio: float) -> None:
+        """``node`` drifted by ``ratio`` on a segment it had run as predicted in this epoch: it
+        changed speed (a throttle, or its end), and what its other segments measured before is
+        scaled alike. A drift in an epoch's first reports is a segment the model mispredicts,
+        and what the others measured stands (the service's docstring)."""
+        for (n, first, last), (ms, at) in list(self._segments.items()):
+            if n == node and (first, last) != current:
+                self._segments[(n, first, last)] = (ms * ratio, at)
 
     def _scale_of(self, node: str) -> float:
         """Measured over profiled compute of ``node``. A node not measured yet (idle, or new)
@@ -205,10 +233,18 @@ class PlannerService:
         problem = self._problem([stage.node])
         return cost.compute_ms(problem, problem.devices[0], stage.first, stage.last)
 
-    def _value(self, plan: Plan) -> float:
-        """``plan``'s objective under the current (corrected) profiles."""
+    def _value(self, plan: Plan, *, as_measured: bool = False) -> float:
+        """``plan``'s objective under the current (corrected) profiles; ``as_measured``: a stage
+        whose node ran that segment within ``segment_memory_s`` is valued by what it measured
+        then where that was slower (a proposal must beat the plan, both as known)."""
         problem = self._problem([s.node for s in plan.stages])
-        times = [cost.stage_ms(problem, d, s.first, s.last) for d, s in zip(problem.devices, plan.stages)]
+        times = []
+        for device, stage in zip(problem.devices, plan.stages):
+            ms = cost.stage_ms(problem, device, stage.first, stage.last)
+            seen = self._segments.get((stage.node, stage.first, stage.last)) if as_measured else None
+            if seen is not None and time.monotonic() - seen[1] <= self.settings.segment_memory_s:
+                ms += max(0.0, seen[0] - cost.compute_ms(problem, device, stage.first, stage.last))
+            times.append(ms)
         return cost.objective_value(self.settings.scored, times, self._costs.max_sessions,
                                     [d.profile for d in problem.devices])
 
@@ -273,12 +309,12 @@ class PlannerService:
         if current is None:
             return
         with self._lock:
-            before = self._value(current)
+            before = self._value(current, as_measured=True)
         proposal = self._solve(members)
         if proposal is None or not proposal.stages:
             return
         with self._lock:  # like for like: a throughput plan's predicted_ms_per_token is its latency
-            after = self._value(proposal)
+            after = self._value(proposal, as_measured=True)
         if after < before * (1 - self.settings.hysteresis):
             self._publish(proposal, members, f"drift: current plan now predicted {before:.1f} ms/token")
         else:
@@ -309,6 +345,7 @@ class PlannerService:
             everyone = set(members) | self._planned_for  # nodes that left get an empty assignment
             self._measured.clear()
             self._drift.clear()
+            self._steady.clear()
         for node, assignment in assignments(plan, self._manifest_sha, sorted(everyone)).items():
             self._client.publish(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(self._cluster, node=node),
                                  assignment, wait=5.0)

@@ -59,7 +59,7 @@ def service() -> PlannerService:
 def report(svc: PlannerService, node: str, ms: float, reports: int = 3) -> None:
     first = next(s.first for s in svc.plan.stages if s.node == node)
     for seq in range(reports):
-        telemetry = Telemetry(node=node, ts=2.0 + seq, seq=seq, epoch=1,
+        telemetry = Telemetry(node=node, ts=2.0 + seq, seq=seq, epoch=svc.plan.epoch,
                               pieces=(PieceTiming(piece=first, ms_ewma=ms, runs=10 + seq),))
         svc._on_telemetry(topics.NODE_TELEMETRY.build(CLUSTER, node=node), telemetry, False)
 
@@ -135,3 +135,73 @@ def test_a_throughput_plan_is_compared_by_its_period_not_its_latency() -> None:
     assert len(plans) == 1, "a plan with a shorter period was not adopted"
     assert svc._value(plans[0]) < 0.9 * before
     assert plans[0].predicted_ms_per_token > before  # its latency: the old comparison kept the slow plan
+
+
+def _adopt(svc: PlannerService, *stages: tuple[str, int, int]) -> Plan:
+    """A plan of ``stages`` (node, first, last) published as the next epoch."""
+    plan = Plan(epoch=svc._last_epoch + 1, objective="latency", predicted_ms_per_token=1.0,
+                stages=tuple(Stage(node=n, first=a, last=b, predicted_ms=0.5) for n, a, b in stages))
+    svc._publish(plan, frozenset("abc"), "test")
+    return plan
+
+
+def _heavy(b_scale: float) -> PlannerService:
+    """Nodes a, b, c (same probe) on 4 layers of 100 MFLOP (5 ms each as probed); b measured
+    ``b_scale`` times its probe, so layers a can take off it help."""
+    layer = MANIFEST.pieces[1]
+    layers = [dataclasses.replace(layer, index=i + 1, name=f"layer.{i}", file=f"layer.{i}.onnx",
+                                  flops_per_token=100_000_000, attn_flops_per_position=0) for i in range(4)]
+    pieces = (dataclasses.replace(MANIFEST.pieces[0], flops_per_token=0), *layers,
+              dataclasses.replace(MANIFEST.pieces[-1], index=5, flops_per_token=0))
+    svc = PlannerService(client=_Client(), cluster=CLUSTER, manifest_sha256=SHA,
+                         manifest=dataclasses.replace(MANIFEST, num_layers=4, pieces=pieces))
+    for node in "abc":
+        svc._on_status(topics.NODE_STATUS.build(CLUSTER, node=node),
+                       NodeStatus(node=node, state="ready", ts=1.0, epoch=1, profile=PROFILE), False)
+    svc._scale["b"] = b_scale
+    return svc
+
+
+def _drift_proposes(svc: PlannerService, monkeypatch: pytest.MonkeyPatch, proposal: Plan) -> bool:
+    """The drift's replan round, its solve returning ``proposal``: adopted?"""
+    monkeypatch.setattr(svc, "_solve", lambda members: dataclasses.replace(proposal, epoch=svc._last_epoch + 1))
+    epoch = svc.plan.epoch
+    svc._drift_due = False
+    svc._on_drift(frozenset("abc"))
+    return svc.plan.epoch > epoch
+
+
+def test_a_proposal_is_valued_by_what_its_segments_measured_when_they_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's correction is learned on the segment it runs. a ran pieces 0-2 at 2.5x their
+    prediction, so 0-1 went to it instead; there it runs at 0.4x of the corrected prediction
+    (the model's error differs by segment), and corrected again, 0-2 looks faster once more.
+    Valued by what 0-2 measured when it ran, that plan is not taken back (in `bench hetero`
+    (b) two plans alternated every 4-8 s, each epoch re-prefilling every session); once that
+    measurement is older than ``segment_memory_s``, it is."""
+    service = _heavy(b_scale=4.0)
+    wide = _adopt(service, ("a", 0, 2), ("b", 3, 5))
+    report(service, "a", 2.5 * predicted(service, "a"))  # a: 2.5x its probe on 0-2, from the first report
+    _adopt(service, ("a", 0, 1), ("b", 2, 5))  # the replan that drift asked for
+    report(service, "a", 0.4 * predicted(service, "a"))  # on 0-1: 0.4x the corrected prediction
+    assert service._drift_due and service._scale_of("a") == pytest.approx(1.0)
+    assert service._value(wide) < 0.9 * service._value(service.plan)  # corrected: 0-2 looks faster
+    assert not _drift_proposes(service, monkeypatch, wide)  # kept: 0-2 measured slower when it ran
+    service.settings = dataclasses.replace(service.settings, segment_memory_s=-1.0)
+    assert _drift_proposes(service, monkeypatch, wide)  # old news: taken
+
+
+def test_a_node_that_recovers_from_a_throttle_takes_its_segment_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """a runs 0-2 as predicted, is throttled 4x (its work goes to b), then recovers on 0-1:
+    a drift on a segment it had run as predicted is a change of speed, and what 0-2 measured
+    while throttled no longer holds it back."""
+    service = _heavy(b_scale=2.0)
+    wide = _adopt(service, ("a", 0, 2), ("b", 3, 5))
+    report(service, "a", predicted(service, "a"), reports=2)  # as predicted
+    report(service, "a", 4.0 * predicted(service, "a"))  # throttled
+    assert _drift_proposes(service, monkeypatch, Plan(epoch=0, objective="latency", predicted_ms_per_token=1.0,
+                                                      stages=(Stage(node="a", first=0, last=1, predicted_ms=0.5),
+                                                              Stage(node="b", first=2, last=5, predicted_ms=0.5))))
+    report(service, "a", predicted(service, "a"), reports=2)  # runs 0-1 as the throttled scale predicts
+    report(service, "a", 0.25 * predicted(service, "a"))  # recovered
+    assert service._scale_of("a") == pytest.approx(1.0)
+    assert _drift_proposes(service, monkeypatch, wide)  # 0-2 back, within the segment memory

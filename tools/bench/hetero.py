@@ -233,7 +233,7 @@ def node_busy(spans: list[tuple[dict[str, float], dict[str, float], float]]) -> 
     ms: dict[str, float] = {}
     for before, after, _wall in spans:
         for node, now in after.items():
-            ms[node] = ms.get(node, 0.0) + now - before.get(node, now)
+            ms[node] = ms.get(node, 0.0) + max(0.0, now - before.get(node, now))  # restarted: nothing
     total_s = sum(wall for _b, _a, wall in spans)
     return {node: busy / (total_s * 1e3) for node, busy in ms.items()} if total_s else {}
 
