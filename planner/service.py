@@ -12,10 +12,11 @@ A new epoch is published when
   measured (the median), so that correcting one node's probe does not make the others
   look faster; a stage without FLOPs (the embedding alone) is never judged. A node's
   correction is learned on the segment it runs, and the model's error is not the same for
-  every segment: both plans are valued by what each (node, segment) pair measured when it
-  last ran, where that is slower than the corrected prediction and at most
-  ``segment_memory_s`` old (corrected on one segment, the other plan looked faster, then the
-  first again: `bench hetero` (b) alternated between two plans every 4-8 s). A node that
+  every segment: a proposal's stages that the current plan does not have are valued by what
+  that (node, segment) measured when it last ran, where that is slower than the corrected
+  prediction and at most ``segment_memory_s`` old (corrected on one segment, the other plan
+  looked faster, then the first again: `bench hetero` (b) alternated between two plans every
+  4-8 s). A node that
   drifts on a segment it had run as predicted in that epoch changed speed: what its other
   segments measured is scaled by the same ratio (a node recovered from a throttle takes its
   old segment back at once).
@@ -233,15 +234,18 @@ class PlannerService:
         problem = self._problem([stage.node])
         return cost.compute_ms(problem, problem.devices[0], stage.first, stage.last)
 
-    def _value(self, plan: Plan, *, as_measured: bool = False) -> float:
-        """``plan``'s objective under the current (corrected) profiles; ``as_measured``: a stage
-        whose node ran that segment within ``segment_memory_s`` is valued by what it measured
-        then where that was slower (a proposal must beat the plan, both as known)."""
+    def _value(self, plan: Plan, *, against: Plan | None = None) -> float:
+        """``plan``'s objective under the current (corrected) profiles. ``against``: ``plan``
+        is a proposal to replace that plan, and a stage of it that the plan does not have is
+        valued by what its node measured on that segment within ``segment_memory_s`` where
+        that was slower (the stages both have are valued alike on both sides)."""
         problem = self._problem([s.node for s in plan.stages])
+        shared = {(s.node, s.first, s.last) for s in against.stages} if against is not None else None
         times = []
         for device, stage in zip(problem.devices, plan.stages):
             ms = cost.stage_ms(problem, device, stage.first, stage.last)
-            seen = self._segments.get((stage.node, stage.first, stage.last)) if as_measured else None
+            key = (stage.node, stage.first, stage.last)
+            seen = self._segments.get(key) if shared is not None and key not in shared else None
             if seen is not None and time.monotonic() - seen[1] <= self.settings.segment_memory_s:
                 ms += max(0.0, seen[0] - cost.compute_ms(problem, device, stage.first, stage.last))
             times.append(ms)
@@ -309,12 +313,12 @@ class PlannerService:
         if current is None:
             return
         with self._lock:
-            before = self._value(current, as_measured=True)
+            before = self._value(current)
         proposal = self._solve(members)
         if proposal is None or not proposal.stages:
             return
         with self._lock:  # like for like: a throughput plan's predicted_ms_per_token is its latency
-            after = self._value(proposal, as_measured=True)
+            after = self._value(proposal, against=current)
         if after < before * (1 - self.settings.hysteresis):
             self._publish(proposal, members, f"drift: current plan now predicted {before:.1f} ms/token")
         else:

@@ -11,7 +11,8 @@ all and the model must be split. Parts (each on a fresh cluster, same node cache
   default): that many concurrent requests vs 1, aggregate tokens/s (tokens over wall
   time, prefill included), the plan's own prediction for them, each stream's decode rate
   summed (what the plan predicts: prompts left out), each node's decode steps per call
-  while they run (how well batches form) and its busy share; ``--trace FILE`` records the
+  while they run (how well batches form) and its busy share, and the epochs the plan went
+  through (each re-prefills every session); ``--trace FILE`` records the
   multi-stream phases (`linguamq trace --from FILE`);
 - (c) under load, the fastest device (the planned pipeline's busiest) throttled 3x
   (NodeControl) with rebalancing vs without (the same planner with
@@ -162,7 +163,7 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
     nodes = node_specs(args, manifest, sessions=args.streams)
     with start(args, art, "b", nodes, "throughput", ("--plan-sessions", str(args.streams))) as cluster, \
             MqttClient(url=cluster.url, client_id="bench-b") as client, \
-            TelemetryLog(cluster.url, cluster.cluster) as telemetry:
+            TelemetryLog(cluster.url, cluster.cluster) as telemetry, PlanLog(cluster.url, cluster.cluster) as plans:
         cluster.wait_ready(client, timeout=180)
         plan = warm_up(cluster, client, args.warmup, args.new_tokens)
         singles, multis, busy, spans, busy_spans = [], [], [], [], []
@@ -191,6 +192,7 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
                 spans.append((before, telemetry.totals()))
                 busy_spans.append((busy_before, telemetry.busy(), wall))
         calls = rows_per_call(spans)
+        epochs = [epoch for _t, epoch in plans.epochs()]
         for node, share in node_busy(busy_spans).items():
             calls.setdefault(node, {})["busy_share"] = share
     single, multi = statistics.median(singles), statistics.median(multis)
@@ -201,6 +203,8 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
         + " ".join(f"{n} {c['rows_per_call']:.2f}" for n, c in sorted(calls.items()) if c.get("calls")))
     say("b: each node's time running pieces over the streams' time: "
         + " ".join(f"{n} {c['busy_share']:.0%}" for n, c in sorted(calls.items()) if "busy_share" in c))
+    say(f"b: epochs {epochs[0]}-{epochs[-1]} from the first plan on, {len(epochs) - epochs.index(plan.epoch) - 1} "
+        f"after the warm-up (each re-prefills every session)" if epochs and plan.epoch in epochs else "b: no plan seen")
     say(f"b: {stages(plan)} 1 stream {single:.1f} tokens/s, {args.streams} streams {multi:.1f} tokens/s"
         + (f", the machine's CPUs {cpu_busy:.0%} busy meanwhile" if cpu_busy is not None else ""))
     say(f"b: each stream's decode rate, summed (approx.): 1 stream {decode_single:.1f} tokens/s (predicted "
@@ -211,7 +215,8 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
             "predicted_multi_tokens_per_s": plan.predicted_tokens_per_s, "calls": calls,
             "multi_tokens_per_s": multi, "single_all": singles, "multi_all": multis,
             "pipelined_over_single": multi / single, "cpu_busy_multi": cpu_busy, "cpus": os.cpu_count(),
-            "decode_single_tokens_per_s": decode_single, "decode_multi_tokens_per_s": decode_multi}
+            "decode_single_tokens_per_s": decode_single, "decode_multi_tokens_per_s": decode_multi,
+            "epochs": epochs}
 
 
 def tokens_per_s(ms_per_token: float) -> str:
@@ -359,6 +364,9 @@ def table(r: dict[str, Any]) -> str:
                         if b.get("cpu_busy_multi") is not None else "")
                      + (f"; the plan predicted {b['predicted_multi_tokens_per_s']:.1f} tokens/s for them"
                         if b.get("predicted_multi_tokens_per_s") is not None else ""))
+        if b.get("epochs") and b["epoch"] in b["epochs"]:
+            lines.append(f"  (b) plans: epochs {b['epochs'][0]}-{b['epochs'][-1]}, "
+                         f"{len(b['epochs']) - b['epochs'].index(b['epoch']) - 1} of them after the warm-up")
         if "decode_multi_tokens_per_s" in b:
             lines.append(f"  (b) each stream's decode rate, summed (approx.): 1 stream "
                          f"{b['decode_single_tokens_per_s']:.1f} tokens/s, {b['plan_sessions']} streams "
