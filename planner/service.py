@@ -16,10 +16,10 @@ A new epoch is published when
   that (node, segment) measured when it last ran, where that is slower than the corrected
   prediction and at most ``segment_memory_s`` old (corrected on one segment, the other plan
   looked faster, then the first again: `bench hetero` (b) alternated between two plans every
-  4-8 s). A node that
-  drifts on a segment it had run as predicted in that epoch changed speed: what its other
-  segments measured is scaled by the same ratio (a node recovered from a throttle takes its
-  old segment back at once).
+  4-8 s). A node that drifts on a segment it had run as predicted (``drift_reports`` reports
+  in a row) in that epoch changed speed: what its other segments measured is scaled by the
+  same ratio (a node recovered from a throttle takes its old segment back at once; one that
+  recovers within its first reports on the new segment waits for the memory to expire).
 State changes of the same nodes (loading -> ready) never replan. Every few seconds the
 retained plan is re-published under the same epoch with measured figures beside the
 predicted ones, so `linguamq plan` and tracers can show how good the prediction is.
@@ -92,6 +92,7 @@ class PlannerService:
         # (node, first, last) -> (compute ms EWMA, monotonic time): what each segment measured
         # when it last ran, kept across epochs (see the module docstring)
         self._segments: dict[tuple[str, int, int], tuple[float, float]] = {}
+        self._in_band: dict[str, int] = {}  # consecutive reports within the drift band, this epoch
         self._steady: set[str] = set()  # nodes measured as predicted in this epoch (see _rescale_segments)
         self._changed_at: float | None = None
         self._drift_due = False
@@ -175,7 +176,8 @@ class PlannerService:
             if not drifting and report.node not in self._calibration:  # first measured, as predicted
                 self._scale[report.node] = self._calibration[report.node] = self._scale_of(report.node)
             self._drift[report.node] = self._drift.get(report.node, 0) + 1 if drifting else 0
-            if not drifting:
+            self._in_band[report.node] = 0 if drifting else self._in_band.get(report.node, 0) + 1
+            if self._in_band[report.node] >= self.settings.drift_reports:
                 self._steady.add(report.node)
             if self._drift[report.node] >= self.settings.drift_reports:
                 if report.node in self._steady:  # it changed speed on a segment it ran as predicted
@@ -192,7 +194,7 @@ class PlannerService:
         """``node`` drifted by ``ratio`` on a segment it had run as predicted in this epoch: it
         changed speed (a throttle, or its end), and what its other segments measured before is
         scaled alike. A drift in an epoch's first reports is a segment the model mispredicts,
-        and what the others measured stands (the service's docstring)."""
+        and what the others measured stands (the service's docstring). Under ``self._lock``."""
         for (n, first, last), (ms, at) in list(self._segments.items()):
             if n == node and (first, last) != current:
                 self._segments[(n, first, last)] = (ms * ratio, at)
@@ -238,7 +240,7 @@ class PlannerService:
         """``plan``'s objective under the current (corrected) profiles. ``against``: ``plan``
         is a proposal to replace that plan, and a stage of it that the plan does not have is
         valued by what its node measured on that segment within ``segment_memory_s`` where
-        that was slower (the stages both have are valued alike on both sides)."""
+        that was slower (the stages both have are valued alike on both sides). Under ``self._lock``."""
         problem = self._problem([s.node for s in plan.stages])
         shared = {(s.node, s.first, s.last) for s in against.stages} if against is not None else None
         times = []
@@ -312,13 +314,11 @@ class PlannerService:
         current = self.plan
         if current is None:
             return
-        with self._lock:
-            before = self._value(current)
         proposal = self._solve(members)
         if proposal is None or not proposal.stages:
             return
-        with self._lock:  # like for like: a throughput plan's predicted_ms_per_token is its latency
-            after = self._value(proposal, against=current)
+        with self._lock:  # both on one state; by objective (a throughput plan's predicted_ms_per_token is its latency)
+            before, after = self._value(current), self._value(proposal, against=current)
         if after < before * (1 - self.settings.hysteresis):
             self._publish(proposal, members, f"drift: current plan now predicted {before:.1f} ms/token")
         else:
@@ -347,15 +347,16 @@ class PlannerService:
         with self._lock:
             self._last_epoch = max(self._last_epoch, plan.epoch)
             everyone = set(members) | self._planned_for  # nodes that left get an empty assignment
-            self._measured.clear()
-            self._drift.clear()
-            self._steady.clear()
         for node, assignment in assignments(plan, self._manifest_sha, sorted(everyone)).items():
             self._client.publish(topics.NODE_ASSIGN, topics.NODE_ASSIGN.build(self._cluster, node=node),
                                  assignment, wait=5.0)
         self._client.publish(topics.PLAN, topics.PLAN.build(self._cluster), plan, wait=5.0)
-        with self._lock:
+        with self._lock:  # with the plan: the old epoch's reports count until here, none after
             self._planned_for, self.plan = frozenset(members), plan
+            self._measured.clear()
+            self._drift.clear()
+            self._in_band.clear()
+            self._steady.clear()
         log.info("plan published", epoch=plan.epoch, reason=plan.reason,
                  predicted_ms=round(plan.predicted_ms_per_token, 3),
                  stages=[f"{s.node}:{s.first}-{s.last}" for s in plan.stages])
