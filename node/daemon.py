@@ -283,9 +283,9 @@ class NodeDaemon:
         the last one taken says steps of its batch are right behind it (``behind``), they are
         waited for, SIBLING_WAIT_S at most: a batch upstream stays a batch here."""
         acts: list[_Act] = []
-        last, deadline = first[1], time.monotonic() + SIBLING_WAIT_S
+        last, deadline = first, time.monotonic() + SIBLING_WAIT_S
         while len(acts) < self.settings.max_batch:  # the cap is looked up only when a step says more follow
-            more = last.behind and not last.end and last.shape[:2] == (1, 1) and len(acts) + 1 < self._batch_cap()
+            more = last[1].behind and _is_decode_step(last[1], last[2]) and len(acts) + 1 < self._batch_cap()
             wait = deadline - time.monotonic() if more else 0.0
             try:
                 kind, item = self._work.get(timeout=wait) if wait > 0 else self._work.get_nowait()
@@ -293,7 +293,7 @@ class NodeDaemon:
                 break
             if kind == "act":
                 acts.append(item)
-                last = item[1]
+                last = item
         return acts
 
     def _take_control(self) -> list[tuple[str, Any]]:
