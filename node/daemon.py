@@ -38,7 +38,16 @@ from linguamq.node.blobs import BlobCache, BlobError
 from linguamq.node.clock import ClockResponder
 from linguamq.node.errors import NodeError, RuntimeInputError
 from linguamq.node.kvcache import KVCache, KVCacheFull
-from linguamq.node.profile import make_profile, probe_batch, probe_compute, probe_link, probe_runtime, work_clock
+from linguamq.node.profile import (
+    RowMeter,
+    make_profile,
+    probe_batch,
+    probe_compute,
+    probe_link,
+    probe_rows,
+    probe_runtime,
+    work_clock,
+)
 from linguamq.node.runtime import MERGED_DIR, RuntimeSettings, SegmentRuntime
 from linguamq.node.sampling import SamplingParams, sample, step_rng
 from linguamq.schemas import envelope
@@ -155,6 +164,10 @@ class NodeDaemon:
         self._busy_ms = 0.0  # time spent running pieces, reported in telemetry (busy %)
         self._seq = 0
         self._work_clock = work_clock(settings.threads)  # times the compute that --slowdown stretches
+        # Telemetry.row_ms; with a pool of ONNX Runtime threads that spin after each call the
+        # process's CPU time is mostly their spinning: not measured then
+        self._rows = RowMeter(time.process_time)  # the worker's own clock once it runs (_work_loop)
+        self._measures_rows = settings.threads == 1 or not settings.spin
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._log = log.bind(node=self.name)
@@ -263,13 +276,18 @@ class NodeDaemon:
     # --- worker thread ----------------------------------------------------------------
 
     def _work_loop(self) -> None:
+        if self.settings.threads == 1 and hasattr(time, "pthread_getcpuclockid"):
+            # the compute runs on this thread: its CPU clock, readable by the telemetry thread
+            clock_id = time.pthread_getcpuclockid(threading.get_ident())
+            self._rows.use_clock(lambda: time.clock_gettime(clock_id))
         while not self._stop.is_set():
             try:
                 kind, item = self._work.get(timeout=0.1)
             except queue.Empty:
                 kind, item = "idle", None
             for control in self._take_control():  # before the activation: a new epoch stales it anyway
-                self._do(*control)
+                with self._rows.other_work():  # loading and probing: no session step's cost
+                    self._do(*control)
             if kind == "act" and self.settings.max_batch > 1:
                 self._run_acts([item, *self._more_acts(item)])
             else:
@@ -340,6 +358,7 @@ class NodeDaemon:
         self._steps.clear()
         self._ahead.clear()
         self._timings = {}  # timings of the old segments are no measure of the new ones
+        self._rows.reset()
         self._batches = {}
         self._stages, self.epoch, self._plan_stages = stages, assignment.epoch, assignment.stages
         for first in stages:
@@ -358,8 +377,9 @@ class NodeDaemon:
         if manifest is None:  # assignments are taken only after the manifest; nothing to fetch without it
             return
         try:
-            for index in pieces:
-                self._blobs.ensure(manifest.pieces[index].sha256)
+            with self._rows.other_work():
+                for index in pieces:
+                    self._blobs.ensure(manifest.pieces[index].sha256)
         except (BlobError, OSError, IndexError) as exc:
             self._log.warning("prefetch failed", error=str(exc))
 
@@ -377,9 +397,15 @@ class NodeDaemon:
             link = probe_link(self._client, self._cluster, self.name)
         except (BlobError, NodeError, OSError, MqttError) as exc:
             return self._report("internal", f"cannot profile this node: {exc}")
-        self.profile = make_profile(compute, link, self._budget_mb(), batch_cost)
+        try:  # a floor the live measurement replaces; the profile stands without it
+            row_ms = probe_rows(self._client, self._cluster, self.name, manifest) if batch_cost else 0.0
+        except (MqttError, OSError, ValueError) as exc:
+            self._log.warning("row cost not probed", error=str(exc))
+            row_ms = 0.0
+        self.profile = make_profile(compute, link, self._budget_mb(), batch_cost, row_ms)
         self._log.info("profiled", ms_per_gflop=round(compute[0], 2), rtt_ms=round(link[0], 2),
-                       mbps=round(link[1]), mem_budget_mb=round(self.profile.mem_budget_mb), batch_cost=batch_cost)
+                       mbps=round(link[1]), mem_budget_mb=round(self.profile.mem_budget_mb), batch_cost=batch_cost,
+                       row_ms=round(row_ms, 3))
         self._publish_status(self._state)
 
     def _new_cache(self) -> KVCache:
@@ -538,7 +564,7 @@ class NodeDaemon:
         the step at fault is refused."""
         stage = steps[0].stage
         self._new.difference_update(s.header.session for s in steps)  # in the cache from here on, or refused
-        t_start, work_start = time.time(), self._work_clock()
+        t_start, work_start, cpu_start = time.time(), self._work_clock(), self._rows.compute_started()
         if len(steps) > 1:
             try:
                 if len({(s.array.shape, s.array.dtype) for s in steps}) > 1:
@@ -550,6 +576,7 @@ class NodeDaemon:
                 # Each alone, admitted again: a cache the batch dropped (ONNX Runtime failed)
                 # or evicted (no room for all) asks for a re-prefill; the step at fault is refused.
                 self._log.info("batch run one by one", rows=len(steps), error=str(exc))
+                self._rows.computed(cpu_start, 0)
                 for step in steps:
                     if self._align_cache(step.stage, step.header, step.topic):
                         self._compute([step])
@@ -563,10 +590,13 @@ class NodeDaemon:
                 positions = np.arange(header.start_pos, header.start_pos + count, dtype=np.int64)[None]
                 outs = [stage.runtime.run(header.session, step.array, positions)]
             except KVCacheFull as exc:
+                self._rows.computed(cpu_start, 0)
                 return self._report("too_large", str(exc), topic=step.topic, ref=header.session)
             except NodeError as exc:
+                self._rows.computed(cpu_start, 0)
                 return self._report("bad_request", str(exc), topic=step.topic, ref=header.session)
         compute_s = self._work_clock() - work_start
+        self._rows.computed(cpu_start, len(steps))
         self._emulate_slowdown(compute_s)
         # Timed as the profile was (``work_clock``): with one thread the CPU time of the
         # step, which the neighbours on a shared machine do not stretch (timed by the wall
@@ -760,7 +790,7 @@ class NodeDaemon:
                                free_mem_mb=sample_.free_mem_mb, rss_mb=sample_.rss_mb,
                                battery_pct=sample_.battery_pct, thermal_c=sample_.thermal_c,
                                rejected=self._rejected, slowdown=self.slowdown, profile=self.profile,
-                               busy_ms=self._busy_ms)
+                               busy_ms=self._busy_ms, row_ms=self._rows.sample() if self._measures_rows else None)
             try:
                 self._client.publish(topics.NODE_TELEMETRY,
                                      topics.NODE_TELEMETRY.build(self._cluster, node=self.name), report)

@@ -11,17 +11,21 @@ the throughput (the message crosses the uplink and the downlink).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from linguamq import topics
 from linguamq.node.kvcache import KVCache
 from linguamq.node.runtime import SegmentRuntime
+from linguamq.schemas import envelope
 from linguamq.schemas.cluster import Profile
+from linguamq.schemas.envelope import ActHeader
+from linguamq.schemas.manifest import ModelManifest
 from linguamq.topics.client import MqttClient, MqttTimeout
 
 PREFILL_TOKENS = 32
@@ -63,6 +67,96 @@ def probe_compute(runtime: SegmentRuntime, slowdown: float, repeats: int = 5,
     decode_gflop = max(piece.flops_per_token, 1) / 1e9
     prefill_gflop = max(piece.flops_per_prompt_token, 1) * PREFILL_TOKENS / 1e9
     return decode / decode_gflop, prefill / prefill_gflop
+
+
+class RowMeter:
+    """CPU time per session step outside the compute: the message received and decoded, the
+    tail's sampling, the output encoded and published (Profile.row_ms; a batch saves the
+    compute, not these). The process's CPU time over a window less the compute's, over the
+    session steps run in it. ``cpu_clock`` times the compute and must be readable from any
+    thread (``use_clock``: the worker's own CPU clock with one ONNX Runtime thread), so that a
+    call under way when a window closes is split between the windows; with one thread the paho
+    thread receiving meanwhile counts as row cost. A window closes once it holds ``min_rows``
+    steps (an older one, ``max_window_s``, is dropped), and is sampled only when its calls ran
+    ``min_rows_per_call`` steps on average: one step a call, the figure is mostly the per-call
+    cost, which a batch's extra sessions do not pay (one stream in `bench hetero` (b): 2.6-4.9
+    ms against 1.3-2.1 in batches), and it would overcharge every batched plan. Windows with
+    other work in them (loading, probing, fetching pieces: ``other_work``) are not sampled.
+    Estimates are averaged (0.8 old, 0.2 new); ``reset`` forgets them (a new segment: a tail
+    samples and sends two messages a step, other stages one)."""
+
+    def __init__(self, cpu_clock: Callable[[], float], *, min_rows: int = 20, min_rows_per_call: float = 1.5,
+                 max_window_s: float = 10.0, process_clock: Callable[[], float] = time.process_time,
+                 wall_clock: Callable[[], float] = time.monotonic) -> None:
+        self._cpu_clock, self._process_clock, self._wall_clock = cpu_clock, process_clock, wall_clock
+        self._min_rows, self._min_rows_per_call, self._max_window_s = min_rows, min_rows_per_call, max_window_s
+        self._lock = threading.Lock()
+        self._compute_s = 0.0  # CPU seconds of compute calls ended, all time
+        self._started: float | None = None  # cpu_clock at the start of the call under way
+        self._rows = self._calls = 0  # session steps and calls ended, all time
+        self._window = self._now()
+        self._others = 0  # other work under way
+        self._tainted = False  # other work ran in this window
+        self.row_ms: float | None = None
+
+    def use_clock(self, cpu_clock: Callable[[], float]) -> None:
+        """Between calls only (the worker, before its first)."""
+        with self._lock:
+            self._cpu_clock = cpu_clock
+
+    def _now(self) -> tuple[float, float, int, int, float]:
+        """(process CPU, compute CPU so far, the call under way included, rows, calls, wall)."""
+        compute = self._compute_s + (self._cpu_clock() - self._started if self._started is not None else 0.0)
+        return self._process_clock(), compute, self._rows, self._calls, self._wall_clock()
+
+    def compute_started(self) -> float:
+        with self._lock:
+            if self._started is not None:  # a call that raised before computed(): compute all the same
+                self._compute_s += self._cpu_clock() - self._started
+            self._started = self._cpu_clock()
+            return self._started
+
+    def computed(self, started: float, rows: int) -> None:
+        """A call that began at ``compute_started()`` ran ``rows`` session steps (0: it failed)."""
+        with self._lock:
+            self._compute_s += self._cpu_clock() - started
+            self._started = None
+            if rows:
+                self._rows += rows
+                self._calls += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self.row_ms, self._window = None, self._now()
+
+    @contextlib.contextmanager
+    def other_work(self) -> Iterator[None]:
+        """CPU spent in the block is no step's: the windows it overlaps are not sampled."""
+        with self._lock:
+            self._others += 1
+            self._tainted = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._others -= 1
+
+    def sample(self) -> float | None:
+        """Called about once a second (the telemetry thread); the estimate so far."""
+        with self._lock:
+            now = self._now()
+            cpu, compute, rows, calls, wall = (b - a for a, b in zip(self._window, now))
+            if rows == 0 and self._started is None:  # idle: a window starts with the steps
+                self._window, self._tainted = now, self._others > 0
+                return self.row_ms
+            if rows < self._min_rows and wall < self._max_window_s and not self._tainted:
+                return self.row_ms  # the window stays open: a slow node gets there too
+            self._window, tainted = now, self._tainted
+            self._tainted = self._others > 0
+            if not tainted and rows >= self._min_rows and rows >= self._min_rows_per_call * calls:
+                ms = max(cpu - compute, 0.0) / rows * 1e3
+                self.row_ms = ms if self.row_ms is None else 0.8 * self.row_ms + 0.2 * ms
+            return self.row_ms
 
 
 BATCH_ROWS = (2, 4, 8)  # the batch sizes a profile's batch_cost measures
@@ -153,10 +247,54 @@ def _loop_timer(client: MqttClient, name: str, arrived: threading.Event,
     return loop
 
 
+ROW_PROBES = 50  # activation envelopes probe_rows sends itself
+
+
+def probe_rows(client: MqttClient, cluster: str, node: str, manifest: ModelManifest, *,
+               count: int = ROW_PROBES, timeout: float = 5.0) -> float:
+    """CPU ms per session step's messages (Profile.row_ms) before any step ran: ``count``
+    envelopes of one position's activation, encoded, published to the node's own probe topic
+    (at the activations' QoS), received and decoded, back to back; the process's CPU time
+    over them, per envelope (a stage receives one and sends one a step). A floor: the real
+    steps (RowMeter, which replaces it once they run) also pay the hand-over to the worker,
+    admission, the batch's assembly, the tail's sampling and second message."""
+    name = topics.NODE_PROBE.build(cluster, node=node)
+    dtype = np.float16 if manifest.act_dtype == "float16" else np.float32
+    x = np.zeros((1, 1, manifest.hidden_size), dtype=dtype)
+    lock, done, got = threading.Lock(), threading.Event(), [0]
+
+    def arrived(_topic: str, data: bytes, _retained: bool) -> None:
+        envelope.decode(data)
+        with lock:
+            got[0] += 1
+            if got[0] >= count:
+                done.set()
+
+    client.subscribe(topics.NODE_PROBE, name, arrived, qos=topics.ACT.qos, wait=timeout)
+    try:
+        def burst() -> float:
+            with lock:
+                got[0] = 0
+            done.clear()
+            started = time.process_time()
+            for step in range(count):
+                header = ActHeader.for_tensor(x, session="probe", request="probe", step=step, epoch=0, piece=0,
+                                              start_pos=step)
+                client.publish_raw(name, envelope.encode(header, x), qos=topics.ACT.qos)
+            if not done.wait(timeout):
+                raise MqttTimeout(f"row probe: {count} envelopes did not come back within {timeout:.0f} s")
+            return (time.process_time() - started) / count * 1e3
+
+        burst()  # warm-up
+        return statistics.median(burst() for _ in range(3))
+    finally:
+        client.unsubscribe(name)
+
+
 def make_profile(compute: tuple[float, float], link: tuple[float, float], mem_budget_mb: float,
-                 batch_cost: tuple[float, ...] = ()) -> Profile:
+                 batch_cost: tuple[float, ...] = (), row_ms: float = 0.0) -> Profile:
     decode, prefill = compute
     rtt_ms, mbps = link
     return Profile(ms_per_gflop_decode=max(decode, 1e-6), ms_per_gflop_prefill=max(prefill, 1e-6),
                    mem_budget_mb=mem_budget_mb, rtt_ms=rtt_ms, uplink_mbps=max(mbps, 1e-3),
-                   downlink_mbps=max(mbps, 1e-3), batch_cost=batch_cost)
+                   downlink_mbps=max(mbps, 1e-3), batch_cost=batch_cost, row_ms=row_ms)

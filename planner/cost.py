@@ -25,8 +25,9 @@ Objectives (``objective_value``), over the stages of a plan:
   period. Nodes that run one session a call: ``max(max(stage_ms), sum(stage_ms) / max_sessions)``.
   Nodes that batch (their profile's ``batch_cost``, measured) run the sessions of a plan of
   k stages as ``min(k, sessions)`` groups, one batch per group a step, each stage's time
-  times its batch factor: ``max(sum(batch_ms), groups * max(batch_ms)) / sessions``. Not
-  linear in the stage count, so the MILP solves once per count (milp.py).
+  times its batch factor and each session beyond the first adding the node's ``row_ms``
+  (its messages: ``Profile.batch_ms``): ``max(sum(batch_ms), groups * max(batch_ms)) /
+  sessions``. Not linear in the stage count, so the MILP solves once per count (milp.py).
 
 Memory of a stage (``need_mb``)::
 
@@ -191,7 +192,7 @@ def pipelined_ms(stage_times: Sequence[float], profiles: Sequence[Profile], sess
     sessions. One session a call (no batch_cost), this is
     ``max(max(stage_times), sum(stage_times) / sessions)``."""
     groups, rows = batch_shape(sessions, len(stage_times))
-    batch = [t * p.batch_factor(rows) for t, p in zip(stage_times, profiles)]
+    batch = [p.batch_ms(t, rows) for t, p in zip(stage_times, profiles)]
     return max(sum(batch), groups * max(batch)) / sessions
 
 

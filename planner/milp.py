@@ -174,8 +174,10 @@ def shapes(problem: Problem, table: np.ndarray, objective: Objective) -> list[Sh
     out = []
     for k in range(1, min(sessions, most + 1)):
         groups, rows = cost.batch_shape(sessions, k)
-        factor = np.array([p.batch_factor(rows) for p in profiles])[:, None, None]
-        out.append(Shape(trip=table * factor / sessions, groups=groups, least=k, most=k))
+        # Profile.batch_ms is linear in the step's time: factor * step + fixed (its row costs)
+        fixed = np.array([p.batch_ms(0.0, rows) for p in profiles])[:, None, None]
+        factor = np.array([p.batch_ms(1.0, rows) for p in profiles])[:, None, None] - fixed
+        out.append(Shape(trip=(table * factor + fixed) / sessions, groups=groups, least=k, most=k))
     if sessions <= most:
         out.append(Shape(trip=table / sessions, groups=sessions, least=sessions))
     return out

@@ -20,6 +20,9 @@ A new epoch is published when
   in a row) in that epoch changed speed: what its other segments measured is scaled by the
   same ratio (a node recovered from a throttle takes its old segment back at once; one that
   recovers within its first reports on the new segment waits for the memory to expire).
+A node's measured cost per session step outside its compute (Telemetry.row_ms, which a
+batch pays per session) replaces its probe's once it differs by ``drift_ratio``; a node of
+the plan that batches then asks for a drift round (``_note_row_cost``).
 State changes of the same nodes (loading -> ready) never replan. Every few seconds the
 retained plan is re-published under the same epoch with measured figures beside the
 predicted ones, so `linguamq plan` and tracers can show how good the prediction is.
@@ -51,6 +54,7 @@ from linguamq.topics.client import MqttClient
 
 log = structlog.get_logger()
 RETRY_S = 1.0  # pause after a failed replanning round before the next
+ROW_MS_SLACK = 0.2  # ms: a measured row cost this close to the one in use changes nothing
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,6 +93,7 @@ class PlannerService:
         self._first: dict[str, float] = {}  # the scale each node's first measurement implied, until confirmed
         self._drift: dict[str, int] = {}  # consecutive drifting reports
         self._measured: dict[str, float] = {}  # stage compute ms (EWMA) per node
+        self._row_ms: dict[str, float] = {}  # each node's measured cost per session step (Telemetry.row_ms)
         # (node, first, last) -> (compute ms EWMA, monotonic time): what each segment measured
         # when it last ran, kept across epochs (see the module docstring)
         self._segments: dict[tuple[str, int, int], tuple[float, float]] = {}
@@ -137,6 +142,7 @@ class PlannerService:
             if status.state == "offline":
                 self._joined.pop(node, None)
                 self._segments = {k: v for k, v in self._segments.items() if k[0] != node}
+                self._row_ms.pop(node, None)
             else:
                 self._joined.setdefault(node, time.monotonic())
             self._status[node] = status
@@ -157,6 +163,8 @@ class PlannerService:
                                              code="bad_payload",
                                              message=f"telemetry names node {report.node!r}, not its topic's")
         with self._lock:
+            if report.row_ms is not None:
+                self._note_row_cost(report.node, report.row_ms)
             stage = self._stage_of(report.node)
             if stage is None or report.epoch != (self.plan.epoch if self.plan else -1):
                 return
@@ -189,6 +197,26 @@ class PlannerService:
                 self._drift[report.node] = 0
                 self._drift_due = True
                 log.info("node drifted", node=report.node, measured_over_predicted=round(ratio, 2))
+
+    def _note_row_cost(self, node: str, ms: float) -> None:
+        """A node's measured cost per session step (Telemetry.row_ms) replaces the one the
+        planner uses (first its probe's, which sees only the messages: 0.15 against 1.3-1.9 ms
+        measured in `bench hetero` (b)) once it differs by ``drift_ratio`` and ROW_MS_SLACK; a
+        node of the current plan that batches then asks for a drift round (the plan is kept
+        unless another is predicted ``hysteresis`` faster). Under ``self._lock``."""
+        status = self._status.get(node)
+        profile = status.profile if status is not None else None
+        if profile is None:
+            return
+        used = self._row_ms.get(node, profile.row_ms)
+        if abs(ms - used) < ROW_MS_SLACK or (used > 0 and 1 / self.settings.drift_ratio <= ms / used
+                                              <= self.settings.drift_ratio):
+            return
+        self._row_ms[node] = ms
+        log.info("row cost measured", node=node, row_ms=round(ms, 3), was=round(used, 3))
+        if (self._stage_of(node) is not None and profile.batch_cost and self.settings.objective == "throughput"
+                and self.settings.max_sessions > 1):
+            self._drift_due = True
 
     def _rescale_segments(self, node: str, current: tuple[int, int], ratio: float) -> None:
         """``node`` drifted by ``ratio`` on a segment it had run as predicted in this epoch: it
@@ -225,6 +253,8 @@ class PlannerService:
             k = self._scale_of(node)
             profile = dataclasses.replace(profile, ms_per_gflop_decode=profile.ms_per_gflop_decode * k,
                                           ms_per_gflop_prefill=profile.ms_per_gflop_prefill * k)
+        if profile is not None and node in self._row_ms:
+            profile = dataclasses.replace(profile, row_ms=self._row_ms[node])
         return Candidate(name=node, mem_budget_mb=status.mem_budget_mb, profile=profile)
 
     def _problem(self, nodes) -> cost.Problem:

@@ -34,6 +34,11 @@ class Profile(Struct):
         gt=0, max_len=16, default=(),
         doc="time of a decode step of 2, 4, 8, ... sessions run as one batch over that of one (row k: 2**(k+1) "
             "sessions); empty: the node runs one session at a time")
+    row_ms: float = spec(
+        ge=0, default=0.0,
+        doc="what each session of a batch costs beyond the first, besides the compute: its message received, "
+            "decoded, encoded and sent (a node's status: its probe's floor; the planner uses Telemetry.row_ms "
+            "once measured; 0: not known)")
 
     def batch_factor(self, rows: float) -> float:
         """Time of a decode step of ``rows`` sessions as one batch over that of one:
@@ -47,6 +52,17 @@ class Profile(Struct):
         ys = [1.0, *self.batch_cost]
         k = next((i for i in range(1, len(xs)) if rows <= xs[i]), len(xs) - 1)
         return ys[k - 1] + (rows - xs[k - 1]) * (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1])
+
+    def batch_ms(self, step_ms: float, rows: float) -> float:
+        """A decode step of ``rows`` sessions on a stage whose one-session step costs
+        ``step_ms``: one call (``batch_factor``) and a message in and out per session
+        (``row_ms`` for each beyond the first, whose message ``step_ms`` holds). A node that
+        runs one session a call repeats its whole step per session."""
+        if rows <= 1:
+            return step_ms
+        if not self.batch_cost:
+            return step_ms * rows
+        return step_ms * self.batch_factor(rows) + (rows - 1) * self.row_ms
 
 
 @struct
@@ -105,6 +121,10 @@ class Telemetry(Message):
     rejected: int = spec(ge=0, default=0, doc="messages rejected since start")
     slowdown: float = spec(ge=1, default=1.0)
     busy_ms: float = spec(ge=0, default=0.0, doc="milliseconds spent running pieces since start (busy % between two reports)")
+    row_ms: float | None = spec(
+        ge=0, default=None,
+        doc="CPU ms per session step outside the compute (receive, decode, sample, encode, publish), "
+            "an EWMA over reports with enough steps; None: not measured yet")
     tokens: int = spec(ge=0, default=0, doc="tokens generated since start (the hub's head; tokens/s between two reports)")
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -540,3 +542,30 @@ def test_new_sessions_waiting_in_one_batch_count_against_max_sessions(capped: Cl
     node._more_acts = Held(node, 0).take_more
     wait_until(lambda: {r.ref for r in wire.reports if r.code == "overloaded"} == {"c", "d"})
     assert set(node._kv.sessions()) == {"a", "b"} and not wire.outs("c") and not wire.outs("d")
+
+
+def test_the_telemetry_says_what_a_session_step_costs_besides_its_compute(roomy: Cluster) -> None:
+    """Telemetry.row_ms: the node's CPU per session step outside its compute (the messages in
+    and out, the sampling), which a batch does not share and the planner adds per session of
+    a batch (Profile.row_ms). Rounds of four sessions whose tail sends each next step itself
+    (they meet in batches) until a report carries it: more than nothing, and less than the
+    two threads that do that work (the worker, paho's) can spend in the steps' time."""
+    wire, reports = Wire(roomy), []
+    roomy.hub.subscribe(topics.NODE_TELEMETRY, topics.NODE_TELEMETRY.build(CLUSTER, node="n1"),
+                        lambda _t, report, _r: reports.append(report), wait=WAIT)
+    steps, per_step, deadline = 30, [], time.monotonic() + WAIT
+
+    def finished(session: str) -> bool:
+        return len(wire.outs(session)) == steps or any(t in roomy.manifest.eos_token_ids
+                                                       for _, t in wire.outs(session))
+    for k in itertools.count():
+        if any(r.row_ms is not None for r in reports) or time.monotonic() > deadline:
+            break
+        started, sessions = time.monotonic(), [f"r{k}-{i}" for i in range(4)]
+        for session in sessions:
+            wire.send(session, step=0, start=0, ids=PROMPT, ring=steps)
+        wait_until(lambda: all(finished(s) for s in sessions))  # noqa: B023 (waited for here)
+        per_step.append((time.monotonic() - started) * 1e3 / sum(len(wire.outs(s)) for s in sessions))
+    measured = [r.row_ms for r in reports if r.row_ms is not None]
+    assert measured, "no telemetry report measured a step's cost"
+    assert 0 < measured[0] < 2 * statistics.median(per_step)

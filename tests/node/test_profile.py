@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from linguamq.node.profile import probe_batch, probe_compute, probe_runtime, work_clock
+from linguamq.node.profile import RowMeter, probe_batch, probe_compute, probe_runtime, work_clock
 from linguamq.node.runtime import RuntimeSettings
 from linguamq.schemas.manifest import ModelManifest
 
@@ -113,3 +113,92 @@ def test_a_spell_of_contention_does_not_skew_one_batch_size() -> None:
     cost = {1: 1.0, 2: 1.25, 4: 1.5, 8: 2.0}
     runtime = _ContendedRuntime(cost, spell=range(17, 21))  # 8 prefills + a warm-up, then the probe's calls
     assert probe_batch(runtime, repeats=7, clock=lambda: runtime.now) == (1.25, 1.5, 2.0)  # type: ignore[arg-type]
+
+
+class _Clocks:
+    """A worker thread's and the process's CPU clocks, moved by hand."""
+
+    def __init__(self) -> None:
+        self.thread = self.process = 0.0
+
+    def compute(self, s: float) -> None:
+        self.thread += s
+        self.process += s
+
+
+def _meter(clocks: _Clocks, **kwargs) -> RowMeter:
+    return RowMeter(lambda: clocks.thread, process_clock=lambda: clocks.process, **kwargs)
+
+
+def _calls(meter: RowMeter, clocks: _Clocks, n: int, *, rows: int, compute_s: float, outside_s: float) -> None:
+    for _ in range(n):
+        started = meter.compute_started()
+        clocks.compute(compute_s)
+        meter.computed(started, rows)
+        clocks.process += outside_s
+
+
+def test_a_steps_row_cost_is_the_process_cpu_outside_compute_over_the_steps_of_batches() -> None:
+    clocks = _Clocks()
+    meter = _meter(clocks, min_rows=20)
+    _calls(meter, clocks, 10, rows=3, compute_s=0.012, outside_s=0.006)  # 12 ms of compute, 6 of messages
+    assert meter.sample() == pytest.approx(2.0)  # 60 ms outside compute over 30 steps
+    _calls(meter, clocks, 9, rows=2, compute_s=0.010, outside_s=0.002)
+    assert meter.sample() == pytest.approx(2.0)  # 18 steps of the 20 a window needs: still open
+    _calls(meter, clocks, 6, rows=2, compute_s=0.010, outside_s=0.002)
+    assert meter.sample() == pytest.approx(0.8 * 2.0 + 0.2 * 1.0)  # 30 ms over 30 steps, averaged in
+    # One step a call: most of it per call, which a batch's extra sessions do not pay
+    _calls(meter, clocks, 40, rows=1, compute_s=0.004, outside_s=0.004)
+    assert meter.sample() == pytest.approx(1.8)
+
+
+def test_a_call_under_way_when_a_window_closes_is_split_between_the_windows() -> None:
+    """A long prefill straddling two windows: each pays for its own part of the compute."""
+    clocks = _Clocks()
+    meter = _meter(clocks, min_rows=2)
+    _calls(meter, clocks, 2, rows=2, compute_s=0.010, outside_s=0.002)
+    started = meter.compute_started()
+    clocks.compute(0.3)  # half of a prefill
+    assert meter.sample() == pytest.approx(1.0)  # 4 ms outside the compute over 4 steps
+    clocks.compute(0.3)
+    meter.computed(started, 2)
+    clocks.process += 0.004
+    _calls(meter, clocks, 1, rows=2, compute_s=0.010, outside_s=0.004)
+    assert meter.sample() == pytest.approx(0.8 * 1.0 + 0.2 * 2.0)  # 8 ms over 4 steps, not 8 - 300
+
+
+def test_a_slow_node_is_measured_over_a_longer_window() -> None:
+    clocks, wall = _Clocks(), [0.0]
+    meter = RowMeter(lambda: clocks.thread, process_clock=lambda: clocks.process, wall_clock=lambda: wall[0],
+                     min_rows=20, max_window_s=10.0)
+    for _ in range(4):  # 4 steps a second: four reports before the window holds 20
+        _calls(meter, clocks, 2, rows=2, compute_s=0.05, outside_s=0.003)
+        wall[0] += 1.0
+        assert meter.sample() is None
+    _calls(meter, clocks, 2, rows=2, compute_s=0.05, outside_s=0.003)
+    assert meter.sample() == pytest.approx(1.5)
+    wall[0] += 11.0
+    _calls(meter, clocks, 2, rows=2, compute_s=0.05, outside_s=0.5)
+    assert meter.sample() == pytest.approx(1.5)  # 10 s without 20 steps: dropped, nothing sampled
+    for _ in range(5):  # idle: telemetry, polls; a window starts with the next steps
+        clocks.process += 0.01
+        wall[0] += 1.0
+        assert meter.sample() == pytest.approx(1.5)
+    _calls(meter, clocks, 10, rows=2, compute_s=0.05, outside_s=0.001)
+    assert meter.sample() == pytest.approx(0.8 * 1.5 + 0.2 * 0.5)  # not the idle 50 ms over 20 steps
+
+
+def test_a_window_with_other_work_in_it_is_not_a_steps_cost() -> None:
+    """Loading a segment, probing, fetching pieces: CPU no session step spent."""
+    clocks = _Clocks()
+    meter = _meter(clocks, min_rows=1)
+    with meter.other_work():
+        clocks.process += 2.0  # a load, across two windows
+        _calls(meter, clocks, 5, rows=2, compute_s=0.004, outside_s=0.002)
+        assert meter.sample() is None
+        _calls(meter, clocks, 5, rows=2, compute_s=0.004, outside_s=0.002)
+    assert meter.sample() is None  # the load ended within this window
+    _calls(meter, clocks, 5, rows=2, compute_s=0.004, outside_s=0.002)
+    assert meter.sample() == pytest.approx(1.0)
+    meter.reset()  # a new segment
+    assert meter.row_ms is None

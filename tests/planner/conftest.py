@@ -52,7 +52,7 @@ def _batch_cost(rng: np.random.Generator) -> tuple[float, ...]:
 
 def _random_problem(rng: np.random.Generator, max_pieces: int = 12, max_devices: int = 5,
                     batching: bool = False) -> Problem:
-    """``batching``: most nodes batch (a random measured curve each) and 2 to 8 sessions."""
+    """``batching``: most nodes batch (a random measured curve and row cost each) and 2 to 8 sessions."""
     n, m = int(rng.integers(1, max_pieces + 1)), int(rng.integers(1, max_devices + 1))
     pieces = tuple(PieceCost(name=f"p{i}", bytes=int(rng.integers(1, 400)) * MB,
                              flops_per_token=int(rng.integers(0, 5_000_000_000)),
@@ -65,12 +65,13 @@ def _random_problem(rng: np.random.Generator, max_pieces: int = 12, max_devices:
             profiles.append(profiles[int(rng.integers(len(profiles)))])
             continue
         hub = rng.random() < 0.15
+        row_ms = float(rng.uniform(0, 10)) if batching else 0.0  # per session beyond a batch's first
         profiles.append(Profile(
             ms_per_gflop_decode=float(rng.uniform(1, 80)), ms_per_gflop_prefill=1.0,
             mem_budget_mb=0.0 if rng.random() < 0.05 else float(rng.uniform(300, 3000)),
             rtt_ms=0.0 if hub else float(rng.uniform(0.5, 40)), uplink_mbps=1e6 if hub else float(rng.uniform(5, 500)),
             downlink_mbps=1e6 if hub else float(rng.uniform(5, 500)),
-            batch_cost=_batch_cost(rng) if batching and rng.random() < 0.8 else ()))
+            batch_cost=_batch_cost(rng) if batching and rng.random() < 0.8 else (), row_ms=row_ms))
     sessions = int(rng.integers(2, 9)) if batching else int(rng.integers(1, 5))
     settings = CostSettings(max_context=int(rng.integers(16, 4096)), max_sessions=sessions,
                             overhead_mb=float(rng.uniform(0, 200)))

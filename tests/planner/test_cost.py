@@ -77,10 +77,10 @@ def test_the_solver_tables_hold_the_same_numbers_and_mark_what_does_not_fit(prob
     assert np.isinf(table[:, 2, 1]).all()  # last before first
 
 
-def _profile(batch_cost: tuple[float, ...] = ()):
+def _profile(batch_cost: tuple[float, ...] = (), row_ms: float = 0.0):
     from linguamq.schemas.cluster import Profile
     return Profile(ms_per_gflop_decode=1.0, ms_per_gflop_prefill=1.0, mem_budget_mb=0.0, rtt_ms=0.0,
-                   uplink_mbps=1.0, downlink_mbps=1.0, batch_cost=batch_cost)
+                   uplink_mbps=1.0, downlink_mbps=1.0, batch_cost=batch_cost, row_ms=row_ms)
 
 
 def test_a_batch_costs_what_the_profile_measured_and_n_steps_without_it() -> None:
@@ -103,3 +103,17 @@ def test_sessions_pipelined_in_batches_are_predicted_per_group_and_as_before_wit
     assert cost.pipelined_ms(times, batching, 8) < max(times)  # what 8 sessions one a call would get
     assert cost.pipelined_ms(times, batching, 3) == max(times)  # one each: nothing batches
     assert cost.objective_value("throughput", times, 8, batching) == cost.pipelined_ms(times, batching, 8)
+
+
+def test_each_session_beyond_a_batchs_first_adds_its_messages() -> None:
+    """A batch saves compute, not the messages: every session of it is received, decoded,
+    sampled, encoded and sent on its own (Profile.row_ms, measured by the node)."""
+    rows = _profile((1.1, 1.3, 1.9), row_ms=2.0)
+    assert rows.batch_ms(10.0, 1) == 10.0  # one session: its step, messages included
+    assert rows.batch_ms(10.0, 4) == pytest.approx(10.0 * 1.3 + 3 * 2.0)
+    assert _profile(row_ms=2.0).batch_ms(10.0, 4) == 40.0  # one session a call: whole steps, nothing added
+    times, plain = [10.0, 20.0], _profile((1.1, 1.3, 1.9))
+    # 8 sessions on 2 stages: groups of 4 rows, the busiest stage serves both groups
+    assert cost.pipelined_ms(times, [rows] * 2, 8) == pytest.approx(2 * (20 * 1.3 + 3 * 2.0) / 8)
+    assert cost.pipelined_ms(times, [rows] * 2, 8) > cost.pipelined_ms(times, [plain] * 2, 8)
+    assert cost.pipelined_ms(times, [rows] * 2, 2) == cost.pipelined_ms(times, [plain] * 2, 2)  # a row each

@@ -227,3 +227,36 @@ def test_a_stage_the_proposal_keeps_is_valued_alike_on_both_sides(monkeypatch: p
     keeps_b = dataclasses.replace(service.plan, stages=(Stage(node="c", first=0, last=1, predicted_ms=0.5),
                                                         service.plan.stages[1]))
     assert service._value(keeps_b, against=service.plan) == service._value(keeps_b)  # b's 2-5 as in the plan
+
+
+def test_a_measured_row_cost_is_planned_with_and_a_large_change_asks_for_a_round() -> None:
+    """Telemetry.row_ms, each session step's messages: the probe sees a fraction of it
+    (0.15-0.26 ms against 1.3-2.1 measured in `bench hetero` (b)). Beyond the drift band it
+    replaces the probe's in the profiles the planner values plans by, and a node of the
+    plan asks for a drift round; inside the band, or on a node outside the plan, nothing."""
+    batching = dataclasses.replace(PROFILE, batch_cost=(1.1, 1.3, 1.9), row_ms=0.2)
+    svc = PlannerService(client=_Client(), cluster=CLUSTER, manifest=_manifest(), manifest_sha256=SHA,
+                         settings=PlannerSettings(objective="throughput", max_sessions=8))
+    for node in "abc":
+        svc._on_status(topics.NODE_STATUS.build(CLUSTER, node=node),
+                       NodeStatus(node=node, state="ready", ts=1.0, epoch=1, profile=batching), False)
+    svc.plan = Plan(epoch=1, objective="throughput", predicted_ms_per_token=1.0,
+                    stages=(Stage(node="a", first=0, last=2, predicted_ms=0.5),
+                            Stage(node="b", first=3, last=5, predicted_ms=0.5)))
+
+    def row_cost(node: str, ms: float) -> None:
+        svc._on_telemetry(topics.NODE_TELEMETRY.build(CLUSTER, node=node),
+                          Telemetry(node=node, ts=2.0, seq=1, epoch=1, row_ms=ms), False)
+
+    before = svc._value(svc.plan)
+    row_cost("b", 0.25)  # as probed, within 0.2 ms
+    row_cost("c", 3.0)  # not in the plan: planned with, no round
+    assert not svc._drift_due and svc._value(svc.plan) == before
+    assert svc._candidate("c").profile.row_ms == 3.0
+    row_cost("b", 2.0)
+    assert svc._drift_due and svc._candidate("b").profile.row_ms == 2.0
+    # two groups of 4 sessions: b's batch pays 3 more sessions' messages, in both groups
+    assert svc._value(svc.plan) == pytest.approx(before + 2 * 3 * (2.0 - 0.2) / 8)
+    svc._drift_due = False
+    row_cost("b", 2.5)  # within the band of the cost in use: nothing
+    assert not svc._drift_due and svc._candidate("b").profile.row_ms == 2.0

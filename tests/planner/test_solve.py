@@ -111,6 +111,18 @@ def test_nodes_that_batch_are_planned_by_what_a_batch_costs(phone: Callable, lay
     assert f"{4000 / 12.6:.1f} tokens/s with 4 sessions in flight" in batched.reason
     assert value(problem, batched, "throughput") < value(problem, one_a_call, "throughput") * 0.8
 
+    # The same fast nodes, each session of a batch beyond the first costing them 6 ms of messages
+    # (Profile.row_ms): two groups of two now cost 2 x (6.3 + 6) ms for 4 tokens, and three
+    # groups, the slow node taking a share, fewer rows a batch: the plan takes c back.
+    costly = tuple(dataclasses.replace(d, profile=dataclasses.replace(d.profile, row_ms=6.0)) if d.name != "c" else d
+                   for d in problem.devices)
+    rows = Problem(pieces=problem.pieces, devices=costly, settings=settings)
+    with_rows = solve(rows, "throughput")
+    assert with_rows.optimal and sorted(s.node for s in with_rows.stages) == ["a", "b", "c"]
+    assert value(rows, batched, "throughput") == pytest.approx(2 * (6.3 + 6.0) / 4, rel=1e-3)
+    assert value(rows, with_rows, "throughput") < 0.9 * value(rows, batched, "throughput")
+    assert with_rows.predicted_tokens_per_s == pytest.approx(1000 / value(rows, with_rows, "throughput"), rel=1e-3)
+
 
 def test_a_stage_count_with_no_time_in_its_share_is_solved_with_the_time_left(
         random_problem: Callable[..., Problem], monkeypatch: pytest.MonkeyPatch) -> None:

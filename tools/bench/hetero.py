@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -43,7 +44,7 @@ from typing import Any
 from linguamq import topics
 from linguamq.client import generate_remote, new_request_id
 from linguamq.planner import cost
-from linguamq.schemas.cluster import NodeControl, Plan
+from linguamq.schemas.cluster import NodeControl, Plan, Profile
 from linguamq.schemas.manifest import ModelManifest
 from linguamq.schemas.requests import GenerateRequest, GenerateResult
 from linguamq.tools.bench.pipeline import PROMPT, add_model_arguments, model_from_args
@@ -193,6 +194,9 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
                 busy_spans.append((busy_before, telemetry.busy(), wall))
         calls = rows_per_call(spans)
         epochs = [epoch for _t, epoch in plans.epochs()]
+        modelled = measured_model(plans.latest, telemetry.profiles(), args.streams)
+        for node, ms in telemetry.row_ms().items():
+            calls.setdefault(node, {})["row_ms"] = ms
         for node, share in node_busy(busy_spans).items():
             calls.setdefault(node, {})["busy_share"] = share
     single, multi = statistics.median(singles), statistics.median(multis)
@@ -210,13 +214,33 @@ def pipelined(args: argparse.Namespace, art: Path, manifest: ModelManifest) -> d
     say(f"b: each stream's decode rate, summed (approx.): 1 stream {decode_single:.1f} tokens/s (predicted "
         f"{tokens_per_s(plan.predicted_ms_per_token)}), {args.streams} streams {decode_multi:.1f} (predicted "
         + (f"{plan.predicted_tokens_per_s:.1f})" if plan.predicted_tokens_per_s else "n/a)"))
+    say("b: each node's CPU ms per session step outside its compute (row_ms): "
+        + " ".join(f"{n} {c['row_ms']:.2f}" for n, c in sorted(calls.items()) if c.get("row_ms") is not None))
+    if modelled is not None:
+        say(f"b: the cost model on what the nodes measured (stage times, batch costs; epoch {modelled['epoch']}), "
+            f"{args.streams} streams: {modelled['tokens_per_s']:.1f} tokens/s with their row costs, "
+            f"{modelled['tokens_per_s_rows_free']:.1f} without")
     return {"objective": "throughput", "plan_sessions": args.streams, "epoch": plan.epoch, "stages": stages(plan),
             "predicted_ms_per_token": plan.predicted_ms_per_token, "single_tokens_per_s": single,
             "predicted_multi_tokens_per_s": plan.predicted_tokens_per_s, "calls": calls,
             "multi_tokens_per_s": multi, "single_all": singles, "multi_all": multis,
             "pipelined_over_single": multi / single, "cpu_busy_multi": cpu_busy, "cpus": os.cpu_count(),
             "decode_single_tokens_per_s": decode_single, "decode_multi_tokens_per_s": decode_multi,
-            "epochs": epochs}
+            "epochs": epochs, "measured_model": modelled}
+
+
+def measured_model(plan: Plan | None, profiles: dict[str, Profile], sessions: int) -> dict[str, Any] | None:
+    """tokens/s of ``sessions`` that the cost model (cost.pipelined_ms) gives ``plan`` from its
+    stages' measured times (the planner's re-published figures) and the nodes' profiles as
+    last reported, with and without their measured row costs: how right the model is once its
+    inputs are, apart from how right the probes were. None before every stage was measured."""
+    if plan is None or any(s.measured_ms is None or s.node not in profiles for s in plan.stages):
+        return None
+    times = [s.measured_ms for s in plan.stages if s.measured_ms is not None]
+    used = [profiles[s.node] for s in plan.stages]
+    free = [dataclasses.replace(p, row_ms=0.0) for p in used]
+    return {"epoch": plan.epoch, "tokens_per_s": 1000 / cost.pipelined_ms(times, used, sessions),
+            "tokens_per_s_rows_free": 1000 / cost.pipelined_ms(times, free, sessions)}
 
 
 def tokens_per_s(ms_per_token: float) -> str:

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Self
 
 from linguamq import topics
-from linguamq.schemas.cluster import Plan, Telemetry
+from linguamq.schemas.cluster import Plan, Profile, Telemetry
 from linguamq.topics.client import MqttClient
 
 
@@ -92,6 +93,8 @@ class TelemetryLog(Follower):
         self._last: dict[str, tuple[int, dict[tuple[int, int], int]]] = {}  # node -> (epoch, (piece, rows) -> runs)
         self._total: Totals = {}
         self._busy: dict[str, float] = {}  # node -> busy_ms of its last report (since the node started)
+        self._profiles: dict[str, Profile] = {}  # node -> its profile (row_ms: its probe's)
+        self._row_ms: dict[str, float] = {}  # node -> its last measured Telemetry.row_ms
 
     def _on(self, _topic: str, report: Telemetry, _retained: bool) -> None:
         runs = {(t.piece, 1): t.runs for t in report.pieces} | {(b.piece, b.rows): b.runs for b in report.batches}
@@ -103,10 +106,26 @@ class TelemetryLog(Follower):
                 total[key[1]] = total.get(key[1], 0) + count - was
             self._last[report.node] = (report.epoch, runs)
             self._busy[report.node] = report.busy_ms
+            if report.profile is not None:
+                self._profiles[report.node] = report.profile
+            if report.row_ms is not None:
+                self._row_ms[report.node] = report.row_ms
 
     def totals(self) -> Totals:
         with self._lock:
             return {node: dict(t) for node, t in self._total.items()}
+
+    def profiles(self) -> dict[str, Profile]:
+        """Per node, the profile of its last report, ``row_ms`` the one it measured where it
+        reported one (Telemetry.row_ms)."""
+        with self._lock:
+            return {node: dataclasses.replace(p, row_ms=self._row_ms[node]) if node in self._row_ms else p
+                    for node, p in self._profiles.items()}
+
+    def row_ms(self) -> dict[str, float]:
+        """Per node that measured one, its last Telemetry.row_ms."""
+        with self._lock:
+            return dict(self._row_ms)
 
     def busy(self) -> dict[str, float]:
         """Per node, the ms it has spent running pieces since it started: with one thread its
