@@ -200,7 +200,7 @@ class PlannerService:
 
     def _note_row_cost(self, node: str, ms: float) -> None:
         """A node's measured cost per session step (Telemetry.row_ms) replaces the one the
-        planner uses (first its probe's, which sees only the messages: 0.15 against 1.3-1.9 ms
+        planner uses (first its probe's, which sees only the messages: 0.15-0.33 against 1.25-2.2 ms
         measured in `bench hetero` (b)) once it differs by ``drift_ratio`` and ROW_MS_SLACK; a
         node of the current plan that batches then asks for a drift round (the plan is kept
         unless another is predicted ``hysteresis`` faster). Under ``self._lock``."""

@@ -231,7 +231,7 @@ def test_a_stage_the_proposal_keeps_is_valued_alike_on_both_sides(monkeypatch: p
 
 def test_a_measured_row_cost_is_planned_with_and_a_large_change_asks_for_a_round() -> None:
     """Telemetry.row_ms, each session step's messages: the probe sees a fraction of it
-    (0.15-0.26 ms against 1.3-2.1 measured in `bench hetero` (b)). Beyond the drift band it
+    (0.15-0.33 ms against 1.25-2.2 measured in `bench hetero` (b)). Beyond the drift band it
     replaces the probe's in the profiles the planner values plans by, and a node of the
     plan asks for a drift round; inside the band, or on a node outside the plan, nothing."""
     batching = dataclasses.replace(PROFILE, batch_cost=(1.1, 1.3, 1.9), row_ms=0.2)
