@@ -124,7 +124,7 @@ class Telemetry(Message):
     row_ms: float | None = spec(
         ge=0, default=None,
         doc="CPU ms per session step outside the compute (receive, decode, sample, encode, publish), "
-            "an EWMA over reports with enough steps; None: not measured yet")
+            "averaged over windows of batched steps (node/profile.py RowMeter); None: not measured yet")
     tokens: int = spec(ge=0, default=0, doc="tokens generated since start (the hub's head; tokens/s between two reports)")
 
 
