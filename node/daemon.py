@@ -564,7 +564,8 @@ class NodeDaemon:
         the step at fault is refused."""
         stage = steps[0].stage
         self._new.difference_update(s.header.session for s in steps)  # in the cache from here on, or refused
-        t_start, work_start, cpu_start = time.time(), self._work_clock(), self._rows.compute_started()
+        t_start, work_start = time.time(), self._work_clock()
+        self._rows.compute_started()
         if len(steps) > 1:
             try:
                 if len({(s.array.shape, s.array.dtype) for s in steps}) > 1:
@@ -576,7 +577,7 @@ class NodeDaemon:
                 # Each alone, admitted again: a cache the batch dropped (ONNX Runtime failed)
                 # or evicted (no room for all) asks for a re-prefill; the step at fault is refused.
                 self._log.info("batch run one by one", rows=len(steps), error=str(exc))
-                self._rows.computed(cpu_start, 0)
+                self._rows.computed(0)
                 for step in steps:
                     if self._align_cache(step.stage, step.header, step.topic):
                         self._compute([step])
@@ -590,13 +591,13 @@ class NodeDaemon:
                 positions = np.arange(header.start_pos, header.start_pos + count, dtype=np.int64)[None]
                 outs = [stage.runtime.run(header.session, step.array, positions)]
             except KVCacheFull as exc:
-                self._rows.computed(cpu_start, 0)
+                self._rows.computed(0)
                 return self._report("too_large", str(exc), topic=step.topic, ref=header.session)
             except NodeError as exc:
-                self._rows.computed(cpu_start, 0)
+                self._rows.computed(0)
                 return self._report("bad_request", str(exc), topic=step.topic, ref=header.session)
         compute_s = self._work_clock() - work_start
-        self._rows.computed(cpu_start, len(steps))
+        self._rows.computed(len(steps))
         self._emulate_slowdown(compute_s)
         # Timed as the profile was (``work_clock``): with one thread the CPU time of the
         # step, which the neighbours on a shared machine do not stretch (timed by the wall

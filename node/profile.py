@@ -80,7 +80,7 @@ class RowMeter:
     steps (an older one, ``max_window_s``, is dropped), and is sampled only when its calls ran
     ``min_rows_per_call`` steps on average: one step a call, the figure is mostly the per-call
     cost, which a batch's extra sessions do not pay (one stream in `bench hetero` (b): 2.6-4.9
-    ms against 1.3-2.1 in batches), and it would overcharge every batched plan. Windows with
+    ms against 1.25-2.2 in batches), and it would overcharge every batched plan. Windows with
     other work in them (loading, probing, fetching pieces: ``other_work``) are not sampled.
     Estimates are averaged (0.8 old, 0.2 new); ``reset`` forgets them (a new segment: a tail
     samples and sends two messages a step, other stages one)."""
@@ -105,21 +105,21 @@ class RowMeter:
             self._cpu_clock = cpu_clock
 
     def _now(self) -> tuple[float, float, int, int, float]:
-        """(process CPU, compute CPU so far, the call under way included, rows, calls, wall)."""
+        """(process CPU, compute CPU so far with the call under way, rows, calls, wall time)."""
         compute = self._compute_s + (self._cpu_clock() - self._started if self._started is not None else 0.0)
         return self._process_clock(), compute, self._rows, self._calls, self._wall_clock()
 
-    def compute_started(self) -> float:
+    def compute_started(self) -> None:
         with self._lock:
             if self._started is not None:  # a call that raised before computed(): compute all the same
                 self._compute_s += self._cpu_clock() - self._started
             self._started = self._cpu_clock()
-            return self._started
 
-    def computed(self, started: float, rows: int) -> None:
-        """A call that began at ``compute_started()`` ran ``rows`` session steps (0: it failed)."""
+    def computed(self, rows: int) -> None:
+        """The call since ``compute_started()`` ran ``rows`` session steps (0: it failed)."""
         with self._lock:
-            self._compute_s += self._cpu_clock() - started
+            if self._started is not None:
+                self._compute_s += self._cpu_clock() - self._started
             self._started = None
             if rows:
                 self._rows += rows
